@@ -1,0 +1,143 @@
+"""Model configuration: one frozen dataclass for the Mistral/Llama decoder family."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax.numpy as jnp
+
+FAMILIES = ("mistral", "llama")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+DTYPES = ("float32", "bfloat16", "float16")
+CONFIG_FILE = "grit_config.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Llama-3 style frequency-dependent RoPE scaling (``rope_type='llama3'``)."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Shape, numerics and execution knobs of a decoder; hashable so Flax can hold it."""
+
+    family: str = "mistral"
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 14336
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int = 8
+    head_dim: int | None = None  # None: hidden_size // num_heads
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = False
+    sliding_window: int | None = None  # causal mode only; see attention_mask()
+    max_position_embeddings: int = 32768
+    initializer_range: float = 0.02
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+    param_dtype: str = "float32"
+    dtype: str = "float32"  # compute dtype of activations and matmuls
+    remat_policy: str = "none"
+
+    def __post_init__(self):
+        problems = []
+        if self.family not in FAMILIES:
+            problems.append(f"family={self.family!r} (expected one of {FAMILIES})")
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
+                     "num_heads", "num_kv_heads"):
+            if int(getattr(self, name)) <= 0:
+                problems.append(f"{name}={getattr(self, name)} (must be > 0)")
+        if self.num_kv_heads > 0 and self.num_heads % self.num_kv_heads:
+            problems.append(f"num_heads={self.num_heads} is not a multiple of "
+                            f"num_kv_heads={self.num_kv_heads}")
+        if self.head_dim is None and self.num_heads > 0 and self.hidden_size % self.num_heads:
+            problems.append(f"hidden_size={self.hidden_size} is not divisible by num_heads="
+                            f"{self.num_heads}; set head_dim explicitly")
+        if self.resolved_head_dim % 2:
+            problems.append(f"head_dim={self.resolved_head_dim} must be even for RoPE")
+        if self.sliding_window is not None and self.sliding_window <= 0:
+            problems.append(f"sliding_window={self.sliding_window} (must be > 0 or None)")
+        for name in ("param_dtype", "dtype"):
+            if getattr(self, name) not in DTYPES:
+                problems.append(f"{name}={getattr(self, name)!r} (expected one of {DTYPES})")
+        if self.remat_policy not in REMAT_POLICIES:
+            problems.append(f"remat_policy={self.remat_policy!r} (expected one of {REMAT_POLICIES})")
+        if problems:
+            raise ValueError("Invalid ModelConfig: " + "; ".join(problems))
+
+    @property
+    def resolved_head_dim(self) -> int:
+        """Per-head width: explicit ``head_dim`` or ``hidden_size // num_heads``."""
+        return self.head_dim if self.head_dim is not None else self.hidden_size // max(self.num_heads, 1)
+
+    @property
+    def jnp_dtype(self):
+        return jnp.dtype(self.dtype)
+
+    @property
+    def jnp_param_dtype(self):
+        return jnp.dtype(self.param_dtype)
+
+    def replace(self, **kw) -> "ModelConfig":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **kw)
+
+    def num_params(self) -> int:
+        """Parameter count, computed from the shapes alone."""
+        e, m, d = self.hidden_size, self.intermediate_size, self.resolved_head_dim
+        attn = e * d * (2 * self.num_heads + 2 * self.num_kv_heads)
+        per_layer = attn + 3 * e * m + 2 * e
+        head = 0 if self.tie_word_embeddings else e * self.vocab_size
+        return self.vocab_size * e + self.num_layers * per_layer + e + head
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (nested RopeScaling becomes a dict)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "<dict>") -> "ModelConfig":
+        """Inverse of to_dict; unknown keys are an error naming the source."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"{source}: unknown ModelConfig fields {unknown}")
+        d = dict(d)
+        if d.get("rope_scaling") is not None:
+            d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+        return cls(**d)
+
+    def save(self, directory: str) -> str:
+        """Write ``grit_config.json`` into directory; returns its path."""
+        path = os.path.join(directory, CONFIG_FILE)
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
+        return path
+
+    @classmethod
+    def load(cls, directory: str) -> "ModelConfig":
+        """Read ``grit_config.json`` from directory."""
+        path = os.path.join(directory, CONFIG_FILE)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path}: no grit_jax model config here "
+                                    f"(is {directory} a params directory written by grit_jax?)")
+        with open(path, encoding="utf-8") as f:
+            return cls.from_dict(json.load(f), source=path)
+
+
+def tiny_config(family: str = "mistral", **kw) -> ModelConfig:
+    """A few-layer config for tests and the CPU demo (real Mistral vocabulary)."""
+    base = dict(family=family, vocab_size=32000, hidden_size=64, intermediate_size=112,
+                num_layers=2, num_heads=4, num_kv_heads=2, max_position_embeddings=2048)
+    base.update(kw)
+    return ModelConfig(**base)

@@ -1,0 +1,311 @@
+"""The Mistral/Llama decoder in Flax: RMSNorm, RoPE, grouped-query attention, SwiGLU, scanned layers.
+
+The attention mask mode (``"causal"`` or ``"bidirectional"``) is an argument of every call, not a
+property of the model: GRIT runs the same weights bidirectionally to embed and causally to
+generate. Parameters carry logical axis names (see ``grit_jax.sharding``).
+
+Parameter layout (leading ``layers`` axis on everything under ``layers``)::
+
+    embed/embedding        (vocab, embed)
+    layers/attn_norm/scale (layers, embed)
+    layers/attn/q          (layers, embed, heads, head_dim)     k, v: kv_heads instead of heads
+    layers/attn/o          (layers, heads, head_dim, embed)
+    layers/mlp_norm/scale  (layers, embed)
+    layers/mlp/gate, up    (layers, embed, mlp)                  down: (layers, mlp, embed)
+    final_norm/scale       (embed,)
+    lm_head/kernel         (embed, vocab)                        absent when embeddings are tied
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from grit_jax.config import ModelConfig
+
+MODES = ("causal", "bidirectional")
+
+
+# ----------------------------------------------------------------------------------------------
+# Pure functions: RoPE and masks
+# ----------------------------------------------------------------------------------------------
+def rope_inv_freq(config: ModelConfig) -> jnp.ndarray:
+    """RoPE inverse frequencies (float32), with Llama-3 scaling when configured."""
+    d = config.resolved_head_dim
+    inv = 1.0 / (config.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    rs = config.rope_scaling
+    if rs is None:
+        return inv
+    low_wavelen = rs.original_max_position_embeddings / rs.low_freq_factor
+    high_wavelen = rs.original_max_position_embeddings / rs.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    scaled = jnp.where(wavelen > low_wavelen, inv / rs.factor, inv)
+    smooth = (rs.original_max_position_embeddings / wavelen - rs.low_freq_factor) / (
+        rs.high_freq_factor - rs.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / rs.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return jnp.where(medium, smoothed, scaled)
+
+
+def rope_tables(positions: jnp.ndarray, config: ModelConfig):
+    """cos/sin tables of shape positions.shape + (head_dim,), Hugging Face rotate-half layout."""
+    freqs = positions.astype(jnp.float32)[..., None] * rope_inv_freq(config)
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray) -> jnp.ndarray:
+    """Rotate x (B, T, H, D) by cos/sin (B, T, D): x*cos + rotate_half(x)*sin."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
+    return x * cos + rotated * sin
+
+
+def attention_mask(q_pos: jnp.ndarray, k_pos: jnp.ndarray, k_valid: jnp.ndarray, mode: str,
+                   sliding_window: int | None = None) -> jnp.ndarray:
+    """Boolean (B, 1, Tq, Tk) mask: which key each query may attend to.
+
+    ``bidirectional``: every valid (non-padding) key. ``causal``: valid keys at positions <= the
+    query's, and, with a sliding window W, only the last W of them (``q - k < W``, as Hugging
+    Face Mistral). The window is deliberately ignored in bidirectional mode: embeddings attend
+    to the whole input, as the original GritLM does (recent transformers apply the window there
+    too, which silently truncates long documents).
+    """
+    if mode not in MODES:
+        raise ValueError(f"attention mode must be one of {MODES}, got {mode!r}")
+    allowed = k_valid[:, None, :]
+    if mode == "causal":
+        diff = q_pos[:, :, None] - k_pos[:, None, :]
+        allowed = allowed & (diff >= 0)
+        if sliding_window is not None:
+            allowed = allowed & (diff < sliding_window)
+    return allowed[:, None, :, :]
+
+
+# ----------------------------------------------------------------------------------------------
+# KV cache
+# ----------------------------------------------------------------------------------------------
+class KVCache(NamedTuple):
+    """Static-size key/value cache: k, v (layers, B, S, kv_heads, head_dim); lengths (B,) int32.
+
+    Slot s of row b holds the token at position s; slots >= lengths[b] are free (masked). A call
+    with a cache writes its T new tokens at slots lengths[b] .. lengths[b]+T-1 and advances
+    lengths by the number of valid (non-padding) new tokens. The caller must keep
+    lengths + T <= S (``dynamic_update_slice`` would otherwise clamp the write).
+    """
+
+    k: jnp.ndarray
+    v: jnp.ndarray
+    lengths: jnp.ndarray
+
+    @classmethod
+    def empty(cls, config: ModelConfig, batch: int, size: int, dtype=None) -> "KVCache":
+        """A zeroed cache for `batch` rows and `size` slots."""
+        shape = (config.num_layers, batch, size, config.num_kv_heads, config.resolved_head_dim)
+        dtype = dtype or config.jnp_dtype
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch,), jnp.int32))
+
+    @property
+    def size(self) -> int:
+        return self.k.shape[2]
+
+
+class Output(NamedTuple):
+    """Final-norm hidden states (B, T, E) and the updated cache (None when none was given)."""
+
+    hidden: jnp.ndarray
+    cache: KVCache | None
+
+
+# ----------------------------------------------------------------------------------------------
+# Modules
+# ----------------------------------------------------------------------------------------------
+def _param(module: nn.Module, name: str, shape, axes, config: ModelConfig, init=None):
+    init = init or nn.initializers.normal(config.initializer_range)
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape,
+                        config.jnp_param_dtype)
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm computed in float32, scaled in the compute dtype."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        scale = _param(self, "scale", (self.config.hidden_size,), ("norm",), self.config,
+                       nn.initializers.ones)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True)
+                                     + self.config.rms_norm_eps)
+        return normed.astype(x.dtype) * scale.astype(x.dtype)
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention with RoPE and an optional per-layer KV cache."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, cos, sin, mask, kv=None, offsets=None):
+        c = self.config
+        e, h, g, d = c.hidden_size, c.num_heads, c.num_kv_heads, c.resolved_head_dim
+        dt = c.jnp_dtype
+        wq = _param(self, "q", (e, h, d), ("embed", "heads", "head_dim"), c)
+        wk = _param(self, "k", (e, g, d), ("embed", "kv_heads", "head_dim"), c)
+        wv = _param(self, "v", (e, g, d), ("embed", "kv_heads", "head_dim"), c)
+        wo = _param(self, "o", (h, d, e), ("heads", "head_dim", "embed"), c)
+        q = jnp.einsum("bte,ehd->bthd", x, wq.astype(dt))
+        k = jnp.einsum("bte,ehd->bthd", x, wk.astype(dt))
+        v = jnp.einsum("bte,ehd->bthd", x, wv.astype(dt))
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        new_kv = None
+        if kv is not None:
+            ck, cv = kv
+            write = jax.vmap(lambda buf, new, o: jax.lax.dynamic_update_slice(buf, new, (o, 0, 0)))
+            ck, cv = write(ck, k.astype(ck.dtype), offsets), write(cv, v.astype(cv.dtype), offsets)
+            new_kv = (ck, cv)
+            k, v = ck.astype(dt), cv.astype(dt)
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=d ** -0.5)
+        return jnp.einsum("bthd,hde->bte", out, wo.astype(dt)), new_kv
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        c, dt = self.config, self.config.jnp_dtype
+        gate = _param(self, "gate", (c.hidden_size, c.intermediate_size), ("embed", "mlp"), c)
+        up = _param(self, "up", (c.hidden_size, c.intermediate_size), ("embed", "mlp"), c)
+        down = _param(self, "down", (c.intermediate_size, c.hidden_size), ("mlp", "embed"), c)
+        hidden = nn.silu(x @ gate.astype(dt)) * (x @ up.astype(dt))
+        return hidden @ down.astype(dt)
+
+
+class Block(nn.Module):
+    """One pre-norm decoder layer; a scan body (carry = hidden states, xs = this layer's cache)."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, kv, cos, sin, mask, offsets):
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        attn, new_kv = Attention(self.config, name="attn")(
+            RMSNorm(self.config, name="attn_norm")(x), cos, sin, mask, kv, offsets)
+        x = x + attn
+        x = x + MLP(self.config, name="mlp")(RMSNorm(self.config, name="mlp_norm")(x))
+        return x, new_kv
+
+
+_REMAT = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class Transformer(nn.Module):
+    """Decoder: embed -> scanned blocks -> final norm; ``logits`` applies the LM head."""
+
+    config: ModelConfig
+
+    def setup(self):
+        c = self.config
+        self.embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=c.jnp_dtype,
+                              param_dtype=c.jnp_param_dtype,
+                              embedding_init=nn.with_logical_partitioning(
+                                  nn.initializers.normal(c.initializer_range), ("vocab", "embed")))
+        block = Block
+        if c.remat_policy != "none":
+            block = nn.remat(Block, policy=_REMAT[c.remat_policy], prevent_cse=False)
+        self.layers = nn.scan(
+            block, variable_axes={"params": 0}, split_rngs={"params": True},
+            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+            length=c.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})(c)
+        self.final_norm = RMSNorm(c)
+        if not c.tie_word_embeddings:
+            self.lm_head = nn.Dense(c.vocab_size, use_bias=False, dtype=c.jnp_dtype,
+                                    param_dtype=c.jnp_param_dtype,
+                                    kernel_init=nn.with_logical_partitioning(
+                                        nn.initializers.normal(c.initializer_range),
+                                        ("embed", "vocab")))
+
+    def __call__(self, tokens, valid=None, *, mode: str = "causal", positions=None,
+                 cache: KVCache | None = None) -> Output:
+        """Hidden states of tokens (B, T) under the given attention mode.
+
+        valid: (B, T) bool, False on (right) padding. positions: (B, T) RoPE positions; default
+        ``arange(T)``, continuing after ``cache.lengths`` when a cache is given.
+        """
+        c = self.config
+        b, t = tokens.shape
+        valid = jnp.ones((b, t), bool) if valid is None else valid.astype(bool)
+        if cache is None:
+            offsets = jnp.zeros((b,), jnp.int32)
+            k_valid, k_pos = valid, None
+        else:
+            offsets = cache.lengths.astype(jnp.int32)
+            slots = jnp.arange(cache.size, dtype=jnp.int32)[None, :]
+            new_lengths = offsets + valid.sum(-1).astype(jnp.int32)
+            k_valid, k_pos = slots < new_lengths[:, None], jnp.broadcast_to(slots, (b, cache.size))
+        if positions is None:
+            positions = offsets[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+        if k_pos is None:
+            k_pos = positions
+        mask = attention_mask(positions, k_pos, k_valid, mode, c.sliding_window)
+        cos, sin = rope_tables(positions, c)
+
+        x = self.embed(tokens).astype(c.jnp_dtype)
+        kv = None if cache is None else (cache.k, cache.v)
+        x, new_kv = self.layers(x, kv, cos, sin, mask, offsets)
+        hidden = self.final_norm(x)
+        new_cache = None if cache is None else KVCache(new_kv[0], new_kv[1], new_lengths)
+        return Output(hidden, new_cache)
+
+    def logits(self, hidden):
+        """LM-head logits in float32 (tied embeddings reuse the embedding matrix)."""
+        if self.config.tie_word_embeddings:
+            return self.embed.attend(hidden).astype(jnp.float32)
+        return self.lm_head(hidden).astype(jnp.float32)
+
+    def init_all(self, tokens):
+        """Touch every parameter (body and LM head); used only for initialisation."""
+        return self.logits(self(tokens).hidden)
+
+
+def init_params(config: ModelConfig, seed: int = 0):
+    """Randomly initialised (unboxed) parameters."""
+    model = Transformer(config)
+    tokens = jnp.zeros((1, 4), jnp.int32)
+    variables = jax.jit(partial(model.init, method=Transformer.init_all))(
+        jax.random.PRNGKey(seed), tokens)
+    return nn.unbox(variables["params"])
+
+
+def abstract_params(config: ModelConfig):
+    """ShapeDtypeStructs of the parameters, boxed with their logical axis names."""
+    model = Transformer(config)
+    tokens = jax.ShapeDtypeStruct((1, 4), jnp.int32)
+    return jax.eval_shape(partial(model.init, method=Transformer.init_all),
+                          jax.random.PRNGKey(0), tokens)["params"]
+
+
+def forward(params, config: ModelConfig, tokens, valid=None, *, mode="causal", positions=None,
+            cache=None) -> Output:
+    """Functional entry point: hidden states (and cache) for tokens."""
+    return Transformer(config).apply({"params": params}, tokens, valid, mode=mode,
+                                     positions=positions, cache=cache)
+
+
+def logits_fn(params, config: ModelConfig, hidden):
+    """Functional LM head."""
+    return Transformer(config).apply({"params": params}, hidden, method=Transformer.logits)

@@ -1,0 +1,44 @@
+"""grit_jax: GRIT (generative representational instruction tuning) in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+HF = [
+    "torch==2.13.0",  # exact: the CPU wheel; an unpinned torch pulls CUDA packages
+    "transformers>=5.2",  # earlier 5.x/4.38+ silently ignore is_causal=False
+    "accelerate",
+]
+
+setup(
+    name="grit_jax",
+    version="0.1.0",
+    description="Generative Representational Instruction Tuning (GRIT) in JAX/Flax",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["grit_jax", "grit_jax.*"]),
+    package_data={"grit_jax": ["assets/*"]},
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.10.2,<0.11",
+        "flax>=0.12.8,<0.13",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12.8,<0.13",
+        "tensorflow-datasets>=4.9.10",
+        "grain>=0.2.18",
+        "sentencepiece>=0.2.0",
+        "protobuf",
+        "tokenizers>=0.21",
+        "safetensors>=0.4",
+        "ml-collections>=1.1.0",
+        "absl-py",
+        "numpy",
+        "tqdm",
+    ],
+    extras_require={
+        "hf": HF,
+        # The official `gritlm==1.0.2` is installed by the Makefile with --no-deps
+        # (its own pins pull a CUDA torch); setup.py cannot express that.
+        "test": HF + ["pytest>=8", "hypothesis", "psutil"],
+        "tpu": ["jax[tpu]>=0.10.2,<0.11"],
+    },
+    entry_points={"console_scripts": ["grit-convert=grit_jax.convert.__main__:main"]},
+)
