@@ -1,0 +1,17 @@
+"""grit_jax: Generative Representational Instruction Tuning (GRIT) in JAX/Flax."""
+
+__version__ = "0.1.0"
+
+from grit_jax.config import ModelConfig, RopeScaling  # noqa: E402
+
+
+def __getattr__(name):
+    # Heavier entry points load lazily so `import grit_jax` stays fast.
+    if name == "GritLM":
+        from grit_jax.inference import GritLM
+
+        return GritLM
+    raise AttributeError(name)
+
+
+__all__ = ["GritLM", "ModelConfig", "RopeScaling", "__version__"]

@@ -79,7 +79,8 @@ def attention_mask(q_pos: jnp.ndarray, k_pos: jnp.ndarray, k_valid: jnp.ndarray,
     """
     if mode not in MODES:
         raise ValueError(f"attention mode must be one of {MODES}, got {mode!r}")
-    allowed = k_valid[:, None, :]
+    allowed = jnp.broadcast_to(k_valid[:, None, :],
+                               (k_valid.shape[0], q_pos.shape[1], k_valid.shape[1]))
     if mode == "causal":
         diff = q_pos[:, :, None] - k_pos[:, None, :]
         allowed = allowed & (diff >= 0)

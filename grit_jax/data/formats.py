@@ -29,9 +29,12 @@ def embed_instruction(instruction: str = "") -> str:
     """The embedding prefix for an instruction (the reference's ``gritlm_instruction``).
 
     Surrounding tabs, newlines, spaces and colons are stripped from the instruction, as GRIT
-    training does.
+    training does. An already formatted prefix (ending in ``<|embed|>\n``) is returned as is.
     """
-    instruction = (instruction or "").strip(INSTRUCTION_STRIP)
+    instruction = instruction or ""
+    if instruction.endswith(EMBED):  # already formatted, e.g. by the reference's helper
+        return instruction
+    instruction = instruction.strip(INSTRUCTION_STRIP)
     return f"{USER}{instruction}\n{EMBED}" if instruction else EMBED
 
 

@@ -1,0 +1,47 @@
+"""``python -m grit_jax.convert {hf-to-grit,grit-to-hf}``: Hugging Face <-> grit_jax params."""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import time
+
+from grit_jax.convert import hf
+
+
+def _peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m grit_jax.convert", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    a = sub.add_parser("hf-to-grit", help="Hugging Face directory -> Orbax params directory")
+    a.add_argument("--hf", required=True, help="directory with config.json + safetensors")
+    a.add_argument("--out", required=True, help="params directory to write")
+    a.add_argument("--param-dtype", default="float32", choices=["float32", "bfloat16"])
+    b = sub.add_parser("grit-to-hf", help="Orbax params directory -> Hugging Face directory")
+    b.add_argument("--params", required=True, help="params directory written by grit_jax")
+    b.add_argument("--out", required=True, help="Hugging Face directory to write")
+    b.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="tensor dtype in the safetensors files (default: the params' dtype)")
+    b.add_argument("--max-shard-gb", type=float, default=5.0, help="shard size limit in GiB")
+    args = parser.parse_args(argv)
+    t0 = time.time()
+    try:
+        if args.command == "hf-to-grit":
+            config = hf.hf_to_grit(args.hf, args.out, param_dtype=args.param_dtype)
+        else:
+            config = hf.grit_to_hf(args.params, args.out, dtype=args.dtype,
+                                   max_shard_bytes=int(args.max_shard_gb * 2**30))
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{args.command}: {config.family} {config.num_params() / 1e6:.1f}M params -> {args.out} "
+          f"({time.time() - t0:.1f}s, peak RSS {_peak_rss_gib():.2f} GiB)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

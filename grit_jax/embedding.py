@@ -1,0 +1,30 @@
+"""GRIT embeddings: attention over the whole formatted input, pooling over its text tokens."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+
+from grit_jax.config import ModelConfig
+from grit_jax.model import forward
+from grit_jax.pooling import l2_normalize, pool
+
+ATTN_MODES = ("bbcc", "cccc", "bb", "cc")
+
+
+def embedding_attention(attn: str) -> str:
+    """Attention mode of the embedding pass for a GRIT ``attn`` string (generation is causal)."""
+    if attn not in ATTN_MODES:
+        raise ValueError(f"attn must be one of {ATTN_MODES} (mixed attention is not supported), "
+                         f"got {attn!r}")
+    return "bidirectional" if attn.startswith("bb") else "causal"
+
+
+@partial(jax.jit, static_argnames=("config", "mode", "pooling", "normalize"))
+def embed(params, config: ModelConfig, ids, valid, pool_mask, *, mode: str = "bidirectional",
+          pooling: str = "mean", normalize: bool = True):
+    """Embeddings (B, E) float32 of right-padded ids; pool_mask is 1 on text tokens."""
+    hidden = forward(params, config, ids, valid, mode=mode).hidden
+    reps = pool(hidden, pool_mask * valid, pooling)
+    return l2_normalize(reps) if normalize else reps

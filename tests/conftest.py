@@ -1,0 +1,34 @@
+"""Test setup: 8 fake CPU devices (set before jax is imported) and tiny real-library models."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+import pytest  # noqa: E402
+
+from tests import hf_models  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from grit_jax.data.tokenizers import default_tokenizer
+
+    return default_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def mistral_dir(tmp_path_factory):
+    """A random tiny MistralForCausalLM saved by transformers, with the real Mistral tokenizer."""
+    return hf_models.save_tiny(tmp_path_factory.mktemp("mistral"), "mistral", seed=0)
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory):
+    """A random tiny LlamaForCausalLM (tied embeddings, llama3 rope scaling) saved by transformers."""
+    return hf_models.save_tiny(tmp_path_factory.mktemp("llama"), "llama", seed=1)
