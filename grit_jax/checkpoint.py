@@ -39,11 +39,23 @@ def load_params(directory: str, *, shardings=None, as_numpy: bool = False):
         abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                 abstract, shardings)
     with ocp.StandardCheckpointer() as ckptr:
-        try:
-            params = ckptr.restore(path, abstract)
-        except (ValueError, KeyError) as e:
-            raise ValueError(f"{path}: does not match the model in {directory}/grit_config.json "
-                             f"({e})") from e
+        _check_matches(ckptr.metadata(path).item_metadata.tree, abstract, path, directory)
+        params = ckptr.restore(path, abstract)
     if as_numpy:
         params = jax.tree.map(np.asarray, params)
     return params, config
+
+
+def _check_matches(stored, abstract, path: str, directory: str) -> None:
+    """Orbax restores stored shapes whatever the target says: compare them first, by name."""
+    from flax.traverse_util import flatten_dict
+
+    have = {"/".join(k): tuple(v.shape) for k, v in flatten_dict(stored).items()}
+    want = {"/".join(k): tuple(v.shape) for k, v in flatten_dict(abstract).items()}
+    problems = [f"missing {k}" for k in sorted(set(want) - set(have))]
+    problems += [f"unexpected {k}" for k in sorted(set(have) - set(want))]
+    problems += [f"{k} has shape {have[k]}, config expects {want[k]}"
+                 for k in sorted(set(have) & set(want)) if have[k] != want[k]]
+    if problems:
+        raise ValueError(f"{path}: does not match the model in "
+                         f"{os.path.join(directory, 'grit_config.json')}: " + "; ".join(problems[:6]))
