@@ -205,7 +205,7 @@ def _safetensors_files(hf_dir: str) -> dict[str, str]:
     if os.path.exists(single):
         from safetensors import safe_open
 
-        with safe_open(single, framework="flax") as f:
+        with safe_open(single, framework="numpy") as f:
             return {k: single for k in f.keys()}
     raise FileNotFoundError(f"{hf_dir}: neither {SAFE_SINGLE} nor {SAFE_INDEX} found "
                             f"(only safetensors checkpoints are read)")
@@ -215,7 +215,7 @@ IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 
 
 def read_hf(hf_dir: str, *, param_dtype: str = "float32", **config_overrides):
-    """(ModelConfig, params as a nested dict of numpy arrays) from a Hugging Face directory."""
+    """(ModelConfig, params as a nested dict of jax arrays) from a Hugging Face directory."""
     import flax
     from safetensors import safe_open
 
@@ -243,13 +243,13 @@ def read_hf(hf_dir: str, *, param_dtype: str = "float32", **config_overrides):
     for name in expected:
         by_file.setdefault(files[name], []).append(name)
     for path_, names in by_file.items():
-        with safe_open(path_, framework="flax") as f:
+        with safe_open(path_, framework="numpy") as f:
             available = set(f.keys())
             for name in names:
                 if name not in available:
                     raise ValueError(f"{path_}: tensor {name} listed in the index is not in the file")
                 gpath, layer, to_grit = expected[name]
-                w = np.asarray(f.get_tensor(name))
+                w = f.get_tensor(name)
                 want = _hf_shape(config, name, shapes[gpath][1:] if layer is not None else shapes[gpath])
                 if tuple(w.shape) != want:
                     raise ValueError(f"{path_}: tensor {name} has shape {tuple(w.shape)}, "
@@ -259,6 +259,11 @@ def read_hf(hf_dir: str, *, param_dtype: str = "float32", **config_overrides):
                     out[gpath][...] = w
                 else:
                     out[gpath][layer] = w
+    # Hand the arrays to jax (zero-copy on CPU): Orbax then stages one copy instead of two.
+    import jax
+
+    for k in list(out):
+        out[k] = jax.device_put(out[k])
     return config, flax.traverse_util.unflatten_dict(out)
 
 
@@ -289,7 +294,7 @@ def write_hf(params, config: ModelConfig, out_dir: str, *, dtype: str | None = N
     """Write params as HF safetensors (sharded above max_shard_bytes) plus config files."""
     import flax
     import jax.numpy as jnp
-    from safetensors.flax import save_file
+    from safetensors.numpy import save_file
 
     os.makedirs(out_dir, exist_ok=True)
     flat = flax.traverse_util.flatten_dict(params)
@@ -315,7 +320,7 @@ def write_hf(params, config: ModelConfig, out_dir: str, *, dtype: str | None = N
         tensors = {}
         for name, path, layer, to_hf in shard:
             w = np.asarray(flat[path] if layer is None else flat[path][layer])
-            tensors[name] = jnp.asarray(np.ascontiguousarray(to_hf(w)), dtype=dtype)
+            tensors[name] = np.ascontiguousarray(to_hf(w).astype(jnp.dtype(dtype)))
             weight_map[name] = fname
             total += tensors[name].nbytes
         save_file(tensors, os.path.join(out_dir, fname), metadata={"format": "pt"})
