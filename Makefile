@@ -3,7 +3,6 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
 
 .PHONY: venv test demo clean
 
@@ -18,7 +17,7 @@ $(STAMP): setup.py Makefile
 	touch $(STAMP)
 
 test: venv
-	$(PY) -m pytest -q tests
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -q tests
 
 demo: venv
 	$(PY) -m grit_jax.demo

@@ -75,7 +75,11 @@ def main(argv=None) -> int:
     print(f"wrote {sorted(os.listdir(hf_dir))}")
     try:
         import torch
+        import transformers
         from transformers import AutoModelForCausalLM
+
+        transformers.logging.set_verbosity_error()  # the load reports are noise here
+        transformers.logging.disable_progress_bar()
     except ImportError:
         print("transformers/torch not installed: skipping the reload (pip install -e '.[hf]')")
         return 0
