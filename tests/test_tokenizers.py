@@ -103,3 +103,19 @@ def test_pad_and_buckets():
     assert formats.bucket_length(33, [16, 32, 64]) == 64
     with pytest.raises(ValueError, match="exceeds the largest bucket"):
         formats.bucket_length(65, [16, 32, 64])
+
+
+def test_exported_chat_template_builds_grit_prompts(tmp_path, tokenizer):
+    """transformers' apply_chat_template on an exported tokenizer gives our chat tokens."""
+    from transformers import AutoTokenizer
+
+    tokenizer.save(str(tmp_path))
+    hf_tok = AutoTokenizer.from_pretrained(str(tmp_path))
+    for chat in (CHAT[:1], CHAT[:3]):
+        ours = formats.encode_chat(tokenizer, chat, add_generation_prompt=True).ids.tolist()
+        theirs = hf_tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)
+        theirs = theirs["input_ids"] if isinstance(theirs, dict) or hasattr(theirs, "keys") else theirs
+        assert list(theirs) == ours
+    full = hf_tok.apply_chat_template(CHAT, tokenize=True)
+    full = full["input_ids"] if hasattr(full, "keys") else full
+    assert list(full) == formats.encode_chat(tokenizer, CHAT).ids.tolist()

@@ -24,6 +24,18 @@ EMBED = "<|embed|>\n"
 ASSISTANT = "<|assistant|>\n"
 INSTRUCTION_STRIP = "\t\n :"
 
+# The chat format as a Hugging Face chat template, written into exported tokenizer configs so
+# `tokenizer.apply_chat_template(messages, add_generation_prompt=True)` builds GRIT prompts.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ '<|user|>\n' + message['content'] + '\n' }}"
+    "{% elif message['role'] == 'assistant' %}"
+    "{{ '<|assistant|>\n' + message['content'] + eos_token }}"
+    "{% if not loop.last %}{{ '\n' }}{% endif %}"
+    "{% else %}{{ raise_exception('Only user and assistant roles are supported') }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+
 
 def embed_instruction(instruction: str = "") -> str:
     """The embedding prefix for an instruction (the reference's ``gritlm_instruction``).

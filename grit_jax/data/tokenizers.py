@@ -120,6 +120,8 @@ class SentencePieceTokenizer(Tokenizer):
         return None if i == self.sp.unk_id() and piece != self.sp.id_to_piece(i) else i
 
     def save(self, directory):
+        from grit_jax.data.formats import CHAT_TEMPLATE
+
         os.makedirs(directory, exist_ok=True)
         dst = os.path.join(directory, SP_FILE)
         if os.path.abspath(dst) != os.path.abspath(self.path):
@@ -137,6 +139,7 @@ class SentencePieceTokenizer(Tokenizer):
             "model_max_length": 1_000_000_000,
             "clean_up_tokenization_spaces": False,
             "padding_side": "right",
+            "chat_template": CHAT_TEMPLATE,
         }
         special = {k: v for k, v in cfg.items() if k in ("bos_token", "eos_token", "unk_token") and v}
         return [dst, _write_json(directory, HF_CONFIG_FILE, cfg),
