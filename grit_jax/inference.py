@@ -114,7 +114,7 @@ class GritLM:
     def generate(self, prompts, *, max_new_tokens: int = 64, greedy: bool = True,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
                  batch_size: int = 16) -> str | list[str]:
-        """Replies to prompts: a string, a chat (list of turns / role dicts), or a list of those."""
+        """Replies: one prompt (a string or a chat as a list of role dicts) or a list of prompts."""
         single = isinstance(prompts, str) or (
             isinstance(prompts, list) and prompts and isinstance(prompts[0], dict))
         prompts = [prompts] if single else list(prompts)
