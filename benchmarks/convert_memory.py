@@ -31,11 +31,7 @@ def write_random_hf(directory: str, config: ModelConfig, shard_bytes: int = 2**3
     rng = np.random.default_rng(0)
     shards, cur, cur_bytes, total = [], {}, 0, 0
     weight_map = {}
-    shapes = {}
-    for name, path, layer, _, _ in hf.hf_tensor_names(config):
-        shapes[name] = path
     grit = hf._grit_shapes(config)
-    names = list(shapes)
 
     def flush():
         nonlocal cur, cur_bytes
@@ -47,9 +43,9 @@ def write_random_hf(directory: str, config: ModelConfig, shard_bytes: int = 2**3
                 weight_map[k] = fname
             cur, cur_bytes = {}, 0
 
-    for name in names:
-        gshape = grit[shapes[name]]
-        shape = hf._hf_shape(config, name, gshape[1:] if name.startswith("model.layers.") else gshape)
+    for name, path, layer, _, _ in hf.hf_tensor_names(config):
+        gshape = grit[path][1:] if layer is not None else grit[path]
+        shape = hf._hf_shape(config, name, gshape)
         t = (0.02 * rng.standard_normal(shape, dtype=np.float32))
         if cur_bytes + t.nbytes > shard_bytes:
             flush()

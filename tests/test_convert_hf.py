@@ -202,3 +202,20 @@ def test_params_checkpoint_mismatch(tmp_path, mistral_dir):
     json.dump(cfg, open(tmp_path / "grit" / "grit_config.json", "w"))
     with pytest.raises(ValueError, match="does not match the model"):
         checkpoint.load_params(str(tmp_path / "grit"))
+
+
+def test_config_reads_transformers_4_and_5_layouts():
+    v4 = {"model_type": "llama", "vocab_size": 128, "hidden_size": 32, "intermediate_size": 64,
+          "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+          "rope_theta": 500000.0,
+          "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                           "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}
+    v5 = {k: v for k, v in v4.items() if k not in ("rope_theta", "rope_scaling")}
+    v5["rope_parameters"] = {**v4["rope_scaling"], "rope_theta": 500000.0}
+    a, b = hf.config_from_hf(v4), hf.config_from_hf(v5)
+    assert a == b and a.rope_scaling.factor == 8.0 and a.rope_theta == 500000.0
+    assert hf.config_from_hf(hf.config_to_hf(a)) == a
+    with pytest.raises(ValueError, match="rope_type='yarn' is not supported"):
+        hf.config_from_hf({**v5, "rope_parameters": {"rope_type": "yarn", "rope_theta": 1.0}})
+    with pytest.raises(ValueError, match="attention_bias=true is not supported"):
+        hf.config_from_hf({**v5, "attention_bias": True})
