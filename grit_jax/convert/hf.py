@@ -62,6 +62,9 @@ def config_from_hf(hf: dict, source: str = "config.json", **overrides) -> ModelC
     elif kind not in ("default", None):
         raise ValueError(f"{source}: rope_type={kind!r} is not supported (default, llama3)")
     heads = int(hf["num_attention_heads"])
+    head_dim = hf.get("head_dim")
+    if head_dim is not None and int(head_dim) * heads == int(hf["hidden_size"]):
+        head_dim = None  # the default: keep configs that mean the same thing equal
     eos = hf.get("eos_token_id", 2)
     cfg = dict(
         family=mt,
@@ -71,7 +74,7 @@ def config_from_hf(hf: dict, source: str = "config.json", **overrides) -> ModelC
         num_layers=int(hf["num_hidden_layers"]),
         num_heads=heads,
         num_kv_heads=int(hf.get("num_key_value_heads") or heads),
-        head_dim=hf.get("head_dim"),
+        head_dim=None if head_dim is None else int(head_dim),
         rope_theta=float(theta),
         rope_scaling=scaling,
         rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
