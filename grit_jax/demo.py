@@ -28,6 +28,7 @@ def main(argv=None) -> int:
     from grit_jax import checkpoint
     from grit_jax.config import tiny_config
     from grit_jax.convert import hf
+    from grit_jax.data import formats
     from grit_jax.data.tokenizers import default_tokenizer
     from grit_jax.inference import GritLM
     from grit_jax.model import forward, init_params, logits_fn
@@ -84,12 +85,8 @@ def main(argv=None) -> int:
         print("transformers/torch not installed: skipping the reload (pip install -e '.[hf]')")
         return 0
     ref = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-    enc = [model.tokenizer.encode(t, add_bos=True) for t in docs]
-    length = max(map(len, enc))
-    ids = np.full((len(enc), length), model.tokenizer.pad_id, np.int32)
-    valid = np.zeros_like(ids, dtype=bool)
-    for i, e in enumerate(enc):
-        ids[i, :len(e)], valid[i, :len(e)] = e, True
+    enc = [formats.encode_embed(model.tokenizer, t) for t in docs]
+    ids, valid, _ = formats.pad_batch(enc, max(map(len, enc)), model.tokenizer.pad_id)
     ours = np.asarray(logits_fn(model.params, config, forward(model.params, config, ids, valid).hidden))
     with torch.no_grad():
         theirs = ref(input_ids=torch.tensor(ids.astype(np.int64)),

@@ -10,7 +10,6 @@ import os
 from typing import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from grit_jax.config import CONFIG_FILE, ModelConfig
@@ -36,7 +35,7 @@ def load_model(path: str, *, dtype: str | None = None):
                                 f"a Hugging Face model directory (config.json)")
     if dtype is not None:
         config = config.replace(dtype=dtype)
-    return jax.tree.map(jnp.asarray, params), config
+    return params, config
 
 
 class GritLM:

@@ -31,8 +31,7 @@ class Tokenizer:
 
     def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False) -> list[int]:
         """Token ids of text, optionally wrapped in BOS/EOS."""
-        ids, _ = self.encode_with_offsets(text)
-        return self._wrap(ids, add_bos, add_eos)
+        return self.encode_spans([text], add_bos=add_bos, add_eos=add_eos)[0]
 
     def encode_with_offsets(self, text: str) -> tuple[list[int], list[int]]:
         """Token ids of text and the character offset at which each token starts."""
@@ -58,15 +57,6 @@ class Tokenizer:
             self._require("eos_id")
             ids, owner = ids + [self.eos_id], owner + [len(pieces) - 1]
         return ids, owner
-
-    def _wrap(self, ids, add_bos, add_eos):
-        if add_bos:
-            self._require("bos_id")
-            ids = [self.bos_id] + ids
-        if add_eos:
-            self._require("eos_id")
-            ids = ids + [self.eos_id]
-        return ids
 
     def _require(self, name):
         if getattr(self, name) is None:
