@@ -14,6 +14,8 @@ $(STAMP): setup.py Makefile
 	$(PY) -m pip install -q -e '.[test]'
 	# The reference implementation, without its dependency pins.
 	$(PY) -m pip install -q --no-deps gritlm==1.0.2
+	# Real Wikipedia pages for the demo dataset (gensim's test data; the package is not imported).
+	$(PY) -m pip install -q --no-deps gensim==4.4.0
 	touch $(STAMP)
 
 test: venv

@@ -23,6 +23,7 @@ setup(
         "optax>=0.2.8",
         "orbax-checkpoint>=0.12.8,<0.13",
         "tensorflow-datasets>=4.9.10",
+        "importlib_resources",  # imported by tensorflow-datasets' builders, not declared by it
         "grain>=0.2.18",
         "sentencepiece>=0.2.0",
         "protobuf",
@@ -35,8 +36,8 @@ setup(
     ],
     extras_require={
         "hf": HF,
-        # The official `gritlm==1.0.2` is installed by the Makefile with --no-deps
-        # (its own pins pull a CUDA torch); setup.py cannot express that.
+        # The official `gritlm==1.0.2` and `gensim==4.4.0` (for the Wikipedia pages in its test
+        # data) are installed by the Makefile with --no-deps; setup.py cannot express that.
         "test": HF + ["pytest>=8", "hypothesis", "psutil"],
         "tpu": ["jax[tpu]>=0.10.2,<0.11"],
     },

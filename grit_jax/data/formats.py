@@ -50,6 +50,15 @@ def embed_instruction(instruction: str = "") -> str:
     return f"{USER}{instruction}\n{EMBED}" if instruction else EMBED
 
 
+class InstructionTooLong(ValueError):
+    """The instruction alone fills max_length, leaving no room for text."""
+
+    def __init__(self, where: str, n_prefix: int, max_length: int):
+        self.detail = (f"the instruction takes {n_prefix} tokens, which leaves no room for text "
+                       f"within max_length={max_length}; shorten the instruction or raise max_length")
+        super().__init__(f"{where or 'input'}: {self.detail}")
+
+
 @dataclasses.dataclass(frozen=True)
 class Encoded:
     """Token ids with a per-token 0/1 mask (pooling mask for embeddings, loss mask for chats)."""
@@ -79,10 +88,7 @@ def encode_embed(tok: Tokenizer, text: str, instruction: str = "", *, max_length
     if max_length is not None and len(ids) > max_length:
         n_prefix = int((mask == 0).sum())
         if n_prefix >= max_length:
-            raise ValueError(
-                f"{where or 'input'}: the instruction takes {n_prefix} tokens, which leaves no room "
-                f"for text within max_length={max_length}; shorten the instruction or raise "
-                f"max_length")
+            raise InstructionTooLong(where, n_prefix, max_length)
         ids, mask = ids[:max_length], mask[:max_length]
     return Encoded(ids, mask)
 
@@ -139,6 +145,13 @@ def encode_chat(tok: Tokenizer, chat, *, add_generation_prompt: bool = False) ->
             tok._require("eos_id")
             ids.append(tok.eos_id)
             mask.append(1)
+    return Encoded(np.asarray(ids, np.int32), np.asarray(mask, np.int32))
+
+
+def encode_text(tok: Tokenizer, text: str) -> Encoded:
+    """A plain generative sample ``<s>{text}</s>``: every token after BOS carries loss."""
+    ids = tok.encode(text, add_bos=tok.bos_id is not None, add_eos=True)
+    mask = [0 if tok.bos_id is not None and i == 0 else 1 for i in range(len(ids))]
     return Encoded(np.asarray(ids, np.int32), np.asarray(mask, np.int32))
 
 
