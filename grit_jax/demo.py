@@ -70,6 +70,32 @@ def main(argv=None) -> int:
     print(f"reply (random weights, so not meaningful yet): {reply!r}")
 
     # -------------------------------------------------------------------------------------------
+    print("\n== Training data from real Wikipedia pages (gensim's test data, CC BY-SA)")
+    try:
+        from grit_jax.data import wiki_demo
+        from grit_jax.data.dataset import open_dataset
+        from grit_jax.data.pipeline import GritBatches, PipelineConfig
+
+        dirs = wiki_demo.make_demo_data(os.path.join(args.out, "data"),
+                                        max_lengths={"query": 64, "passage": 256,
+                                                     "generative": 256})
+    except FileNotFoundError as e:
+        print(f"skipped: {e}")
+    else:
+        for split, d in dirs.items():
+            meta = open_dataset(d)[1]
+            print(f"{split}: " + ", ".join(f"{n} ({v['kind']}, {v['examples']})"
+                                           for n, v in meta["datasets"].items()))
+        batches = GritBatches(PipelineConfig(dirs["train"], query_batch=8, generative_batch=8))
+        print(batches.summary())
+        first = batches.local_batch(0)
+        print("step 0: " + ", ".join(f"{k} {v.shape}" for k, v in first.items()
+                                     if k.endswith("_ids")))
+        tok = model.tokenizer
+        first_query = first["query_ids"][0][first["query_valid"][0]]
+        print(f"first query: {tok.decode(first_query)!r}")
+
+    # -------------------------------------------------------------------------------------------
     print("\n== Export to Hugging Face format and reload with transformers")
     hf_dir = os.path.join(args.out, "hf")
     hf.grit_to_hf(params_dir, hf_dir)

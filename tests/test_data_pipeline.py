@@ -148,3 +148,31 @@ def test_invalid_pipeline_configs(data_dir, tmp_path):
                                      "passage_valid", "passage_pool"}
     with pytest.raises(ValueError, match="needs generative data"):
         GritBatches(cfg(str(tmp_path / "o"), query_batch=1, group_size=1))
+
+
+def test_two_processes_build_the_global_batch(data_dir, tmp_path):
+    """Two jax.distributed processes over loopback: their local parts form the global batch."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    procs = [subprocess.Popen([sys.executable, "-m", "tests.multihost_data_worker", str(port),
+                               str(i), data_dir, str(tmp_path / f"ok{i}")], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for i in range(2)]
+    try:
+        outs = [p.communicate(timeout=240)[0].decode() for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGKILL)  # jax catches SIGTERM after initialize
+                p.wait(timeout=10)
+    for i, p in enumerate(procs):
+        assert p.returncode == 0, outs[i][-3000:]
+        assert (tmp_path / f"ok{i}").read_text() == "ok"

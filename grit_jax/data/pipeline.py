@@ -37,7 +37,7 @@ class PipelineConfig:
     seed: int = 0
     num_epochs: int = 1  # length of the step-indexed dataset, in embedding epochs
     smallest_bucket: int = 16  # buckets: powers of two from here up to each max length
-    num_threads: int = 4
+    num_threads: int = 2  # grain prefetch threads (measured: see benchmarks/data_pipeline.py)
     prefetch: int = 8
 
 
