@@ -10,7 +10,6 @@ TensorFlow is needed (``file_format='array_record'``); read with ``open_dataset`
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 
