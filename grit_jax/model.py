@@ -224,7 +224,8 @@ class Transformer(nn.Module):
         self.embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=c.jnp_dtype,
                               param_dtype=c.jnp_param_dtype,
                               embedding_init=nn.with_logical_partitioning(
-                                  nn.initializers.normal(c.initializer_range), ("vocab", "embed")))
+                                  nn.initializers.normal(c.initializer_range),
+                                  ("embed_vocab", "embed")))
         block = Block
         if c.remat_policy != "none":
             block = nn.remat(Block, policy=_REMAT[c.remat_policy], prevent_cse=False)

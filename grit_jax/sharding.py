@@ -18,7 +18,11 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("batch", ("data", "fsdp")),
     ("length", None),
     ("embed", "fsdp"),
-    ("vocab", "tensor"),
+    ("vocab", "tensor"),  # the LM head's output axis
+    # The input embedding table is sharded on its embedding axis only: a row gather from a
+    # vocab-sharded table needs an all-gather anyway, and with data, fsdp and tensor all > 1 it
+    # deadlocked XLA:CPU's collectives (seen with jax 0.10.2 on a (2, 2, 2) mesh).
+    ("embed_vocab", None),
     ("mlp", "tensor"),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),

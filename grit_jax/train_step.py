@@ -1,0 +1,248 @@
+"""The GRIT train step: L = L_rep + lambda_gen * L_gen in one XLA program, with optional GradCache.
+
+Batches are the dicts of ``grit_jax.data.pipeline`` (``query_*``, ``passage_*``, ``gen_*``).
+Embedding passes use the bidirectional (``bb``) or causal (``cc``) mode of the attn string;
+the generative pass is always causal.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from grit_jax.config import ModelConfig
+from grit_jax.embedding import embedding_attention
+from grit_jax.losses import AGGREGATIONS, aggregate, contrastive_loss
+from grit_jax.model import forward, logits_fn
+from grit_jax.pooling import POOLING_METHODS, l2_normalize, pool
+
+MODES = ("unified", "embedding", "generative")
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """How the two losses are computed and combined (hashable: a static jit argument)."""
+
+    mode: str = "unified"
+    attn: str = "bbcc"
+    pooling: str = "mean"
+    normalize: bool = True
+    temperature: float = 0.02
+    lambda_gen: float = 1.0
+    gen_aggregation: str = "mixed"
+    gen_sub_batch: int = 32
+    grad_cache_chunk: int = 0  # >0: GradCache with chunks of this many sequences
+    split_emb: bool = False  # back-propagate queries and passages in two passes
+    logits_chunk: int = 1024  # tokens per chunk of the LM head (bounds logits memory)
+
+    def __post_init__(self):
+        problems = []
+        if self.mode not in MODES:
+            problems.append(f"mode={self.mode!r} (expected one of {MODES})")
+        embedding_attention(self.attn)  # raises on a bad attn string
+        if self.pooling not in POOLING_METHODS:
+            problems.append(f"pooling={self.pooling!r} (expected one of {POOLING_METHODS})")
+        if self.gen_aggregation not in AGGREGATIONS:
+            problems.append(f"gen_aggregation={self.gen_aggregation!r} (expected one of {AGGREGATIONS})")
+        if self.temperature <= 0:
+            problems.append(f"temperature={self.temperature} must be > 0")
+        if self.grad_cache_chunk < 0 or self.gen_sub_batch < 1 or self.logits_chunk < 1:
+            problems.append("grad_cache_chunk must be >= 0, gen_sub_batch and logits_chunk >= 1")
+        if problems:
+            raise ValueError("Invalid loss config: " + "; ".join(problems))
+
+
+# ----------------------------------------------------------------------------------------------
+# Pieces
+# ----------------------------------------------------------------------------------------------
+def reps(params, config: ModelConfig, lc: LossConfig, ids, valid, pool_mask):
+    """Pooled (normalised) embeddings of a right-padded batch, float32."""
+    hidden = forward(params, config, ids, valid, mode=embedding_attention(lc.attn)).hidden
+    r = pool(hidden, pool_mask * valid, lc.pooling)
+    return l2_normalize(r) if lc.normalize else r
+
+
+def token_ce(params, config: ModelConfig, hidden, ids, chunk: int):
+    """Per-token next-token CE (B, T-1) with the LM head applied ``chunk`` tokens at a time.
+
+    The chunk body is rematerialised, so the full (B, T, vocab) logits never exist at once.
+    """
+    b, t, e = hidden.shape
+    h = hidden[:, :-1].reshape(-1, e)
+    labels = ids[:, 1:].reshape(-1)
+    n = h.shape[0]
+    pad = (-n) % chunk
+    h = jnp.pad(h, ((0, pad), (0, 0))).reshape(-1, chunk, e)
+    labels = jnp.pad(labels, (0, pad)).reshape(-1, chunk)
+
+    @jax.checkpoint
+    def one(args):
+        hc, lc_ = args
+        logp = jax.nn.log_softmax(logits_fn(params, config, hc[None])[0], axis=-1)
+        return -jnp.take_along_axis(logp, lc_[:, None], axis=-1)[:, 0]
+
+    ce = jax.lax.map(one, (h, labels)).reshape(-1)[:n]
+    return ce.reshape(b, t - 1)
+
+
+def gen_loss(params, config: ModelConfig, lc: LossConfig, batch):
+    """The generative loss of batch['gen_*'] (causal attention)."""
+    hidden = forward(params, config, batch["gen_ids"], batch["gen_valid"], mode="causal").hidden
+    ce = token_ce(params, config, hidden, batch["gen_ids"], lc.logits_chunk)
+    mask = batch["gen_loss"][:, 1:] * batch["gen_valid"][:, 1:]
+    return aggregate(ce, mask, lc.gen_aggregation, lc.gen_sub_batch)
+
+
+def _q(batch):
+    return batch["query_ids"], batch["query_valid"], batch["query_pool"]
+
+
+def _p(batch):
+    return batch["passage_ids"], batch["passage_valid"], batch["passage_pool"]
+
+
+def rep_loss(params, config, lc, batch):
+    """The contrastive loss of the batch (all passages of the global batch are candidates)."""
+    return contrastive_loss(reps(params, config, lc, *_q(batch)),
+                            reps(params, config, lc, *_p(batch)), lc.temperature)
+
+
+def _chunks(arrays, size):
+    """(N, ...) arrays -> (N/size, size, ...) for lax.map / scan."""
+    n = arrays[0].shape[0]
+    if n % size:
+        raise ValueError(f"grad_cache_chunk={size} must divide the batch ({n} sequences)")
+    return tuple(a.reshape((n // size, size) + a.shape[1:]) for a in arrays)
+
+
+def rep_loss_and_grad_cached(params, config, lc, batch):
+    """GradCache: (L_rep, dL_rep/dparams) with memory bounded by one chunk of sequences.
+
+    1. reps of every chunk without gradients; 2. L_rep and its gradient w.r.t. the reps;
+    3. per chunk, the gradient of sum(reps(chunk) * rep_grad(chunk)), accumulated.
+    """
+    size = lc.grad_cache_chunk
+    f = partial(reps, params, config, lc)
+
+    def all_reps(arrays):
+        return jax.lax.map(lambda a: jax.lax.stop_gradient(f(*a)), _chunks(arrays, size)).reshape(
+            arrays[0].shape[0], -1)
+
+    q, p = all_reps(_q(batch)), all_reps(_p(batch))
+    loss, (gq, gp) = jax.value_and_grad(contrastive_loss, argnums=(0, 1))(q, p, lc.temperature)
+
+    def backward(arrays, rep_grad):
+        def body(acc, xs):
+            *a, g = xs
+            grads = jax.grad(lambda prm: jnp.sum(reps(prm, config, lc, *a) * g))(params)
+            return jax.tree.map(jnp.add, acc, grads), None
+
+        xs = _chunks(tuple(arrays) + (rep_grad,), size)
+        acc, _ = jax.lax.scan(body, jax.tree.map(jnp.zeros_like, params), xs)
+        return acc
+
+    grads = jax.tree.map(jnp.add, backward(_q(batch), gq), backward(_p(batch), gp))
+    return loss, grads
+
+
+def rep_loss_and_grad_split(params, config, lc, batch):
+    """split_emb: the query side and the passage side back-propagated in two passes."""
+    q_fixed = jax.lax.stop_gradient(reps(params, config, lc, *_q(batch)))
+    p_fixed = jax.lax.stop_gradient(reps(params, config, lc, *_p(batch)))
+    loss, gq = jax.value_and_grad(
+        lambda prm: contrastive_loss(reps(prm, config, lc, *_q(batch)), p_fixed, lc.temperature))(
+        params)
+    gp = jax.grad(
+        lambda prm: contrastive_loss(q_fixed, reps(prm, config, lc, *_p(batch)), lc.temperature))(
+        params)
+    return loss, jax.tree.map(jnp.add, gq, gp)
+
+
+def loss_and_grads(params, config: ModelConfig, lc: LossConfig, batch):
+    """(metrics with loss, loss_rep, loss_gen; gradients of the total) for one batch."""
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    loss_rep, g_rep = jnp.float32(0.0), zeros
+    loss_gen, g_gen = jnp.float32(0.0), zeros
+    if lc.mode != "embedding":  # generative first, as the reference does
+        loss_gen, g_gen = jax.value_and_grad(gen_loss)(params, config, lc, batch)
+    if lc.mode != "generative":
+        if lc.grad_cache_chunk:
+            loss_rep, g_rep = rep_loss_and_grad_cached(params, config, lc, batch)
+        elif lc.split_emb:
+            loss_rep, g_rep = rep_loss_and_grad_split(params, config, lc, batch)
+        else:
+            loss_rep, g_rep = jax.value_and_grad(rep_loss)(params, config, lc, batch)
+    grads = jax.tree.map(lambda a, b: a + lc.lambda_gen * b, g_rep, g_gen)
+    loss = loss_rep + lc.lambda_gen * loss_gen
+    return {"loss": loss, "loss_rep": loss_rep, "loss_gen": loss_gen}, grads
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimiser and the step
+# ----------------------------------------------------------------------------------------------
+def make_optimizer(lr: float, total_steps: int, warmup_ratio: float = 0.03,
+                   weight_decay: float = 0.0, b1: float = 0.9, b2: float = 0.999,
+                   eps: float = 1e-8, clip_norm: float = 1.0):
+    """AdamW after global-norm clipping; linear warmup to lr, then linear decay to 0."""
+    warmup = int(round(warmup_ratio * total_steps))
+    schedule = optax.join_schedules(
+        [optax.linear_schedule(0.0, lr, max(warmup, 1)),
+         optax.linear_schedule(lr, 0.0, max(total_steps - warmup, 1))], [warmup])
+    tx = optax.chain(optax.clip_by_global_norm(clip_norm),
+                     optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
+    return tx, schedule
+
+
+def train_step(state, batch, *, config: ModelConfig, lc: LossConfig, tx, schedule):
+    """One update: state = {"step", "params", "opt_state"} -> (new state, metrics)."""
+    metrics, grads = loss_and_grads(state["params"], config, lc, batch)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    metrics.update(grad_norm=optax.tree.norm(grads), lr=schedule(state["step"]))
+    return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
+
+
+# ----------------------------------------------------------------------------------------------
+# Sharding: the step as one pjit-partitioned program
+# ----------------------------------------------------------------------------------------------
+def init_state(params, tx):
+    """The train state for params."""
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+
+
+def state_shardings(config: ModelConfig, tx, mesh, rules=None):
+    """NamedShardings of the whole train state (optimizer moments follow their parameters)."""
+    import flax.linen as nn
+
+    from grit_jax import sharding
+    from grit_jax.model import abstract_params
+
+    rules = rules or sharding.LOGICAL_RULES
+    boxed = abstract_params(config)
+    sharding.check_divisible(boxed, mesh, rules)
+    boxed_state = jax.eval_shape(lambda p: init_state(p, tx), boxed)
+    specs = nn.get_partition_spec(boxed_state)
+    return nn.logical_to_mesh_sharding(specs, mesh, rules)
+
+
+def jit_train_step(config: ModelConfig, lc: LossConfig, tx, schedule, mesh, state_sh):
+    """``jax.jit`` of train_step with explicit in/out shardings and the state donated."""
+    from grit_jax import sharding
+
+    step = partial(train_step, config=config, lc=lc, tx=tx, schedule=schedule)
+    batch_sh = sharding.batch_sharding(mesh)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    jitted = jax.jit(step, in_shardings=(state_sh, batch_sh),
+                     out_shardings=(state_sh, replicated), donate_argnums=(0,))
+
+    def run(state, batch):
+        with sharding.activate(mesh):  # mesh + logical rules in scope while tracing
+            return jitted(state, batch)
+
+    run.jitted = jitted
+    return run

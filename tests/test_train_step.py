@@ -1,0 +1,132 @@
+"""The train step: GradCache and split_emb equal the plain gradients; meshes equal one device."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from grit_jax import sharding
+from grit_jax.config import tiny_config
+from grit_jax.losses import token_cross_entropy
+from grit_jax.model import forward, init_params, logits_fn
+from grit_jax.train_step import (LossConfig, init_state, jit_train_step, loss_and_grads,
+                                 make_optimizer, state_shardings, token_ce, train_step)
+
+LC_OVERRIDES = {}
+CFG = tiny_config(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2,
+                  num_heads=8, num_kv_heads=4)
+
+
+def make_batch(seed=0, q=8, g=2, n_gen=8):
+    rng = np.random.RandomState(seed)
+
+    def rows(n, length, prefix):
+        ids = rng.randint(3, CFG.vocab_size, (n, length)).astype(np.int32)
+        lens = rng.randint(prefix + 2, length + 1, n)
+        valid = np.arange(length)[None] < lens[:, None]
+        mask = (valid & (np.arange(length)[None] >= prefix)).astype(np.int32)
+        return ids, valid, mask
+
+    b = {}
+    b["query_ids"], b["query_valid"], b["query_pool"] = rows(q, 12, 4)
+    b["passage_ids"], b["passage_valid"], b["passage_pool"] = rows(q * g, 16, 2)
+    b["gen_ids"], b["gen_valid"], b["gen_loss"] = rows(n_gen, 16, 5)
+    return b
+
+
+@pytest.fixture(scope="module")
+def params():
+    return init_params(CFG, seed=1)
+
+
+def assert_trees_close(a, b, atol=1e-5):
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol,
+                                                         rtol=1e-4), a, b)
+
+
+def test_chunked_lm_head_equals_full_logits(params):
+    b = make_batch()
+    hidden = forward(params, CFG, b["gen_ids"], b["gen_valid"]).hidden
+    full = token_cross_entropy(logits_fn(params, CFG, hidden), b["gen_ids"])
+    chunked = token_ce(params, CFG, hidden, b["gen_ids"], chunk=7)
+    np.testing.assert_allclose(np.asarray(chunked), np.asarray(full), atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", [dict(grad_cache_chunk=4), dict(grad_cache_chunk=2),
+                                     dict(split_emb=True)])
+def test_grad_cache_and_split_emb_equal_plain_gradients(params, variant):
+    b = make_batch()
+    plain_m, plain_g = loss_and_grads(params, CFG, LossConfig(), b)
+    m, g = loss_and_grads(params, CFG, LossConfig(**variant), b)
+    for k in plain_m:
+        np.testing.assert_allclose(float(m[k]), float(plain_m[k]), rtol=1e-6, atol=1e-6)
+    # Float32: compare relative to the largest gradient (temperature 0.02 scales reps' grads by 50).
+    scale = max(float(jnp.abs(x).max()) for x in jax.tree.leaves(plain_g))
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y),
+                                                         atol=1e-5 * scale, rtol=0), g, plain_g)
+    assert float(plain_m["loss_rep"]) > 0 and float(plain_m["loss_gen"]) > 0
+
+
+def test_modes(params):
+    b = make_batch()
+    emb, _ = loss_and_grads(params, CFG, LossConfig(mode="embedding"), b)
+    gen, _ = loss_and_grads(params, CFG, LossConfig(mode="generative"), b)
+    both, _ = loss_and_grads(params, CFG, LossConfig(lambda_gen=0.5), b)
+    assert float(emb["loss_gen"]) == 0 and float(gen["loss_rep"]) == 0
+    np.testing.assert_allclose(float(both["loss"]),
+                               float(emb["loss_rep"]) + 0.5 * float(gen["loss_gen"]), rtol=1e-6)
+
+
+def test_invalid_loss_config():
+    with pytest.raises(ValueError, match="attn"):
+        LossConfig(attn="bcbc")
+    with pytest.raises(ValueError, match="gen_aggregation='median'"):
+        LossConfig(gen_aggregation="median")
+
+
+def _run(params, mesh_shape, steps=2):
+    tx, schedule = make_optimizer(1e-3, total_steps=10, warmup_ratio=0.1)
+    lc = LossConfig(gen_sub_batch=4, **LC_OVERRIDES)
+    if mesh_shape is None:
+        step = jax.jit(lambda s, b: train_step(s, b, config=CFG, lc=lc, tx=tx, schedule=schedule))
+        state = init_state(params, tx)
+    else:
+        mesh = sharding.make_mesh(mesh_shape)
+        sh = state_shardings(CFG, tx, mesh)
+        step = jit_train_step(CFG, lc, tx, schedule, mesh, sh)
+        state = jax.device_put(init_state(jax.tree.map(jnp.array, params), tx), sh)
+    history = []
+    for s in range(steps):
+        state, m = step(state, make_batch(seed=s))
+        history.append({k: float(v) for k, v in m.items()})
+    return state, history
+
+
+@pytest.fixture(scope="module")
+def single_device_run(params):
+    return _run(params, None)
+
+
+@pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4)])
+def test_meshes_match_one_device(params, single_device_run, mesh_shape):
+    ref_state, ref_hist = single_device_run
+    state, hist = _run(params, mesh_shape)
+    for a, b in zip(hist, ref_hist):
+        for k in a:
+            assert abs(a[k] - b[k]) <= 1e-5 * max(1.0, abs(b[k])), (mesh_shape, k, a[k], b[k])
+    assert_trees_close(state["params"], ref_state["params"])
+    q = state["params"]["layers"]["attn"]["q"]
+    assert len(q.sharding.device_set) == 8  # really partitioned
+
+
+def test_loss_falls_on_a_fixed_batch(params):
+    tx, schedule = make_optimizer(3e-3, total_steps=30, warmup_ratio=0.0)
+    step = jax.jit(lambda s, b: train_step(s, b, config=CFG, lc=LossConfig(), tx=tx,
+                                           schedule=schedule))
+    state, b = init_state(params, tx), make_batch()
+    first = None
+    for _ in range(15):
+        state, m = step(state, b)
+        first = first or {k: float(v) for k, v in m.items()}
+    assert float(m["loss_rep"]) < 0.5 * first["loss_rep"]
+    assert float(m["loss_gen"]) < first["loss_gen"]
