@@ -1,0 +1,32 @@
+"""The CPU default: a small Mistral-architecture model trained with GRIT on the Wikipedia demo set.
+
+python -m grit_jax.train --config configs/tiny.py --workdir /tmp/tiny [--config.total_steps=50]
+"""
+
+import ml_collections
+
+
+def get_config():
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.total_steps = 300
+    c.checkpoint_every = 100
+    c.keep_checkpoints = 2
+    c.log_every = 10
+    c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
+    # A params directory or Hugging Face directory to start from; "" = random init of `model`.
+    c.init_from = ""
+    c.model = ml_collections.ConfigDict(dict(
+        family="mistral", vocab_size=32000, hidden_size=128, intermediate_size=352, num_layers=4,
+        num_heads=4, num_kv_heads=2, max_position_embeddings=2048, param_dtype="float32",
+        dtype="float32", remat_policy="none"))
+    # "demo": build the Wikipedia demo set into WORKDIR/data on first use.
+    c.data = ml_collections.ConfigDict(dict(
+        data_dir="demo", query_batch=16, generative_batch=8, group_size=2, num_threads=2))
+    c.loss = ml_collections.ConfigDict(dict(
+        mode="unified", attn="bbcc", pooling="mean", normalize=True, temperature=0.02,
+        lambda_gen=1.0, gen_aggregation="mixed", gen_sub_batch=32, grad_cache_chunk=0,
+        split_emb=False, logits_chunk=1024))
+    c.optim = ml_collections.ConfigDict(dict(
+        lr=2e-3, warmup_ratio=0.03, weight_decay=0.0, b1=0.9, b2=0.999, clip_norm=1.0))
+    return c

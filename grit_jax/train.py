@@ -1,0 +1,192 @@
+"""``python -m grit_jax.train --config configs/tiny.py --workdir DIR``: GRIT training.
+
+One jitted, mesh-partitioned step (contrastive + LM loss), Orbax checkpoints of the train state
+and the data iterator (resume in the same workdir), ``DIR/metrics.jsonl``, a NaN guard and a
+save on SIGTERM (preemption).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+
+import jax
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "training config file (get_config())",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "checkpoints, metrics and (for the demo) data go here")
+
+
+class NonFiniteLoss(RuntimeError):
+    """A NaN/inf loss: the run stops and that state is not checkpointed."""
+
+
+def validate(config, mesh) -> None:
+    """Fail before compiling on configs that cannot work, naming the field."""
+    problems = []
+    for name in ("total_steps", "checkpoint_every", "log_every", "keep_checkpoints"):
+        if int(config[name]) <= 0:
+            problems.append(f"{name}={config[name]} must be > 0")
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    for name in ("query_batch", "generative_batch", "group_size"):
+        if int(config.data[name]) <= 0:
+            problems.append(f"data.{name}={config.data[name]} must be > 0")
+        elif name != "group_size" and int(config.data[name]) % dp:
+            problems.append(f"data.{name}={config.data[name]} is not divisible by the "
+                            f"data-parallel size {dp} (mesh data x fsdp)")
+    if problems:
+        raise ValueError("Invalid config: " + "; ".join(problems))
+
+
+def _model(config):
+    from grit_jax.config import ModelConfig
+    from grit_jax.inference import load_model
+    from grit_jax.model import init_params
+
+    if config.init_from:
+        params, model_cfg = load_model(config.init_from)
+        overrides = {k: config.model[k] for k in ("dtype", "remat_policy") if k in config.model}
+        return params, model_cfg.replace(**overrides)
+    model_cfg = ModelConfig(**config.model.to_dict())
+    return init_params(model_cfg, seed=config.seed), model_cfg
+
+
+def _data_dir(config, workdir):
+    if config.data.data_dir != "demo":
+        return config.data.data_dir
+    from grit_jax.data import wiki_demo
+
+    root = os.path.join(workdir, "data")
+    if not os.path.isdir(os.path.join(root, "train")):
+        wiki_demo.make_demo_data(root, max_lengths={"query": 64, "passage": 256, "generative": 256})
+    return os.path.join(root, "train")
+
+
+def train(config, workdir: str) -> list[dict]:
+    """Train (or resume) in workdir; returns the logged metrics of this invocation."""
+    import orbax.checkpoint as ocp
+    from tqdm import tqdm
+
+    from grit_jax import sharding
+    from grit_jax.data.pipeline import GritBatches, PipelineConfig, global_batch
+    from grit_jax.train_step import (LossConfig, init_state, jit_train_step, make_optimizer,
+                                     state_shardings)
+
+    # ----------------------------------------------------------------------------------------
+    # Config, mesh, model, data
+    # ----------------------------------------------------------------------------------------
+    mesh = sharding.make_mesh([int(config.mesh[a]) for a in sharding.MESH_AXES])
+    validate(config, mesh)
+    os.makedirs(workdir, exist_ok=True)
+    lc = LossConfig(**config.loss.to_dict())
+    params, model_cfg = _model(config)
+    tx, schedule = make_optimizer(config.optim.lr, config.total_steps,
+                                  config.optim.warmup_ratio, config.optim.weight_decay,
+                                  config.optim.b1, config.optim.b2, clip_norm=config.optim.clip_norm)
+    state_sh = state_shardings(model_cfg, tx, mesh)
+    data = GritBatches(PipelineConfig(
+        _data_dir(config, workdir), query_batch=config.data.query_batch,
+        generative_batch=config.data.generative_batch, group_size=config.data.group_size,
+        mode=lc.mode, seed=config.seed, num_threads=config.data.num_threads,
+        num_epochs=config.total_steps))  # an upper bound: the dataset is indexed lazily
+    if data.meta["tokenizer"]["vocab_size"] > model_cfg.vocab_size:
+        raise ValueError(f"the data was tokenised with {data.meta['tokenizer']['vocab_size']} "
+                         f"tokens, the model has vocab_size={model_cfg.vocab_size}")
+    model_cfg.save(workdir)
+    n_params = model_cfg.num_params()
+    logging.info("mesh %s, %.1fM parameters, %s", dict(mesh.shape), n_params / 1e6, data.summary())
+    print(f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.default_backend()} devices; "
+          f"{n_params / 1e6:.1f}M parameters; {data.summary()}", flush=True)
+
+    # ----------------------------------------------------------------------------------------
+    # State: fresh or restored
+    # ----------------------------------------------------------------------------------------
+    manager = ocp.CheckpointManager(
+        os.path.abspath(os.path.join(workdir, "checkpoints")),
+        item_names=("state", "data"),
+        options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints,
+                                             enable_async_checkpointing=True))
+    iterator = data.iterator()
+    latest = manager.latest_step()
+    if latest is None:
+        state = jax.device_put(init_state(params, tx), state_sh)
+    else:
+        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                jax.eval_shape(lambda p: init_state(p, tx), params), state_sh)
+        restored = manager.restore(latest, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
+        state = restored["state"]
+        iterator.set_state(restored["data"])
+        print(f"resumed from step {latest}", flush=True)
+    del params
+    step_fn = jit_train_step(model_cfg, lc, tx, schedule, mesh, state_sh)
+    batch_sh = sharding.batch_sharding(mesh)
+
+    def save(step):
+        manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(iterator.get_state())))
+
+    stop = {"signal": None}
+    previous = signal.signal(signal.SIGTERM, lambda s, f: stop.update(signal=s))
+
+    # ----------------------------------------------------------------------------------------
+    # Loop
+    # ----------------------------------------------------------------------------------------
+    start = int(jax.device_get(state["step"]))
+    logged, t_last, tokens = [], time.perf_counter(), 0
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    try:
+        with open(metrics_path, "a", encoding="utf-8") as mf:
+            for step in tqdm(range(start, config.total_steps), initial=start,
+                             total=config.total_steps, desc="train", disable=None):
+                local = next(iterator)
+                tokens += sum(int(v.sum()) for k, v in local.items() if k.endswith("_valid"))
+                state, metrics = step_fn(state, global_batch(local, batch_sh, data.pad_id))
+                m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                bad = [k for k in ("loss_rep", "loss_gen", "loss") if not np.isfinite(m[k])]
+                if bad:
+                    raise NonFiniteLoss(f"step {step + 1}: {', '.join(bad)} is {m[bad[0]]} "
+                                        f"(not finite); stopping without checkpointing this state")
+                done = step + 1
+                if done % config.log_every == 0 or done == config.total_steps:
+                    dt = time.perf_counter() - t_last
+                    row = {"step": done, **m, "tokens_per_s": tokens / dt}
+                    mf.write(json.dumps(row) + "\n")
+                    mf.flush()
+                    logged.append(row)
+                    tqdm.write(f"step {done}: loss {m['loss']:.4f} (rep {m['loss_rep']:.4f}, gen "
+                               f"{m['loss_gen']:.4f}) lr {m['lr']:.2e} grad_norm "
+                               f"{m['grad_norm']:.3f} {row['tokens_per_s']:.0f} tok/s")
+                    t_last, tokens = time.perf_counter(), 0
+                if done % config.checkpoint_every == 0 or done == config.total_steps or stop["signal"]:
+                    save(done)
+                if stop["signal"]:
+                    print(f"signal {stop['signal']}: saved step {done}, exiting", flush=True)
+                    break
+    finally:
+        manager.wait_until_finished()
+        manager.close()
+        signal.signal(signal.SIGTERM, previous)
+    return logged
+
+
+def main(argv):
+    del argv
+    if FLAGS.workdir is None:
+        raise app.UsageError("--workdir is required")
+    try:
+        train(FLAGS.config, FLAGS.workdir)
+    except (ValueError, NonFiniteLoss) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    app.run(main)
