@@ -59,3 +59,41 @@ def _check_matches(stored, abstract, path: str, directory: str) -> None:
     if problems:
         raise ValueError(f"{path}: does not match the model in "
                          f"{os.path.join(directory, 'grit_config.json')}: " + "; ".join(problems[:6]))
+
+
+def latest_step(workdir: str) -> int | None:
+    """The newest finished checkpoint step of a training workdir (None if none)."""
+    root = os.path.join(os.path.abspath(workdir), "checkpoints")
+    if not os.path.isdir(root):
+        return None
+    steps = [int(d) for d in os.listdir(root)
+             if d.isdigit() and os.path.exists(os.path.join(root, d, "state"))]
+    return max(steps) if steps else None
+
+
+def is_workdir(path: str) -> bool:
+    """Whether path is a training workdir (``checkpoints/`` beside ``grit_config.json``)."""
+    return os.path.isdir(os.path.join(path, "checkpoints"))
+
+
+def load_params_from_workdir(workdir: str, step: int | None = None):
+    """(params, ModelConfig, step) from a training workdir, reading only the parameters."""
+    workdir = os.path.abspath(workdir)
+    config = ModelConfig.load(workdir)
+    step = latest_step(workdir) if step is None else step
+    path = os.path.join(workdir, "checkpoints", str(step), "state")
+    if step is None or not os.path.isdir(path):
+        raise FileNotFoundError(f"{workdir}: no checkpoint{'' if step is None else f' for step {step}'}"
+                                f" under checkpoints/")
+    from grit_jax.model import abstract_params
+    import flax.linen as nn
+
+    abstract = nn.unbox(abstract_params(config))
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(dtype=a.dtype, sharding=device),
+                                abstract)
+    with ocp.PyTreeCheckpointer() as ckptr:
+        _check_matches(ckptr.metadata(path).item_metadata.tree["params"], abstract, path, workdir)
+        restored = ckptr.restore(path, args=ocp.args.PyTreeRestore(
+            item={"params": abstract}, restore_args={"params": restore_args}, partial_restore=True))
+    return restored["params"], config, step

@@ -21,8 +21,13 @@ from grit_jax.pooling import POOLING_METHODS
 
 
 def load_model(path: str, *, dtype: str | None = None):
-    """(params, ModelConfig) from a grit_jax params directory or a Hugging Face directory."""
-    if os.path.exists(os.path.join(path, CONFIG_FILE)):
+    """(params, ModelConfig) from a params directory, a training workdir (latest checkpoint) or a
+    Hugging Face directory."""
+    from grit_jax import checkpoint
+
+    if checkpoint.is_workdir(path):
+        params, config, _ = checkpoint.load_params_from_workdir(path)
+    elif os.path.exists(os.path.join(path, CONFIG_FILE)):
         from grit_jax.checkpoint import load_params
 
         params, config = load_params(path)

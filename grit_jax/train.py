@@ -58,6 +58,26 @@ def _model(config):
     return init_params(model_cfg, seed=config.seed), model_cfg
 
 
+def _save_tokenizer(config, meta, workdir):
+    """Ship the tokenizer the data was built with into the workdir (for export and inference)."""
+    from grit_jax.data.dataset import tokenizer_fingerprint
+    from grit_jax.data.tokenizers import default_tokenizer, load_tokenizer
+
+    candidates = [default_tokenizer]
+    if config.init_from:
+        candidates.insert(0, lambda: load_tokenizer(config.init_from))
+    for make in candidates:
+        try:
+            tok = make()
+        except (FileNotFoundError, ValueError):
+            continue
+        if tokenizer_fingerprint(tok)["sha256"] == meta["tokenizer"]["sha256"]:
+            tok.save(workdir)
+            return
+    logging.warning("the data's tokenizer (%s) was not found beside the model; pass --tokenizer "
+                    "when exporting", meta["tokenizer"]["file"])
+
+
 def _data_dir(config, workdir):
     if config.data.data_dir != "demo":
         return config.data.data_dir
@@ -100,6 +120,7 @@ def train(config, workdir: str) -> list[dict]:
         raise ValueError(f"the data was tokenised with {data.meta['tokenizer']['vocab_size']} "
                          f"tokens, the model has vocab_size={model_cfg.vocab_size}")
     model_cfg.save(workdir)
+    _save_tokenizer(config, data.meta, workdir)
     n_params = model_cfg.num_params()
     logging.info("mesh %s, %.1fM parameters, %s", dict(mesh.shape), n_params / 1e6, data.summary())
     print(f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.default_backend()} devices; "

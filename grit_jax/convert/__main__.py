@@ -22,7 +22,12 @@ def main(argv=None) -> int:
     a.add_argument("--out", required=True, help="params directory to write")
     a.add_argument("--param-dtype", default="float32", choices=["float32", "bfloat16"])
     b = sub.add_parser("grit-to-hf", help="Orbax params directory -> Hugging Face directory")
-    b.add_argument("--params", required=True, help="params directory written by grit_jax")
+    src = b.add_mutually_exclusive_group(required=True)
+    src.add_argument("--params", help="params directory written by grit_jax")
+    src.add_argument("--workdir", help="training workdir (exports the latest checkpoint)")
+    b.add_argument("--step", type=int, default=None, help="with --workdir: this step")
+    b.add_argument("--tokenizer", default=None,
+                   help="tokenizer file or folder to ship (default: the one beside the params)")
     b.add_argument("--out", required=True, help="Hugging Face directory to write")
     b.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="tensor dtype in the safetensors files (default: the params' dtype)")
@@ -33,8 +38,9 @@ def main(argv=None) -> int:
         if args.command == "hf-to-grit":
             config = hf.hf_to_grit(args.hf, args.out, param_dtype=args.param_dtype)
         else:
-            config = hf.grit_to_hf(args.params, args.out, dtype=args.dtype,
-                                   max_shard_bytes=int(args.max_shard_gb * 2**30))
+            config = hf.grit_to_hf(args.params or args.workdir, args.out, dtype=args.dtype,
+                                   max_shard_bytes=int(args.max_shard_gb * 2**30),
+                                   step=args.step, tokenizer=args.tokenizer)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -342,12 +342,17 @@ def write_hf(params, config: ModelConfig, out_dir: str, *, dtype: str | None = N
 
 
 def grit_to_hf(params_dir: str, out_dir: str, *, dtype: str | None = None,
-               max_shard_bytes: int = 5 * 2**30) -> ModelConfig:
-    """Convert a grit_jax params directory into a Hugging Face directory (+ tokenizer files)."""
-    params, config = checkpoint.load_params(params_dir)
+               max_shard_bytes: int = 5 * 2**30, step: int | None = None,
+               tokenizer: str | None = None) -> ModelConfig:
+    """Convert a grit_jax params directory or training workdir (latest or given step) into a
+    Hugging Face directory with tokenizer files."""
+    if checkpoint.is_workdir(params_dir):
+        params, config, _ = checkpoint.load_params_from_workdir(params_dir, step)
+    else:
+        params, config = checkpoint.load_params(params_dir)
     write_hf(params, config, out_dir, dtype=dtype, max_shard_bytes=max_shard_bytes)
     try:
-        load_tokenizer(params_dir).save(out_dir)
+        load_tokenizer(tokenizer or params_dir).save(out_dir)
     except FileNotFoundError:
         pass
     return config

@@ -1,0 +1,143 @@
+"""`python -m grit_jax.train`: resume after SIGKILL reproduces the uninterrupted run, SIGTERM saves,
+bad configs fail before compiling, NaN stops the run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from grit_jax.data.dataset import build
+
+SMALL = ["--config.model.hidden_size=32", "--config.model.intermediate_size=64",
+         "--config.model.num_layers=1", "--config.model.num_heads=2",
+         "--config.model.num_kv_heads=1", "--config.data.query_batch=4",
+         "--config.data.generative_batch=4", "--config.data.num_threads=0",
+         "--config.log_every=1", "--config.checkpoint_every=4", "--config.total_steps=16"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    src = tmp_path_factory.mktemp("src")
+    recs = [{"query": ["Find the passage", f"query number {i}"], "pos": [f"passage number {i}"],
+             "neg": [f"unrelated text {i}", f"other text {i}"]} for i in range(24)]
+    (src / "emb.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    gen = [{"text": [f"say {i}", f"{i} is my answer"]} for i in range(12)]
+    (src / "gen.jsonl").write_text("\n".join(json.dumps(r) for r in gen) + "\n")
+    out = tmp_path_factory.mktemp("data")
+    build(str(src), str(out), max_lengths={"query": 32, "passage": 32, "generative": 32})
+    return str(out)
+
+
+def launch(workdir, data_dir, *extra):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    cmd = [sys.executable, "-m", "grit_jax.train", "--config", "configs/tiny.py",
+           "--workdir", str(workdir), f"--config.data.data_dir={data_dir}", *SMALL, *extra]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            cwd=os.path.dirname(os.path.dirname(__file__)))
+
+
+def finish(proc, timeout=400):
+    try:
+        out = proc.communicate(timeout=timeout)[0].decode()
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    return proc.returncode, out
+
+
+def losses(workdir):
+    """step -> metrics, the last logged occurrence winning (a resumed run re-logs steps)."""
+    rows = {}
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        for line in f:
+            r = json.loads(line)
+            rows[r["step"]] = r
+    return rows
+
+
+def wait_for_steps(workdir, n, proc, timeout=300):
+    path = os.path.join(workdir, "metrics.jsonl")
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if proc.poll() is not None:
+            raise AssertionError(proc.communicate()[0].decode()[-3000:])
+        if os.path.exists(path) and sum(1 for _ in open(path)) >= n:
+            return
+        time.sleep(0.2)
+    proc.kill()
+    raise AssertionError(f"no {n} steps within {timeout}s")
+
+
+def test_kill_and_resume_equals_uninterrupted(tmp_path, data_dir):
+    rc, out = finish(launch(tmp_path / "a", data_dir))
+    assert rc == 0, out[-3000:]
+    full = losses(tmp_path / "a")
+    assert sorted(full) == list(range(1, 17))
+    proc = launch(tmp_path / "b", data_dir)
+    wait_for_steps(tmp_path / "b", 10, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    rc, out = finish(launch(tmp_path / "b", data_dir))
+    assert rc == 0 and "resumed from step" in out, out[-3000:]
+    resumed = losses(tmp_path / "b")
+    assert sorted(resumed) == sorted(full)
+    for step, row in full.items():
+        for k in ("loss", "loss_rep", "loss_gen", "grad_norm", "lr"):
+            assert resumed[step][k] == pytest.approx(row[k], rel=1e-6, abs=1e-7), (step, k)
+    assert full[16]["loss_rep"] < full[1]["loss_rep"]
+
+
+def test_sigterm_saves_and_exits(tmp_path, data_dir):
+    proc = launch(tmp_path / "c", data_dir, "--config.total_steps=400",
+                  "--config.checkpoint_every=1000")
+    wait_for_steps(tmp_path / "c", 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    rc, out = finish(proc, timeout=120)
+    assert rc == 0 and "saved step" in out, out[-3000:]
+    saved = [d for d in os.listdir(tmp_path / "c" / "checkpoints") if d.isdigit()]
+    assert saved and int(saved[0]) >= 3
+
+
+def test_bad_config_fails_before_compiling(tmp_path, data_dir):
+    rc, out = finish(launch(tmp_path / "d", data_dir, "--config.data.query_batch=0"))
+    assert rc == 2 and "data.query_batch=0 must be > 0" in out
+    rc, out = finish(launch(tmp_path / "e", data_dir, "--config.no_such_key=1"))
+    assert rc != 0 and "no_such_key" in out
+    rc, out = finish(launch(tmp_path / "f", data_dir, "--config.mesh.data=3"))
+    assert rc == 2 and "mesh shape [3, -1, 1]" in out
+
+
+def test_nan_stops_without_checkpoint(tmp_path, data_dir):
+    rc, out = finish(launch(tmp_path / "g", data_dir, "--config.optim.lr=1e30",
+                            "--config.optim.clip_norm=1e30"))
+    assert rc == 2 and "not finite" in out and "stopping without checkpointing" in out, out[-2000:]
+    ckpts = tmp_path / "g" / "checkpoints"
+    bad_step = int(out.split("error: step ")[1].split(":")[0])
+    saved = [int(d) for d in os.listdir(ckpts) if d.isdigit()] if ckpts.exists() else []
+    assert all(s < bad_step for s in saved)
+
+
+def test_export_workdir_and_use_it(tmp_path, data_dir):
+    """A trained workdir exports to Hugging Face format (transformers reloads it) and embeds."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from grit_jax.convert.__main__ import main as convert_main
+    from grit_jax.inference import GritLM
+
+    rc, out = finish(launch(tmp_path / "w", data_dir, "--config.total_steps=4"))
+    assert rc == 0, out[-2000:]
+    assert convert_main(["grit-to-hf", "--workdir", str(tmp_path / "w"), "--out",
+                         str(tmp_path / "hf")]) == 0
+    assert os.path.exists(tmp_path / "hf" / "tokenizer.model")
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32)
+    ours = GritLM.from_pretrained(str(tmp_path / "w"))
+    ref = GritLM.from_pretrained(str(tmp_path / "hf"))
+    np.testing.assert_allclose(ours.encode(["query number 1"]), ref.encode(["query number 1"]),
+                               atol=1e-6)
+    assert hf.config.num_hidden_layers == 1
