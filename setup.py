@@ -33,6 +33,8 @@ setup(
         "absl-py",
         "numpy",
         "tqdm",
+        "tensorboardX",  # TensorBoard event files without TensorFlow
+        "matplotlib",  # loss curves of the demo
     ],
     extras_require={
         "hf": HF,

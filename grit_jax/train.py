@@ -58,6 +58,36 @@ def _model(config):
     return init_params(model_cfg, seed=config.seed), model_cfg
 
 
+# bf16 dense peak per chip (vendor figures); MFU is reported against these.
+PEAK_FLOPS = (("TPU v6", 918e12), ("TPU v5p", 459e12), ("TPU v5", 197e12), ("TPU v4", 275e12),
+              ("H200", 989e12), ("H100", 989e12), ("A100", 312e12))
+
+
+def peak_flops(config) -> float | None:
+    """Peak FLOP/s of one device: ``config.peak_flops`` if set, else the table, else None (CPU)."""
+    if config.get("peak_flops"):
+        return float(config.peak_flops)
+    kind = jax.devices()[0].device_kind
+    return next((f for name, f in PEAK_FLOPS if name.lower() in kind.lower()), None)
+
+
+def step_flops(model_cfg, batch) -> float:
+    """Training FLOPs of one batch: 6 x matmul parameters x tokens, the LM head on generative
+    tokens only, and the attention scores (12 x layers x heads x head_dim x length^2)."""
+    c = model_cfg
+    e, d = c.hidden_size, c.resolved_head_dim
+    body = c.num_layers * (e * d * (2 * c.num_heads + 2 * c.num_kv_heads) + 3 * e * c.intermediate_size)
+    total = 0.0
+    for prefix in ("query", "passage", "gen"):
+        if f"{prefix}_valid" not in batch:
+            continue
+        lengths = batch[f"{prefix}_valid"].sum(-1).astype(np.float64)
+        total += 6 * body * lengths.sum() + 12 * c.num_layers * c.num_heads * d * (lengths ** 2).sum()
+        if prefix == "gen":
+            total += 6 * e * c.vocab_size * lengths.sum()
+    return total
+
+
 def _save_tokenizer(config, meta, workdir):
     """Ship the tokenizer the data was built with into the workdir (for export and inference)."""
     from grit_jax.data.dataset import tokenizer_fingerprint
@@ -147,7 +177,20 @@ def train(config, workdir: str) -> list[dict]:
         iterator.set_state(restored["data"])
         print(f"resumed from step {latest}", flush=True)
     del params
+    per_device = sum(leaf.addressable_shards[0].data.nbytes for leaf in jax.tree.leaves(state))
+    stats = jax.devices()[0].memory_stats() or {}
+    print(f"train state: {per_device / 2**20:.1f} MiB per device"
+          + (f"; device memory in use {stats['bytes_in_use'] / 2**30:.2f} of "
+             f"{stats.get('bytes_limit', 0) / 2**30:.2f} GiB" if "bytes_in_use" in stats else ""),
+          flush=True)
+    peak = peak_flops(config)
+    print(f"MFU against {peak / 1e12:.0f} TFLOP/s per device" if peak else
+          f"MFU not reported: no peak FLOP/s known for {jax.devices()[0].device_kind} "
+          f"(set --config.peak_flops)", flush=True)
     step_fn = jit_train_step(model_cfg, lc, tx, schedule, mesh, state_sh)
+    from tensorboardX import SummaryWriter
+
+    writer = SummaryWriter(os.path.join(workdir, "tensorboard")) if jax.process_index() == 0 else None
     batch_sh = sharding.batch_sharding(mesh)
 
     def save(step):
@@ -161,7 +204,7 @@ def train(config, workdir: str) -> list[dict]:
     # Loop
     # ----------------------------------------------------------------------------------------
     start = int(jax.device_get(state["step"]))
-    logged, t_last, tokens = [], time.perf_counter(), 0
+    logged, t_last, tokens, flops = [], time.perf_counter(), 0, 0.0
     metrics_path = os.path.join(workdir, "metrics.jsonl")
     try:
         with open(metrics_path, "a", encoding="utf-8") as mf:
@@ -169,6 +212,7 @@ def train(config, workdir: str) -> list[dict]:
                              total=config.total_steps, desc="train", disable=None):
                 local = next(iterator)
                 tokens += sum(int(v.sum()) for k, v in local.items() if k.endswith("_valid"))
+                flops += step_flops(model_cfg, local)
                 state, metrics = step_fn(state, global_batch(local, batch_sh, data.pad_id))
                 m = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 bad = [k for k in ("loss_rep", "loss_gen", "loss") if not np.isfinite(m[k])]
@@ -178,20 +222,30 @@ def train(config, workdir: str) -> list[dict]:
                 done = step + 1
                 if done % config.log_every == 0 or done == config.total_steps:
                     dt = time.perf_counter() - t_last
-                    row = {"step": done, **m, "tokens_per_s": tokens / dt}
+                    # Local tokens/FLOPs x processes: every process reads an equal share.
+                    row = {"step": done, **m, "tokens_per_s": tokens * jax.process_count() / dt,
+                           "mfu": (flops * jax.process_count() / dt / (peak * jax.device_count())
+                                   if peak else None)}
                     mf.write(json.dumps(row) + "\n")
                     mf.flush()
+                    if writer is not None:
+                        for k, v in row.items():
+                            if k != "step" and v is not None:
+                                writer.add_scalar(f"train/{k}", v, done)
+                        writer.flush()
                     logged.append(row)
                     tqdm.write(f"step {done}: loss {m['loss']:.4f} (rep {m['loss_rep']:.4f}, gen "
                                f"{m['loss_gen']:.4f}) lr {m['lr']:.2e} grad_norm "
                                f"{m['grad_norm']:.3f} {row['tokens_per_s']:.0f} tok/s")
-                    t_last, tokens = time.perf_counter(), 0
+                    t_last, tokens, flops = time.perf_counter(), 0, 0.0
                 if done % config.checkpoint_every == 0 or done == config.total_steps or stop["signal"]:
                     save(done)
                 if stop["signal"]:
                     print(f"signal {stop['signal']}: saved step {done}, exiting", flush=True)
                     break
     finally:
+        if writer is not None:
+            writer.close()
         manager.wait_until_finished()
         manager.close()
         signal.signal(signal.SIGTERM, previous)
