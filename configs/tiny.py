@@ -9,7 +9,7 @@ import ml_collections
 def get_config():
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.total_steps = 300
+    c.total_steps = 200
     c.checkpoint_every = 100
     c.keep_checkpoints = 2
     c.log_every = 10
@@ -23,11 +23,11 @@ def get_config():
         dtype="float32", remat_policy="none"))
     # "demo": build the Wikipedia demo set into WORKDIR/data on first use.
     c.data = ml_collections.ConfigDict(dict(
-        data_dir="demo", query_batch=16, generative_batch=8, group_size=2, num_threads=2))
+        data_dir="demo", query_batch=8, generative_batch=8, group_size=2, num_threads=2))
     c.loss = ml_collections.ConfigDict(dict(
         mode="unified", attn="bbcc", pooling="mean", normalize=True, temperature=0.02,
         lambda_gen=1.0, gen_aggregation="mixed", gen_sub_batch=32, grad_cache_chunk=0,
         split_emb=False, logits_chunk=1024))
     c.optim = ml_collections.ConfigDict(dict(
-        lr=2e-3, warmup_ratio=0.03, weight_decay=0.0, b1=0.9, b2=0.999, clip_norm=1.0))
+        lr=1e-3, warmup_ratio=0.1, weight_decay=0.0, b1=0.9, b2=0.999, clip_norm=1.0))
     return c

@@ -108,6 +108,9 @@ def _save_tokenizer(config, meta, workdir):
                     "when exporting", meta["tokenizer"]["file"])
 
 
+DEMO_LENGTHS = {"query": 64, "passage": 128, "generative": 128}
+
+
 def _data_dir(config, workdir):
     if config.data.data_dir != "demo":
         return config.data.data_dir
@@ -115,7 +118,7 @@ def _data_dir(config, workdir):
 
     root = os.path.join(workdir, "data")
     if not os.path.isdir(os.path.join(root, "train")):
-        wiki_demo.make_demo_data(root, max_lengths={"query": 64, "passage": 256, "generative": 256})
+        wiki_demo.make_demo_data(root, max_lengths=DEMO_LENGTHS)
     return os.path.join(root, "train")
 
 

@@ -1,0 +1,20 @@
+"""Every shipped config loads, names only known fields and builds its model and loss configs."""
+
+import importlib
+
+import pytest
+
+from grit_jax.config import ModelConfig
+from grit_jax.train_step import LossConfig
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny_embedding", "tiny_generative", "gritlm_7b"])
+def test_config_builds(name):
+    c = importlib.import_module(f"configs.{name}").get_config()
+    model = ModelConfig(**c.model.to_dict())
+    loss = LossConfig(**c.loss.to_dict())
+    for key in ("total_steps", "checkpoint_every", "seed", "mesh", "init_from"):
+        assert key in c
+    if name == "gritlm_7b":
+        assert 7.0e9 < model.num_params() < 7.5e9
+        assert (loss.grad_cache_chunk, c.data.query_batch, c.optim.lr) == (32, 2048, 2e-5)
