@@ -141,3 +141,15 @@ def test_export_workdir_and_use_it(tmp_path, data_dir):
     np.testing.assert_allclose(ours.encode(["query number 1"]), ref.encode(["query number 1"]),
                                atol=1e-6)
     assert hf.config.num_hidden_layers == 1
+
+
+def test_interrupted_save_leaves_previous_checkpoint(tmp_path, data_dir):
+    """An unfinished save (Orbax's temporary directory) is ignored: the run resumes before it."""
+    rc, out = finish(launch(tmp_path / "s", data_dir, "--config.total_steps=8"))
+    assert rc == 0, out[-2000:]
+    partial = tmp_path / "s" / "checkpoints" / "12.orbax-checkpoint-tmp-1234"
+    (partial / "state").mkdir(parents=True)
+    (partial / "state" / "garbage").write_bytes(b"\0" * 100)
+    rc, out = finish(launch(tmp_path / "s", data_dir, "--config.total_steps=12"))
+    assert rc == 0 and "resumed from step 8" in out, out[-2000:]
+    assert sorted(losses(tmp_path / "s")) == list(range(1, 13))
