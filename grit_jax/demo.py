@@ -89,7 +89,7 @@ def main(argv=None) -> int:
 
     # -------------------------------------------------------------------------------------------
     print("\n== Training data from real Wikipedia pages (gensim's test data, CC BY-SA)")
-    data_dir = train._data_dir(config, args.out)  # builds OUT/data/{train,eval} on first use
+    data_dir = train.resolve_data_dir(config, args.out)  # builds OUT/data/{train,eval} on first use
     config.data.data_dir = data_dir
     print(f"-> {os.path.dirname(data_dir)}")
 

@@ -111,7 +111,8 @@ def _save_tokenizer(config, meta, workdir):
 DEMO_LENGTHS = {"query": 64, "passage": 128, "generative": 128}
 
 
-def _data_dir(config, workdir):
+def resolve_data_dir(config, workdir):
+    """config.data.data_dir, or for "demo" the Wikipedia set built under workdir on first use."""
     if config.data.data_dir != "demo":
         return config.data.data_dir
     from grit_jax.data import wiki_demo
@@ -145,7 +146,7 @@ def train(config, workdir: str) -> list[dict]:
                                   config.optim.b1, config.optim.b2, clip_norm=config.optim.clip_norm)
     state_sh = state_shardings(model_cfg, tx, mesh)
     data = GritBatches(PipelineConfig(
-        _data_dir(config, workdir), query_batch=config.data.query_batch,
+        resolve_data_dir(config, workdir), query_batch=config.data.query_batch,
         generative_batch=config.data.generative_batch, group_size=config.data.group_size,
         mode=lc.mode, seed=config.seed, num_threads=config.data.num_threads,
         num_epochs=config.total_steps))  # an upper bound: the dataset is indexed lazily
