@@ -19,7 +19,7 @@ $(STAMP): setup.py Makefile
 	touch $(STAMP)
 
 test: venv
-	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -q tests
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -v -p no:faulthandler --durations=20 tests
 
 demo: venv
 	$(PY) -m grit_jax.demo

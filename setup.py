@@ -38,10 +38,13 @@ setup(
     ],
     extras_require={
         "hf": HF,
+        # Exact inner-product search on the host for large RAG corpora (JAX search otherwise).
+        "faiss": ["faiss-cpu>=1.8"],
         # The official `gritlm==1.0.2` and `gensim==4.4.0` (for the Wikipedia pages in its test
         # data) are installed by the Makefile with --no-deps; setup.py cannot express that.
-        "test": HF + ["pytest>=8", "hypothesis", "psutil"],
+        "test": HF + ["pytest>=8", "hypothesis", "psutil", "faiss-cpu>=1.8"],
         "tpu": ["jax[tpu]>=0.10.2,<0.11"],
     },
-    entry_points={"console_scripts": ["grit-convert=grit_jax.convert.__main__:main"]},
+    entry_points={"console_scripts": ["grit-convert=grit_jax.convert.__main__:main",
+                                      "grit-rag=grit_jax.rag.__main__:main"]},
 )

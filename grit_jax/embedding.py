@@ -7,7 +7,7 @@ from functools import partial
 import jax
 
 from grit_jax.config import ModelConfig
-from grit_jax.model import forward
+from grit_jax.model import KVCache, forward
 from grit_jax.pooling import l2_normalize, pool
 
 ATTN_MODES = ("bbcc", "cccc", "bb", "cc")
@@ -28,3 +28,17 @@ def embed(params, config: ModelConfig, ids, valid, pool_mask, *, mode: str = "bi
     hidden = forward(params, config, ids, valid, mode=mode).hidden
     reps = pool(hidden, pool_mask * valid, pooling)
     return l2_normalize(reps) if normalize else reps
+
+
+@partial(jax.jit, static_argnames=("config", "mode", "pooling", "normalize"))
+def embed_with_cache(params, config: ModelConfig, ids, valid, pool_mask, *,
+                     mode: str = "bidirectional", pooling: str = "mean", normalize: bool = True):
+    """Embeddings as ``embed`` and the key/value states of the same pass (a KVCache of T slots).
+
+    The states are those a causal continuation attends to: RAG reuses them instead of running
+    the text through the model again.
+    """
+    cache = KVCache.empty(config, ids.shape[0], ids.shape[1])
+    out = forward(params, config, ids, valid, mode=mode, cache=cache)
+    reps = pool(out.hidden, pool_mask * valid, pooling)
+    return (l2_normalize(reps) if normalize else reps), out.cache

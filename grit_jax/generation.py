@@ -53,15 +53,27 @@ def decode_step(params, config: ModelConfig, tokens, cache: KVCache):
     return logits_fn(params, config, out.hidden)[:, 0], out.cache
 
 
+def extend_cache(prefix: KVCache, extra: int) -> KVCache:
+    """The prefix cache with ``extra`` free slots appended (room for the prompt and the reply)."""
+    pad = ((0, 0), (0, 0), (0, extra), (0, 0), (0, 0))
+    return KVCache(jnp.pad(prefix.k, pad), jnp.pad(prefix.v, pad), prefix.lengths)
+
+
 @partial(jax.jit, static_argnames=("config", "max_new_tokens", "sampling", "cache_size"))
 def generate_ids(params, config: ModelConfig, ids, valid, rng, *, max_new_tokens: int,
-                 sampling: Sampling = Sampling(), eos_id: int = -1, cache_size: int | None = None):
+                 sampling: Sampling = Sampling(), eos_id: int = -1, cache_size: int | None = None,
+                 prefix: KVCache | None = None):
     """New tokens (B, max_new_tokens) for right-padded prompts; after EOS a row emits eos_id.
 
-    Also returns the number of generated tokens per row (EOS included).
+    ``prefix``: key/value states already computed for each row (e.g. a document's embedding
+    pass); the prompt continues after ``prefix.lengths[b]`` tokens, at those positions. Also
+    returns the number of generated tokens per row (EOS included).
     """
     b, t = ids.shape
-    cache = KVCache.empty(config, b, cache_size or (t + max_new_tokens))
+    if prefix is None:
+        cache = KVCache.empty(config, b, cache_size or (t + max_new_tokens))
+    else:
+        cache = extend_cache(prefix, t + max_new_tokens)
     logits, cache = prefill(params, config, ids, valid, cache)
     rng, key = jax.random.split(rng)
     tok = sample_logits(logits, key, sampling)

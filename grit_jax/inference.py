@@ -6,6 +6,8 @@ Mirrors the official ``gritlm.GritLM`` interface (``encode``, ``encode_queries``
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 from typing import Sequence
 
@@ -15,9 +17,13 @@ import numpy as np
 from grit_jax.config import CONFIG_FILE, ModelConfig
 from grit_jax.data import formats
 from grit_jax.data.tokenizers import Tokenizer, load_tokenizer
-from grit_jax.embedding import embed, embedding_attention
+from grit_jax.embedding import embed, embed_with_cache, embedding_attention
+from grit_jax.fingerprint import model_fingerprint
 from grit_jax.generation import Sampling, generate_ids
 from grit_jax.pooling import POOLING_METHODS
+from grit_jax.prefix_cache import PrefixCache, to_kv_cache
+
+log = logging.getLogger(__name__)
 
 
 def load_model(path: str, *, dtype: str | None = None):
@@ -44,26 +50,61 @@ def load_model(path: str, *, dtype: str | None = None):
 
 
 class GritLM:
-    """Embed with ``encode`` and chat with ``generate``, on the same weights."""
+    """Embed with ``encode`` and chat with ``generate``, on the same weights.
+
+    ``mesh``: run sharded (parameters laid out by ``grit_jax.sharding``'s rules) for models
+    too large for one device.
+    """
 
     def __init__(self, params, config: ModelConfig, tokenizer: Tokenizer, *,
                  mode: str = "unified", pooling_method: str = "mean", normalized: bool = True,
-                 attn: str = "bbcc", embed_eos: str = ""):
+                 attn: str = "bbcc", embed_eos: str = "", mesh=None):
         if mode not in ("unified", "embedding", "generative"):
             raise ValueError(f"mode must be unified, embedding or generative, got {mode!r}")
         if pooling_method not in POOLING_METHODS:
             raise ValueError(f"pooling_method must be one of {POOLING_METHODS}, got {pooling_method!r}")
-        self.params, self.config, self.tokenizer = params, config, tokenizer
+        self.config, self.tokenizer, self.mesh = config, tokenizer, mesh
         self.mode, self.pooling_method, self.normalized = mode, pooling_method, normalized
         self.attn, self.embed_eos = attn, embed_eos
         self.embed_mode = embedding_attention(attn)
+        if mesh is not None:
+            from grit_jax import sharding
+            from grit_jax.model import abstract_params
+
+            boxed = abstract_params(config)
+            sharding.check_divisible(boxed, mesh)
+            params = jax.device_put(params, sharding.param_shardings(boxed, mesh))
+        self.params = params
+        self._fingerprint = None
 
     @classmethod
     def from_pretrained(cls, path: str, *, tokenizer: str | None = None, dtype: str | None = None,
-                        **kw) -> "GritLM":
-        """Load from a params directory or a Hugging Face directory (tokenizer files inside)."""
+                        mesh_shape: Sequence[int] | None = None, **kw) -> "GritLM":
+        """Load a params directory, a training workdir or a Hugging Face directory.
+
+        ``mesh_shape`` (data, fsdp, tensor), e.g. ``(1, -1, 1)``: shard over all devices.
+        """
         params, config = load_model(path, dtype=dtype)
+        if mesh_shape is not None:
+            from grit_jax.sharding import make_mesh
+
+            kw["mesh"] = make_mesh(mesh_shape)
         return cls(params, config, load_tokenizer(tokenizer or path), **kw)
+
+    def _scope(self):
+        """Mesh and sharding rules in scope for a jitted call (a no-op on one device)."""
+        if self.mesh is None:
+            return contextlib.nullcontext()
+        from grit_jax.sharding import activate
+
+        return activate(self.mesh)
+
+    @property
+    def fingerprint(self) -> str:
+        """Identity of weights + config + tokenizer (stored with caches and indexes)."""
+        if self._fingerprint is None:
+            self._fingerprint = model_fingerprint(self.params, self.config, self.tokenizer)
+        return self._fingerprint
 
     # ------------------------------------------------------------------------------------------
     # Embedding
@@ -71,34 +112,60 @@ class GritLM:
     def tokenize_for_embedding(self, sentences: Sequence[str], instruction: str = "",
                                max_length: int = 512) -> list[formats.Encoded]:
         """GRIT-format tokens and pooling masks (exact instruction spans)."""
-        return [formats.encode_embed(self.tokenizer, s, instruction, max_length=max_length,
-                                     embed_eos=self.embed_eos, where=f"sentence {i}")
-                for i, s in enumerate(sentences)]
+        for i, s in enumerate(sentences):
+            if not isinstance(s, str):
+                raise TypeError(f"sentence {i}: expected a string, got {type(s).__name__}")
+            if not s.strip():
+                raise ValueError(f"sentence {i} is empty: there is no text to embed")
+        encoded = [formats.encode_embed(self.tokenizer, s, instruction, max_length=max_length,
+                                        embed_eos=self.embed_eos, where=f"sentence {i}")
+                   for i, s in enumerate(sentences)]
+        cut = sum(len(e) == max_length for e in encoded)
+        if cut:
+            log.info("encode: %d of %d inputs reached max_length=%d tokens (longer texts are "
+                     "truncated at the end)", cut, len(encoded), max_length)
+        return encoded
 
     def encode(self, sentences: str | Sequence[str], instruction: str = "", *,
-               batch_size: int = 64, max_length: int = 512) -> np.ndarray:
+               batch_size: int = 64, max_length: int = 512, get_cache: bool = False):
         """Float32 embeddings (N, E) ((E,) for one string); independent of batch composition.
 
         ``instruction`` is the task text (``"Retrieve relevant passages"``) or an already
-        formatted prefix such as the reference's ``gritlm_instruction(...)``.
+        formatted prefix such as the reference's ``gritlm_instruction(...)``. Texts longer than
+        ``max_length`` tokens (instruction included) are truncated at the end.
+        ``get_cache=True`` also returns each input's ``PrefixCache`` (the key/value states of
+        the embedding pass, for RAG caching).
         """
         single = isinstance(sentences, str)
         sentences = [sentences] if single else list(sentences)
         if not sentences:
-            return np.zeros((0, self.config.hidden_size), np.float32)
+            raise ValueError("encode: no sentences given")
         encoded = self.tokenize_for_embedding(sentences, instruction, max_length)
         order = np.argsort([-len(e) for e in encoded], kind="stable")  # long first: fewer pads
         buckets = formats.length_buckets(max(max_length, 16))
         out = np.zeros((len(sentences), self.config.hidden_size), np.float32)
+        caches: list[PrefixCache | None] = [None] * len(sentences)
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
             rows = [encoded[i] for i in idx]
             length = formats.bucket_length(max(len(r) for r in rows), buckets)
             ids, valid, mask = formats.pad_batch(rows, length, self.tokenizer.pad_id)
-            reps = embed(self.params, self.config, ids, valid, mask, mode=self.embed_mode,
-                         pooling=self.pooling_method, normalize=self.normalized)
+            kw = dict(mode=self.embed_mode, pooling=self.pooling_method, normalize=self.normalized)
+            with self._scope():
+                if get_cache:
+                    reps, kv = embed_with_cache(self.params, self.config, ids, valid, mask, **kw)
+                else:
+                    reps = embed(self.params, self.config, ids, valid, mask, **kw)
             out[idx] = np.asarray(reps)
-        return out[0] if single else out
+            if get_cache:
+                k, v = np.asarray(kv.k), np.asarray(kv.v)
+                for j, i in enumerate(idx):
+                    n = len(rows[j])
+                    caches[i] = PrefixCache(rows[j].ids, k[:, j, :n], v[:, j, :n])
+        emb = out[0] if single else out
+        if get_cache:
+            return emb, (caches[0] if single else caches)
+        return emb
 
     def encode_queries(self, queries, **kw) -> np.ndarray:
         """Encode retrieval queries (pass ``instruction=``)."""
@@ -108,9 +175,7 @@ class GritLM:
         """Encode documents: strings or dicts with ``text`` and optional ``title``."""
         if isinstance(corpus, dict):
             corpus = [corpus]
-        docs = [(d["title"] + " " + d["text"] if d.get("title") else d["text"])
-                if isinstance(d, dict) else d for d in corpus]
-        return self.encode(docs, **kw)
+        return self.encode([document_text(d) for d in corpus], **kw)
 
     # ------------------------------------------------------------------------------------------
     # Generation
@@ -122,26 +187,76 @@ class GritLM:
         single = isinstance(prompts, str) or (
             isinstance(prompts, list) and prompts and isinstance(prompts[0], dict))
         prompts = [prompts] if single else list(prompts)
-        encoded = [formats.encode_chat(self.tokenizer, p, add_generation_prompt=True)
+        if not prompts:
+            raise ValueError("generate: no prompts given")
+        for i, p in enumerate(prompts):
+            if isinstance(p, str) and not p.strip():
+                raise ValueError(f"prompt {i} is empty")
+        encoded = [formats.encode_chat(self.tokenizer, p, add_generation_prompt=True).ids
                    for p in prompts]
+        out = self.generate_tokens(encoded, max_new_tokens=max_new_tokens, greedy=greedy,
+                                   temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                                   batch_size=batch_size)
+        replies = [self.tokenizer.decode(t) for t in out]
+        return replies[0] if single else replies
+
+    def generate_tokens(self, prompts: Sequence[Sequence[int]], *,
+                        prefixes: Sequence[PrefixCache] | None = None, max_new_tokens: int = 64,
+                        greedy: bool = True, temperature: float = 1.0, top_k: int = 0,
+                        top_p: float = 1.0, seed: int = 0, batch_size: int = 16,
+                        stop_at_eos: bool = True) -> list[list[int]]:
+        """New token ids (EOS removed) for token-id prompts; each may continue a cached prefix.
+
+        With ``prefixes``, prompt i is read after prefix i's key/value states (its positions
+        follow the prefix), exactly as if prefix ids + prompt ids were one prompt whose prefix
+        part had been computed by the pass that made the cache. Rows are bucketed by length,
+        so each (prefix, prompt) bucket pair compiles once. ``stop_at_eos=False`` always
+        generates ``max_new_tokens`` (EOS included in the output; for latency measurements).
+        """
+        if prefixes is not None and len(prefixes) != len(prompts):
+            raise ValueError(f"{len(prefixes)} prefixes for {len(prompts)} prompts")
+        for i, p in enumerate(prompts):
+            if len(p) == 0 and (prefixes is None or len(prefixes[i]) == 0):
+                raise ValueError(f"prompt {i} has no tokens")
         limit = self.config.max_position_embeddings
         buckets = formats.length_buckets(limit)
         sampling = Sampling(greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p)
-        eos = self.tokenizer.eos_id if self.tokenizer.eos_id is not None else -1
-        replies = [""] * len(prompts)
+        eos = self.tokenizer.eos_id if (stop_at_eos and self.tokenizer.eos_id is not None) else -1
+        plen = [0 if prefixes is None else len(prefixes[i]) for i in range(len(prompts))]
+        # Batch rows of similar total length together; results go back in the input order.
+        order = np.argsort([-(plen[i] + len(p)) for i, p in enumerate(prompts)], kind="stable")
+        results: list[list[int]] = [[] for _ in prompts]
         rng = jax.random.PRNGKey(seed)
-        for start in range(0, len(prompts), batch_size):
-            rows = encoded[start:start + batch_size]
-            length = formats.bucket_length(max(len(r) for r in rows), buckets)
-            if length + max_new_tokens > limit:
-                raise ValueError(f"prompt ({length} tokens, bucketed) + max_new_tokens="
-                                 f"{max_new_tokens} exceeds max_position_embeddings={limit}")
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            rows = [formats.Encoded(np.asarray(prompts[i], np.int32),
+                                    np.ones(len(prompts[i]), np.int32)) for i in idx]
+            length = formats.bucket_length(max(max(len(r) for r in rows), 1), buckets)
+            prefix = None
+            cached = 0
+            if prefixes is not None:
+                cached = formats.bucket_length(max(max(plen[i] for i in idx), 1), buckets)
+                for i in idx:
+                    prefixes[i].check_model(self.config)
+                prefix = to_kv_cache([prefixes[i] for i in idx], cached, self.config.jnp_dtype)
+            total = cached + length + max_new_tokens
+            if max(plen[i] + len(prompts[i]) for i in idx) + max_new_tokens > limit:
+                raise ValueError(f"cached prefix + prompt + max_new_tokens={max_new_tokens} exceeds "
+                                 f"max_position_embeddings={limit}")
             ids, valid, _ = formats.pad_batch(rows, length, self.tokenizer.pad_id)
             rng, key = jax.random.split(rng)
-            out, n = generate_ids(self.params, self.config, ids, valid, key,
-                                  max_new_tokens=max_new_tokens, sampling=sampling, eos_id=eos)
+            with self._scope():
+                out, n = generate_ids(self.params, self.config, ids, valid, key,
+                                      max_new_tokens=max_new_tokens, sampling=sampling, eos_id=eos,
+                                      cache_size=total, prefix=prefix)
             out, n = np.asarray(out), np.asarray(n)
-            for j in range(len(rows)):
-                toks = [int(t) for t in out[j, :n[j]] if t != eos]
-                replies[start + j] = self.tokenizer.decode(toks)
-        return replies[0] if single else replies
+            for j, i in enumerate(idx):
+                results[i] = [int(t) for t in out[j, :n[j]] if t != eos]
+        return results
+
+
+def document_text(doc) -> str:
+    """A corpus entry as text: a string, or ``title + " " + text`` of a dict (title optional)."""
+    if isinstance(doc, dict):
+        return doc["title"] + " " + doc["text"] if doc.get("title") else doc["text"]
+    return doc

@@ -67,6 +67,22 @@ def apply_rope(x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray) -> jnp.ndarra
     return x * cos + rotated * sin
 
 
+def shift_rope(k, delta, config: ModelConfig):
+    """Keys (..., T, kv_heads, head_dim) rotated by RoPE through ``delta`` more positions.
+
+    RoPE rotates each (i, i + head_dim/2) pair by ``position * inv_freq[i]``; rotations compose,
+    so a key cached at position p becomes the key at p + delta without recomputing it. Computed
+    in float32, returned in k's dtype.
+    """
+    angle = jnp.asarray(delta, jnp.float32) * rope_inv_freq(config)
+    emb = jnp.concatenate([angle, angle], axis=-1)
+    cos, sin = jnp.cos(emb), jnp.sin(emb)
+    x = jnp.asarray(k, jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return (x * cos + rotated * sin).astype(k.dtype)
+
+
 def attention_mask(q_pos: jnp.ndarray, k_pos: jnp.ndarray, k_valid: jnp.ndarray, mode: str,
                    sliding_window: int | None = None) -> jnp.ndarray:
     """Boolean (B, 1, Tq, Tk) mask: which key each query may attend to.

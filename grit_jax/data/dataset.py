@@ -9,7 +9,6 @@ TensorFlow is needed (``file_format='array_record'``); read with ``open_dataset`
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 
@@ -17,7 +16,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from grit_jax.data import formats, records
-from grit_jax.data.tokenizers import Tokenizer, default_tokenizer_path, load_tokenizer
+from grit_jax.data.tokenizers import (Tokenizer, default_tokenizer_path, load_tokenizer,
+                                      tokenizer_fingerprint)
 
 BUILDER_NAME = "grit_jsonl"
 DEFAULT_MAX_LENGTHS = {"query": 256, "passage": 2048, "generative": 2048}
@@ -51,15 +51,6 @@ def encode_record(tok: Tokenizer, kind: str, rec: dict, max_lengths: dict, path:
     return (np.concatenate([s.ids for s in segs]).astype(np.int32),
             np.concatenate([s.mask for s in segs]).astype(np.int8),
             np.asarray([len(s) for s in segs], np.int32), num_pos)
-
-
-def tokenizer_fingerprint(tok: Tokenizer) -> dict:
-    """Identity of the tokenizer a dataset was built with (checked when training reads it)."""
-    with open(tok.path, "rb") as f:
-        digest = hashlib.sha256(f.read()).hexdigest()
-    return {"kind": tok.kind, "file": os.path.basename(tok.path), "sha256": digest,
-            "vocab_size": tok.vocab_size, "bos_id": tok.bos_id, "eos_id": tok.eos_id,
-            "pad_id": tok.pad_id}
 
 
 class GritJsonl(tfds.core.GeneratorBasedBuilder):

@@ -8,6 +8,7 @@ exact instruction/text/assistant spans from one tokenisation of the whole format
 from __future__ import annotations
 
 import bisect
+import hashlib
 import importlib.resources
 import json
 import os
@@ -220,3 +221,12 @@ def default_tokenizer_path() -> str:
 def default_tokenizer() -> SentencePieceTokenizer:
     """The real Mistral-7B tokenizer shipped with grit_jax (vocab 32000, bos=1, eos=2)."""
     return SentencePieceTokenizer(default_tokenizer_path())
+
+
+def tokenizer_fingerprint(tok: Tokenizer) -> dict:
+    """Identity of the tokenizer a dataset was built with (checked when training reads it)."""
+    with open(tok.path, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    return {"kind": tok.kind, "file": os.path.basename(tok.path), "sha256": digest,
+            "vocab_size": tok.vocab_size, "bos_id": tok.bos_id, "eos_id": tok.eos_id,
+            "pad_id": tok.pad_id}

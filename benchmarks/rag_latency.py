@@ -1,0 +1,221 @@
+"""RAG latency per caching mode: grit_jax vs the official gritlm + transformers, same weights.
+
+The GRIT paper's protocol (section 4): sample A = a 1-token query with a 4000-token document,
+sample B = a 4000-token query with a 1-token document; 16 new tokens; the document's key/value
+states are computed when indexing and not timed. A timed answer covers the query's embedding
+pass, the search, loading the cached states and generation. Both sides run the same random
+Mistral-architecture model (hidden 256, 4 layers, 8 heads / 2 kv heads, 32k vocabulary, ~19M
+parameters, float32) on this CPU, one after the other, medians over repeats after a warm-up.
+
+Prints one JSON object and writes it to benchmarks/results/rag_latency.json.
+Usage: python benchmarks/rag_latency.py [--repeats 5] [--doc-tokens 4000]
+"""
+
+import argparse
+import copy
+import json
+import os
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+
+import numpy as np
+
+MODES = ("rag", "query", "doc", "query-doc", "doc-query")
+NEW_TOKENS = 16
+ANSWER_PREFIX = "The answer is"
+MODEL = dict(vocab_size=32000, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+             num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=8192,
+             sliding_window=None, tie_word_embeddings=False, rope_theta=10000.0)
+
+
+def save_model(directory):
+    """A random MistralForCausalLM saved by transformers, with the real Mistral tokenizer."""
+    import torch
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from grit_jax.data.tokenizers import default_tokenizer_path
+
+    torch.manual_seed(0)
+    MistralForCausalLM(MistralConfig(**MODEL)).save_pretrained(directory)
+    shutil.copyfile(default_tokenizer_path(), os.path.join(directory, "tokenizer.model"))
+    with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
+                   "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False,
+                   "legacy": True, "padding_side": "right"}, f)
+
+
+def long_text(tok, n_tokens):
+    """Real Wikipedia prose cut to about n_tokens tokens."""
+    from grit_jax.data.wiki_demo import articles
+
+    text = " ".join(p for _, paras in articles() for p in paras)
+    ids, starts = tok.encode_with_offsets(text)
+    if len(ids) <= n_tokens:
+        raise ValueError(f"only {len(ids)} tokens of text available")
+    return text[:starts[n_tokens]].strip()
+
+
+def median_seconds(fn, repeats):
+    fn()  # warm-up (compilation, caches)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+# ----------------------------------------------------------------------------------------------
+# grit_jax
+# ----------------------------------------------------------------------------------------------
+def ours(model_dir, samples, repeats, workdir):
+    from grit_jax.inference import GritLM
+    from grit_jax.rag import RAG
+
+    model = GritLM.from_pretrained(model_dir, attn="bbcc")
+    out, tokens = {}, {}
+    for name, (query, doc) in samples.items():
+        rag = RAG.build(model, [doc], os.path.join(workdir, f"ours_{name}"))
+        for mode in MODES:
+            cache = None if mode == "rag" else mode
+
+            def run():
+                return rag.answer(query, cache=cache, max_new_tokens=NEW_TOKENS,
+                                  answer_prefix=ANSWER_PREFIX, stop_at_eos=False,
+                                  query_max_length=8192)
+
+            out[f"{name}/{mode}"] = median_seconds(run, repeats)
+            tokens[f"{name}/{mode}"] = run().tokens
+    return out, tokens
+
+
+# ----------------------------------------------------------------------------------------------
+# The official gritlm package + transformers, following the reference RAG evaluation
+# ----------------------------------------------------------------------------------------------
+EMBED = "<|embed|>\n"
+FULL_FORMAT_NO_EMBED = ("<|user|>\n{query}\n\n{doc}\n\nOptionally using the prior context answer "
+                        "the query prior to it\n<|assistant|>\n")
+AFTER = {
+    "query": "\n<|user|>\n{doc}\n\nOptionally using the prior context answer the query prior to "
+             "it\n<|assistant|>\n",
+    "doc": "\n<|user|>\n{query}\n\nAnswer the prior query while optionally using the context "
+           "prior to it\n<|assistant|>\n",
+    "doc-query": "\n<|user|>\nAnswer the prior query while optionally using the context prior "
+                 "to it\n<|assistant|>\n",
+    "query-doc": "\n<|user|>\nOptionally using the prior context answer the query prior to it\n"
+                 "<|assistant|>\n",
+}
+
+
+def reference(model_dir, samples, repeats):
+    import torch
+    from gritlm import GritLM as RefGritLM
+    from transformers import DynamicCache
+
+    ref = RefGritLM(model_dir, mode="unified", attn="bbcc", pooling_method="mean",
+                    device="cpu", dtype=torch.float32)
+    tok = ref.tokenizer
+
+    def layers(cache):
+        return [(layer.keys, layer.values) for layer in cache.layers]
+
+    def doc_states(doc, instruction, special):
+        """The document's embedding and states at index time (not timed), as the reference."""
+        emb, cache = ref.encode_corpus([doc], get_cache=True, convert_to_tensor=True,
+                                       instruction=instruction, add_special_tokens=special,
+                                       max_length=8192)
+        return emb, layers(cache)
+
+    out, tokens = {}, {}
+    for name, (query, doc) in samples.items():
+        doc_emb, doc_kv = doc_states(doc, EMBED, True)
+        _, doc_kv_nobos = doc_states(doc, "\n" + EMBED, False)  # query-doc, as the reference
+        for mode in MODES:
+            def run(mode=mode):
+                with torch.no_grad():
+                    if "query" in mode and mode != "rag":
+                        q_emb, q_cache = ref.encode_queries([query], get_cache=True,
+                                                            convert_to_tensor=True,
+                                                            instruction=EMBED, max_length=8192)
+                        q_kv = layers(q_cache)
+                    else:
+                        q_emb = ref.encode_queries([query], convert_to_tensor=True,
+                                                   instruction=EMBED, max_length=8192)
+                    int(torch.argmax(q_emb @ doc_emb.T))  # the search (one document)
+                    if mode == "rag":
+                        text = FULL_FORMAT_NO_EMBED.format(query=query, doc=doc) + ANSWER_PREFIX
+                        ids = tok(text, return_tensors="pt")["input_ids"]
+                        past = None
+                    else:
+                        parts = {"query": [q_kv] if "query" in mode else [],
+                                 "doc": [doc_kv_nobos if mode == "query-doc" else doc_kv]}
+                        chain = [p for part in mode.split("-") for p in parts[part]]
+                        kv = [tuple(torch.cat([c[i][j] for c in chain], dim=2) for j in (0, 1))
+                              for i in range(len(chain[0]))]
+                        past = DynamicCache(ddp_cache_data=copy.copy(kv))
+                        n_cached = kv[0][0].shape[2]
+                        suffix = AFTER[mode].format(query=query, doc=doc) + ANSWER_PREFIX
+                        suffix_ids = tok(suffix, return_tensors="pt",
+                                         add_special_tokens=False)["input_ids"]
+                        # transformers 5 continues a cache when input_ids hold the whole sequence
+                        # (the cached part's ids are not read again).
+                        ids = torch.cat([torch.zeros((1, n_cached), dtype=torch.long),
+                                         suffix_ids], dim=1)
+                    gen = ref.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                       past_key_values=past, max_new_tokens=NEW_TOKENS,
+                                       min_new_tokens=NEW_TOKENS, do_sample=False,
+                                       pad_token_id=tok.pad_token_id)
+                    return gen[0, ids.shape[1]:].tolist()
+
+            out[f"{name}/{mode}"] = median_seconds(run, repeats)
+            tokens[f"{name}/{mode}"] = run()
+    return out, tokens
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--doc-tokens", type=int, default=4000)
+    args = parser.parse_args()
+
+    from grit_jax.data.tokenizers import default_tokenizer
+
+    tok = default_tokenizer()
+    long = long_text(tok, args.doc_tokens)
+    samples = {"A": ("France", long), "B": (long, "France")}
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = os.path.join(tmp, "model")
+        save_model(model_dir)
+        ref_s, ref_tokens = reference(model_dir, samples, args.repeats)
+        our_s, our_tokens = ours(model_dir, samples, args.repeats, tmp)
+
+    table = {}
+    for name in samples:
+        for mode in MODES:
+            key = f"{name}/{mode}"
+            table[key] = {
+                "grit_jax_s": round(our_s[key], 4), "reference_s": round(ref_s[key], 4),
+                "speedup_vs_reference": round(ref_s[key] / our_s[key], 2),
+                "grit_jax_cut_vs_rag_pct": round(100 * (1 - our_s[key] / our_s[f"{name}/rag"]), 1),
+                "reference_cut_vs_rag_pct": round(100 * (1 - ref_s[key] / ref_s[f"{name}/rag"]), 1),
+                # Same tokens as the reference? (query-doc differs by design: see prefix_cache.py)
+                "same_tokens": our_tokens[key] == ref_tokens[key],
+            }
+    result = {
+        "benchmark": "rag_latency", "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "model": MODEL,
+        "samples": {"A": f"1-token query, {len(tok.encode(long))}-token document",
+                    "B": f"{len(tok.encode(long))}-token query, 1-token document"},
+        "new_tokens": NEW_TOKENS, "repeats": args.repeats, "results": table,
+    }
+    print(json.dumps(result, indent=1))
+    os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
+    with open(os.path.join(os.path.dirname(__file__), "results", "rag_latency.json"), "w") as f:
+        json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
