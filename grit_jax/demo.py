@@ -64,6 +64,80 @@ def retrieval_accuracy(model, jsonl: str, limit: int = 64) -> float:
     return float(np.mean(np.argmax(q @ d.T, axis=1) == np.arange(len(recs))))
 
 
+def export_and_compare(workdir: str, out: str, model) -> None:
+    """Export the trained workdir to Hugging Face format; compare logits and embeddings."""
+    from grit_jax.convert import hf
+    from grit_jax.model import forward, logits_fn
+
+    print("\n== Export the workdir to Hugging Face format and reload it")
+    hf_dir = os.path.join(out, "hf")
+    hf.grit_to_hf(workdir, hf_dir)
+    print(f"wrote {sorted(os.listdir(hf_dir))}")
+    try:
+        import torch
+        import transformers
+        from transformers import AutoModelForCausalLM
+
+        transformers.logging.set_verbosity_error()  # the load reports are noise here
+        transformers.logging.disable_progress_bar()
+    except ImportError:
+        print("transformers/torch not installed: skipping the reload (pip install -e '.[hf]')")
+        return
+    from grit_jax.data import formats
+
+    ref = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    texts = ["Paris is the capital of France.", "Anarchism is a political philosophy.", "Hi"]
+    enc = [formats.encode_embed(model.tokenizer, t) for t in texts]
+    ids, valid, _ = formats.pad_batch(enc, max(map(len, enc)), model.tokenizer.pad_id)
+    ours = np.asarray(logits_fn(model.params, model.config,
+                                forward(model.params, model.config, ids, valid).hidden))
+    with torch.no_grad():
+        theirs = ref(input_ids=torch.tensor(ids.astype(np.int64)),
+                     attention_mask=torch.tensor(valid.astype(np.int64))).logits.numpy()
+    print(f"logits, grit_jax vs transformers (padded batch, float32): "
+          f"max |diff| = {np.abs(ours - theirs)[valid].max():.2e}")
+    try:
+        from gritlm import GritLM as RefGritLM
+    except ImportError:
+        print("gritlm not installed: skipping the embedding comparison")
+    else:
+        instruction = "Given a Wikipedia article title, retrieve a passage from that article"
+        ref_emb = RefGritLM(hf_dir, mode="embedding", attn="bbcc", pooling_method="mean",
+                            device="cpu", dtype=torch.float32)
+        want = ref_emb.encode(["Anarchism", "Albedo"],
+                              instruction=f"<|user|>\n{instruction}\n<|embed|>\n")
+        got = model.encode(["Anarchism", "Albedo"], instruction=instruction)
+        print(f"embeddings, grit_jax vs official gritlm: max |diff| = {np.abs(got - want).max():.2e}")
+
+
+def rag_demo(model, jsonl: str, index_dir: str, n_docs: int = 32) -> None:
+    """Index training passages (storing their states), answer with plain RAG and doc caching."""
+    from grit_jax.rag import RAG
+
+    docs = []
+    with open(jsonl) as f:
+        for line in f:
+            rec = json.loads(line)
+            docs.append({"id": rec["query"][1], "title": rec["query"][1], "text": rec["pos"][0]})
+            if len(docs) == n_docs:
+                break
+    if os.path.exists(index_dir):
+        shutil.rmtree(index_dir)
+    t = time.perf_counter()
+    rag = RAG.build(model, docs, index_dir)
+    print(f"indexed {len(docs)} passages with their key/value states in "
+          f"{time.perf_counter() - t:.1f}s -> {index_dir}")
+    query = "Tell me about " + docs[0]["title"] + "."
+    for cache in (None, "doc"):
+        rag.answer(query, cache=cache, max_new_tokens=24)  # compile
+        t = time.perf_counter()
+        a = rag.answer(query, cache=cache, max_new_tokens=24)
+        dt = time.perf_counter() - t
+        print(f"[{cache or 'plain RAG'}] {query!r} retrieved {rag.docs[a.doc_ids[0]]['title']!r} "
+              f"(score {a.scores[0]:.2f}); read {a.prompt_tokens} prompt tokens, reused "
+              f"{a.cached_tokens} cached, {dt * 1000:.0f} ms -> {a.text!r}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m grit_jax.demo", description=__doc__)
     parser.add_argument("--out", default="demo_out", help="working directory for the demo")
@@ -74,9 +148,8 @@ def main(argv=None) -> int:
     import jax
 
     from grit_jax import train
-    from grit_jax.convert import hf
     from grit_jax.inference import GritLM
-    from grit_jax.model import forward, init_params, logits_fn
+    from grit_jax.model import init_params
 
     t0 = time.time()
     print(f"== grit_jax demo on {jax.device_count()} {jax.default_backend()} device(s)")
@@ -129,45 +202,12 @@ def main(argv=None) -> int:
         print(f"{prompt!r} -> {model.generate(prompt, max_new_tokens=32)!r}")
 
     # -------------------------------------------------------------------------------------------
-    print("\n== Export the workdir to Hugging Face format and reload it")
-    hf_dir = os.path.join(args.out, "hf")
-    hf.grit_to_hf(workdir, hf_dir)
-    print(f"wrote {sorted(os.listdir(hf_dir))}")
-    try:
-        import torch
-        import transformers
-        from transformers import AutoModelForCausalLM
+    export_and_compare(workdir, args.out, model)
 
-        transformers.logging.set_verbosity_error()  # the load reports are noise here
-        transformers.logging.disable_progress_bar()
-    except ImportError:
-        print("transformers/torch not installed: skipping the reload (pip install -e '.[hf]')")
-        return 0
-    from grit_jax.data import formats
-
-    ref = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-    texts = ["Paris is the capital of France.", "Anarchism is a political philosophy.", "Hi"]
-    enc = [formats.encode_embed(model.tokenizer, t) for t in texts]
-    ids, valid, _ = formats.pad_batch(enc, max(map(len, enc)), model.tokenizer.pad_id)
-    ours = np.asarray(logits_fn(model.params, model.config,
-                                forward(model.params, model.config, ids, valid).hidden))
-    with torch.no_grad():
-        theirs = ref(input_ids=torch.tensor(ids.astype(np.int64)),
-                     attention_mask=torch.tensor(valid.astype(np.int64))).logits.numpy()
-    print(f"logits, grit_jax vs transformers (padded batch, float32): "
-          f"max |diff| = {np.abs(ours - theirs)[valid].max():.2e}")
-    try:
-        from gritlm import GritLM as RefGritLM
-    except ImportError:
-        print("gritlm not installed: skipping the embedding comparison")
-    else:
-        instruction = "Given a Wikipedia article title, retrieve a passage from that article"
-        ref_emb = RefGritLM(hf_dir, mode="embedding", attn="bbcc", pooling_method="mean",
-                            device="cpu", dtype=torch.float32)
-        want = ref_emb.encode(["Anarchism", "Albedo"],
-                              instruction=f"<|user|>\n{instruction}\n<|embed|>\n")
-        got = model.encode(["Anarchism", "Albedo"], instruction=instruction)
-        print(f"embeddings, grit_jax vs official gritlm: max |diff| = {np.abs(got - want).max():.2e}")
+    # -------------------------------------------------------------------------------------------
+    print("\n== RAG with doc caching: the passages' key/value states come from indexing them")
+    rag_demo(model, os.path.join(args.out, "data", "jsonl", "train", "wiki_title_to_passage.jsonl"),
+             os.path.join(args.out, "rag_index"))
     print(f"\ndemo finished in {time.time() - t0:.1f}s")
     return 0
 

@@ -6,6 +6,13 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+# torch (the reference models' library) is imported before jaxlib, so their native libraries
+# (OpenMP, oneDNN, ...) load in one fixed order in every run.
+try:
+    import torch  # noqa: E402, F401
+except ImportError:
+    pass
+
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")

@@ -16,3 +16,8 @@ def test_demo_runs(tmp_path, capsys):
     alone = float(re.search(r"same embedding alone vs in a batch: max \|diff\| = (\S+)", out).group(1))
     assert alone <= 1e-6
     assert os.path.getsize(tmp_path / "losses.png") > 1000
+    # It ends with a RAG answer that reused the indexed passage's key/value states.
+    doc = re.search(r"\[doc\] 'Tell me about (.+)\.' retrieved '(.+)' \(score \S+\); read (\d+) "
+                    r"prompt tokens, reused (\d+) cached", out)
+    assert doc and int(doc.group(4)) > 10
+    assert os.path.exists(tmp_path / "rag_index" / "kv" / "kv.bin")
