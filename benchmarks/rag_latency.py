@@ -21,7 +21,6 @@ import statistics
 import tempfile
 import time
 
-import numpy as np
 
 MODES = ("rag", "query", "doc", "query-doc", "doc-query")
 NEW_TOKENS = 16

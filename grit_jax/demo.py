@@ -124,10 +124,12 @@ def rag_demo(model, jsonl: str, index_dir: str, n_docs: int = 32) -> None:
     if os.path.exists(index_dir):
         shutil.rmtree(index_dir)
     t = time.perf_counter()
-    rag = RAG.build(model, docs, index_dir)
+    # Queries are article titles with the instruction the model was trained with.
+    rag = RAG.build(model, docs, index_dir, query_instruction="Given a Wikipedia article title, "
+                                                              "retrieve a passage from that article")
     print(f"indexed {len(docs)} passages with their key/value states in "
           f"{time.perf_counter() - t:.1f}s -> {index_dir}")
-    query = "Tell me about " + docs[0]["title"] + "."
+    query = docs[0]["title"]
     for cache in (None, "doc"):
         rag.answer(query, cache=cache, max_new_tokens=24)  # compile
         t = time.perf_counter()

@@ -17,7 +17,7 @@ def test_demo_runs(tmp_path, capsys):
     assert alone <= 1e-6
     assert os.path.getsize(tmp_path / "losses.png") > 1000
     # It ends with a RAG answer that reused the indexed passage's key/value states.
-    doc = re.search(r"\[doc\] 'Tell me about (.+)\.' retrieved '(.+)' \(score \S+\); read (\d+) "
+    doc = re.search(r"\[doc\] '(.+)' retrieved '(.+)' \(score \S+\); read (\d+) "
                     r"prompt tokens, reused (\d+) cached", out)
     assert doc and int(doc.group(4)) > 10
     assert os.path.exists(tmp_path / "rag_index" / "kv" / "kv.bin")

@@ -49,6 +49,8 @@ def main(argv=None) -> int:
     ask.add_argument("--top-k", type=int, default=1)
     ask.add_argument("--max-new-tokens", type=int, default=32)
     ask.add_argument("--answer-prefix", default="")
+    ask.add_argument("--query-instruction", default="",
+                     help="retrieval instruction for the query's embedding (default: none)")
     ask.add_argument("--no-rerotate", action="store_true",
                      help="joined caches keep the positions they were computed with (reference)")
     args = parser.parse_args(argv)
@@ -66,7 +68,7 @@ def main(argv=None) -> int:
                               "truncated_docs": rag.meta["truncated_docs"],
                               "seconds": round(time.perf_counter() - start, 3)}))
             return 0
-        rag = RAG.load(args.index, model)
+        rag = RAG.load(args.index, model, query_instruction=args.query_instruction)
         start = time.perf_counter()
         answers = rag.answer(args.query, cache=None if args.cache == "none" else args.cache,
                              retrieval=not args.no_retrieval, top_k=args.top_k,

@@ -88,7 +88,7 @@ class RAG:
     @classmethod
     def build(cls, model: GritLM, docs: Sequence[dict | str], directory: str, *,
               cache_docs: bool = True, batch_size: int = 8, max_length: int | None = None,
-              backend: str = "auto") -> "RAG":
+              backend: str = "auto", query_instruction: str = "") -> "RAG":
         """Embed the corpus (and store its key/value states) into ``directory``; return the RAG.
 
         Documents longer than ``max_length`` tokens (default: the model's maximum) are
@@ -129,7 +129,7 @@ class RAG:
                 "cached": bool(cache_docs)}
         with open(os.path.join(directory, INDEX_META), "w") as f:
             json.dump(meta, f, indent=1)
-        return cls.load(directory, model, backend=backend)
+        return cls.load(directory, model, backend=backend, query_instruction=query_instruction)
 
     @classmethod
     def load(cls, directory: str, model: GritLM, *, backend: str = "auto",
