@@ -16,6 +16,9 @@ $(STAMP): setup.py Makefile
 	$(PY) -m pip install -q --no-deps gritlm==1.0.2
 	# Real Wikipedia pages for the demo dataset (gensim's test data; the package is not imported).
 	$(PY) -m pip install -q --no-deps gensim==4.4.0
+	# libtpu for ahead-of-time TPU compilation tests, outside site-packages so that plain JAX
+	# processes never probe for a TPU; grit_jax.aot finds it through TPU_LIBRARY_PATH.
+	$(PY) -m pip install -q --no-deps --target $(VENV)/libtpu libtpu==0.0.42.1
 	touch $(STAMP)
 
 test: venv

@@ -22,6 +22,41 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "training config file (get_config())",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "checkpoints, metrics and (for the demo) data go here")
+flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
+                  "JAX multi-controller runtime: auto = on a TPU VM, or when "
+                  "--coordinator_address is given")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (off TPU VMs)")
+flags.DEFINE_integer("num_processes", None, "number of processes (with --coordinator_address)")
+flags.DEFINE_integer("process_id", None, "this process's index (with --coordinator_address)")
+flags.DEFINE_integer("heartbeat_timeout", 100,
+                     "seconds after which a silent process is declared dead and the others stop")
+
+TPU_DEVICE_FILES = ("/dev/accel0", "/dev/vfio/0")
+
+
+def initialize_distributed(mode: str = "auto", coordinator_address: str | None = None,
+                           num_processes: int | None = None, process_id: int | None = None,
+                           heartbeat_timeout: int = 100) -> bool:
+    """Start jax.distributed when this run spans several processes; True if started.
+
+    On a TPU VM the coordinator, process count and index come from the TPU environment; elsewhere
+    from the arguments (CPU processes then use gloo for cross-process collectives).
+    """
+    explicit = coordinator_address is not None
+    on_tpu_vm = any(os.path.exists(f) for f in TPU_DEVICE_FILES)
+    if mode == "off" or (mode == "auto" and not explicit and not on_tpu_vm):
+        return False
+    if explicit:
+        if num_processes is None or process_id is None:
+            raise ValueError("--coordinator_address needs --num_processes and --process_id")
+        if not 0 <= process_id < num_processes:
+            raise ValueError(f"--process_id={process_id} must be in [0, {num_processes})")
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator_address, num_processes, process_id,
+                                   heartbeat_timeout_seconds=heartbeat_timeout)
+    else:
+        jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat_timeout)
+    return True
 
 
 class NonFiniteLoss(RuntimeError):
@@ -182,7 +217,7 @@ def train(config, workdir: str) -> list[dict]:
         print(f"resumed from step {latest}", flush=True)
     del params
     per_device = sum(leaf.addressable_shards[0].data.nbytes for leaf in jax.tree.leaves(state))
-    stats = jax.devices()[0].memory_stats() or {}
+    stats = jax.local_devices()[0].memory_stats() or {}
     print(f"train state: {per_device / 2**20:.1f} MiB per device"
           + (f"; device memory in use {stats['bytes_in_use'] / 2**30:.2f} of "
              f"{stats.get('bytes_limit', 0) / 2**30:.2f} GiB" if "bytes_in_use" in stats else ""),
@@ -210,10 +245,12 @@ def train(config, workdir: str) -> list[dict]:
     start = int(jax.device_get(state["step"]))
     logged, t_last, tokens, flops = [], time.perf_counter(), 0, 0.0
     metrics_path = os.path.join(workdir, "metrics.jsonl")
+    lead = jax.process_index() == 0  # metrics, TensorBoard and progress come from process 0
     try:
-        with open(metrics_path, "a", encoding="utf-8") as mf:
+        with open(metrics_path if lead else os.devnull, "a", encoding="utf-8") as mf:
             for step in tqdm(range(start, config.total_steps), initial=start,
-                             total=config.total_steps, desc="train", disable=None):
+                             total=config.total_steps, desc="train",
+                             disable=None if lead else True):
                 local = next(iterator)
                 tokens += sum(int(v.sum()) for k, v in local.items() if k.endswith("_valid"))
                 flops += step_flops(model_cfg, local)
@@ -238,14 +275,23 @@ def train(config, workdir: str) -> list[dict]:
                                 writer.add_scalar(f"train/{k}", v, done)
                         writer.flush()
                     logged.append(row)
-                    tqdm.write(f"step {done}: loss {m['loss']:.4f} (rep {m['loss_rep']:.4f}, gen "
-                               f"{m['loss_gen']:.4f}) lr {m['lr']:.2e} grad_norm "
-                               f"{m['grad_norm']:.3f} {row['tokens_per_s']:.0f} tok/s")
+                    if lead:
+                        tqdm.write(f"step {done}: loss {m['loss']:.4f} (rep {m['loss_rep']:.4f}, gen "
+                                   f"{m['loss_gen']:.4f}) lr {m['lr']:.2e} grad_norm "
+                                   f"{m['grad_norm']:.3f} {row['tokens_per_s']:.0f} tok/s")
                     t_last, tokens, flops = time.perf_counter(), 0, 0.0
-                if done % config.checkpoint_every == 0 or done == config.total_steps or stop["signal"]:
+                # A preempted host stops every host at the same step: they agree on the flag.
+                stopping = bool(stop["signal"])
+                if jax.process_count() > 1:
+                    from jax.experimental import multihost_utils
+
+                    stopping = bool(np.asarray(multihost_utils.process_allgather(
+                        np.int32(stopping))).any())
+                if done % config.checkpoint_every == 0 or done == config.total_steps or stopping:
                     save(done)
-                if stop["signal"]:
-                    print(f"signal {stop['signal']}: saved step {done}, exiting", flush=True)
+                if stopping:
+                    print(f"signal {stop['signal'] or 'on another process'}: saved step {done}, "
+                          f"exiting", flush=True)
                     break
     finally:
         if writer is not None:
@@ -261,6 +307,8 @@ def main(argv):
     if FLAGS.workdir is None:
         raise app.UsageError("--workdir is required")
     try:
+        initialize_distributed(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes,
+                               FLAGS.process_id, FLAGS.heartbeat_timeout)
         train(FLAGS.config, FLAGS.workdir)
     except (ValueError, NonFiniteLoss) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -5,6 +5,9 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Tests run on the CPU; with libtpu installed (for the AOT tests) JAX would otherwise probe for a
+# TPU in every process. The AOT tests' subprocesses drop this to describe TPU topologies.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 # torch (the reference models' library) is imported before jaxlib, so their native libraries
 # (OpenMP, oneDNN, ...) load in one fixed order in every run.

@@ -1,0 +1,246 @@
+"""Ahead-of-time compilation of the real GRIT train step for a TPU topology, from a CPU box.
+
+    python -m grit_jax.aot --config configs/gritlm_7b.py --topology v5p:4x4x4 [--json out.json]
+
+libtpu (``pip install 'grit_jax[tpu]'``, or any libtpu.so named by ``TPU_LIBRARY_PATH``)
+describes the topology's chips without any TPU (one process at a time: libtpu locks); the
+train step (GradCache, mixed LM loss, optimizer, donation: exactly what ``grit_jax.train`` runs)
+is lowered with abstract, sharded inputs on the config's mesh and compiled by the TPU compiler.
+Reported per chip: argument, output, temporary and total memory against the chip's HBM, XLA's
+FLOPs and estimated step time, and the model-FLOPs utilisation that time implies. Exits 1 with
+advice when the step does not fit; 2 on a bad config or topology.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from grit_jax import train  # defines --config (the same config files as training)
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("topology", None, "TPU topology, e.g. v5p:4x4x4, v4:4x4x4, v5e:4x4, v6e:4x4")
+flags.DEFINE_string("lengths", "256,2048,2048",
+                    "query, passage and generative sequence lengths of the compiled step")
+flags.DEFINE_string("json", None, "also write the report to this file")
+
+GIB = 2 ** 30
+# HBM per chip (GiB) and bf16 dense peak (FLOP/s), by device kind (vendor figures).
+CHIPS = (("TPU v6", 32, 918e12), ("TPU v5p", 95, 459e12), ("TPU v5 lite", 16, 197e12),
+         ("TPU v5e", 16, 197e12), ("TPU v5", 95, 459e12), ("TPU v4", 32, 275e12))
+
+
+def chip_specs(kind: str) -> tuple[float, float]:
+    """(HBM bytes, peak bf16 FLOP/s) of one chip of this device kind."""
+    for name, hbm, peak in CHIPS:
+        if kind.lower().startswith(name.lower()):
+            return hbm * GIB, peak
+    raise ValueError(f"no HBM/peak figures for device kind {kind!r}")
+
+
+def topology_devices(name: str):
+    """The (abstract) devices of a TPU topology; a clear error without libtpu."""
+    from jax.experimental import topologies
+
+    try:
+        topo = topologies.get_topology_desc(platform="tpu", topology_name=name)
+    except Exception as e:  # libtpu missing, or an unknown topology name
+        raise ValueError(f"cannot describe TPU topology {name!r}: {e} (install libtpu with "
+                         f"pip install 'grit_jax[tpu]'; names look like v5p:4x4x4)") from e
+    return list(topo.devices)
+
+
+def abstract_batch(config, lengths, mesh):
+    """ShapeDtypeStructs of one global batch, sharded as the trainer shards it."""
+    from grit_jax import sharding
+
+    q_len, p_len, g_len = lengths
+    sh = sharding.batch_sharding(mesh)
+    mode = config.loss.mode
+    rows = {}
+    if mode != "generative":
+        n = int(config.data.query_batch)
+        rows["query"] = (n, q_len, "pool")
+        rows["passage"] = (n * int(config.data.group_size), p_len, "pool")
+    if mode != "embedding":
+        rows["gen"] = (int(config.data.generative_batch), g_len, "loss")
+    batch = {}
+    for prefix, (n, t, mask) in rows.items():
+        batch[f"{prefix}_ids"] = jax.ShapeDtypeStruct((n, t), jnp.int32, sharding=sh)
+        batch[f"{prefix}_valid"] = jax.ShapeDtypeStruct((n, t), jnp.bool_, sharding=sh)
+        batch[f"{prefix}_{mask}"] = jax.ShapeDtypeStruct((n, t), jnp.int32, sharding=sh)
+    return batch
+
+
+def compile_step(config, topology: str, lengths=(256, 2048, 2048)):
+    """Compile the train step for the topology; returns (compiled, report dict)."""
+    from grit_jax import sharding
+    from grit_jax.config import ModelConfig
+    from grit_jax.model import abstract_params
+    from grit_jax.train_step import (LossConfig, init_state, jit_train_step, make_optimizer,
+                                     state_shardings)
+
+    devices = topology_devices(topology)
+    mesh = sharding.make_mesh([int(config.mesh[a]) for a in sharding.MESH_AXES], devices=devices)
+    train.validate(config, mesh)
+    model_cfg = ModelConfig(**config.model.to_dict())  # init_from only supplies values
+    lc = LossConfig(**config.loss.to_dict())
+    tx, schedule = make_optimizer(config.optim.lr, config.total_steps, config.optim.warmup_ratio,
+                                  config.optim.weight_decay, config.optim.b1, config.optim.b2,
+                                  clip_norm=config.optim.clip_norm)
+    state_sh = state_shardings(model_cfg, tx, mesh)
+    import flax.linen as nn
+
+    params = nn.unbox(abstract_params(model_cfg))
+    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                         jax.eval_shape(lambda p: init_state(p, tx), params), state_sh)
+    batch = abstract_batch(config, lengths, mesh)
+    step = jit_train_step(model_cfg, lc, tx, schedule, mesh, state_sh)
+    base = {"topology": topology, "mesh": dict(mesh.shape), "params": model_cfg.num_params(),
+            "dtype": model_cfg.dtype, "remat_policy": model_cfg.remat_policy,
+            "grad_cache_chunk": lc.grad_cache_chunk,
+            "batch": {k: list(v.shape) for k, v in batch.items() if k.endswith("_ids")}}
+    with sharding.activate(mesh):
+        lowered = step.jitted.lower(state, batch)
+    try:
+        compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as e:  # the TPU compiler refuses programs beyond HBM
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        message = str(e).splitlines()[0]
+        found = re.search(r"\(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)", message)
+        return None, dict(base, chips=None, devices=len(devices),
+                          device_kind=devices[0].device_kind, fits=False, compiler_error=message,
+                          needed_gib=float(found.group(1)) if found else None,
+                          hbm_gib=float(found.group(2)) if found else None)
+
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    kind = devices[0].device_kind
+    hbm, peak = chip_specs(kind)
+    # Some topologies list each TensorCore as a device (v4 without megacore): split the chip.
+    chips = len({tuple(d.coords) for d in devices}) if hasattr(devices[0], "coords") else len(devices)
+    per_chip = max(1, len(devices) // chips)
+    hbm, peak = hbm / per_chip, peak / per_chip
+    total = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+             + mem.temp_size_in_bytes + mem.generated_code_size_in_bytes)
+    seconds = float(cost.get("optimal_seconds", 0.0))
+    full = {k: np.ones(v.shape, bool) if k.endswith("_valid") else None for k, v in batch.items()}
+    model_flops = train.step_flops(model_cfg, {k: v for k, v in full.items() if v is not None})
+    n = len(devices)
+    report = {
+        "topology": topology, "chips": chips, "devices": n, "device_kind": kind,
+        "mesh": dict(mesh.shape),
+        "params": model_cfg.num_params(), "dtype": model_cfg.dtype,
+        "remat_policy": model_cfg.remat_policy, "grad_cache_chunk": lc.grad_cache_chunk,
+        "batch": {k: list(v.shape) for k, v in batch.items() if k.endswith("_ids")},
+        "per_device_gib": {"arguments": mem.argument_size_in_bytes / GIB,
+                         "outputs": mem.output_size_in_bytes / GIB,
+                         "aliased": mem.alias_size_in_bytes / GIB,
+                         "temporaries": mem.temp_size_in_bytes / GIB,
+                         "total": total / GIB, "hbm": hbm / GIB},
+        "fits": total <= hbm,
+        "xla_flops_per_device": float(cost.get("flops", 0.0)),
+        "model_flops_per_step": model_flops,
+        "xla_estimated_step_s": seconds,
+        "peak_flops_per_device": peak,
+        # Step time at 100% of peak: a lower bound for the real step.
+        "roofline_step_s": model_flops / n / peak,
+    }
+    # XLA's cost analysis counts a while-loop body once (scanned layers, GradCache chunks), so
+    # its FLOPs and time describe the whole step only when they cover the model's FLOPs.
+    report["xla_flops_coverage"] = report["xla_flops_per_device"] / (model_flops / n)
+    report["implied_mfu"] = (model_flops / n / seconds / peak
+                             if seconds and report["xla_flops_coverage"] >= 0.5 else None)
+    return compiled, report
+
+
+def advice(report, config) -> list[str]:
+    """Knobs that lower per-chip memory, for a step that does not fit."""
+    tips = []
+    mesh = report["mesh"]
+    if mesh["data"] > 1:
+        tips.append(f"move data parallelism into fsdp (mesh data={mesh['data']} -> 1, fsdp x "
+                    f"{mesh['data']}): parameters and optimizer state shard further")
+    if report["remat_policy"] != "full":
+        tips.append(f"--config.model.remat_policy=full (now {report['remat_policy']!r})")
+    chunk = report["grad_cache_chunk"]
+    if config.loss.mode != "generative":
+        tips.append(f"a smaller --config.loss.grad_cache_chunk (now {chunk or 'off'}: "
+                    f"{'turn GradCache on' if not chunk else 'halve it'})")
+    tips.append("fewer sequences per step (--config.data.query_batch / generative_batch) or "
+                "shorter --lengths; a larger topology")
+    if mesh["tensor"] == 1:
+        tips.append("tensor parallelism (mesh tensor=2..8) shards activations of the MLP and heads")
+    return tips
+
+
+def format_report(r) -> str:
+    if "compiler_error" in r:
+        return (f"{r['topology']}: {r['devices']} x {r['device_kind']}, mesh {r['mesh']}, "
+                f"{r['params'] / 1e9:.2f}B params, batch {r['batch']}\nDOES NOT FIT: the TPU "
+                f"compiler says: {r['compiler_error']}")
+    m = r["per_device_gib"]
+    lines = [
+        f"{r['topology']}: {r['chips']} chips ({r['devices']} devices) x {r['device_kind']}, "
+        f"mesh {r['mesh']}, "
+        f"{r['params'] / 1e9:.2f}B params, {r['dtype']} compute, remat {r['remat_policy']}, "
+        f"GradCache chunk {r['grad_cache_chunk']}",
+        f"batch {r['batch']}",
+        f"per device: arguments {m['arguments']:.2f} GiB, outputs {m['outputs']:.2f} GiB "
+        f"(aliased {m['aliased']:.2f}), temporaries {m['temporaries']:.2f} GiB; total "
+        f"{m['total']:.2f} of {m['hbm']:.0f} GiB HBM -> {'fits' if r['fits'] else 'DOES NOT FIT'}",
+        f"FLOPs per device (XLA) {r['xla_flops_per_device']:.3e}; model FLOPs per step "
+        f"{r['model_flops_per_step']:.3e}",
+    ]
+    if r["implied_mfu"] is not None:
+        lines.append(f"XLA estimated step time {r['xla_estimated_step_s']:.3f} s -> implied MFU "
+                     f"{100 * r['implied_mfu']:.1f}% of {r['peak_flops_per_device'] / 1e12:.0f} "
+                     f"TFLOP/s per device")
+    else:
+        lines.append(f"XLA estimated {r['xla_estimated_step_s']:.3f} s, but its cost analysis "
+                     f"counts each while-loop body (scanned layers, GradCache chunks) once and "
+                     f"covers {100 * r['xla_flops_coverage']:.1f}% of the model FLOPs: no step "
+                     f"time or MFU is implied")
+    lines.append(f"roofline: at 100% of {r['peak_flops_per_device'] / 1e12:.0f} TFLOP/s per device "
+                 f"the step takes {r['roofline_step_s']:.3g} s ({r['model_flops_per_step'] / r['devices'] / 1e12:.1f} "
+                 f"TFLOP per device)")
+    return "\n".join(lines)
+
+
+def main(argv) -> int:
+    del argv
+    if FLAGS.config is None or FLAGS.topology is None:
+        print("error: --config and --topology are required", file=sys.stderr)
+        return 2
+    try:
+        lengths = tuple(int(x) for x in FLAGS.lengths.split(","))
+        if len(lengths) != 3 or min(lengths) <= 0:
+            raise ValueError(f"--lengths={FLAGS.lengths!r}: three positive integers expected")
+        _, report = compile_step(FLAGS.config, FLAGS.topology, lengths)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_report(report))
+    if FLAGS.json:
+        with open(FLAGS.json, "w") as f:
+            json.dump(report, f, indent=1)
+    if not report["fits"]:
+        print("does not fit; knobs that help:\n  - " + "\n  - ".join(advice(report, FLAGS.config)))
+        return 1
+    return 0
+
+
+def run():
+    app.run(lambda argv: sys.exit(main(argv)))
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,66 @@
+"""Ahead-of-time compilation of the real train step for a TPU topology (libtpu, no TPU needed)."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+# libtpu allows one process at a time (a lock file), so only the compiling subprocesses load it:
+# the Makefile installs it outside site-packages and they find it through TPU_LIBRARY_PATH.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LIBTPU = os.path.join(ROOT, ".venv", "libtpu", "libtpu", "libtpu.so")
+HAVE_LIBTPU = os.path.exists(LIBTPU) or importlib.util.find_spec("libtpu") is not None
+pytestmark = pytest.mark.skipif(not HAVE_LIBTPU, reason="libtpu is not installed (make venv "
+                                "puts it in .venv/libtpu; or pip install 'grit_jax[tpu]')")
+
+
+def env():
+    out = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    if os.path.exists(LIBTPU):
+        out["TPU_LIBRARY_PATH"] = LIBTPU
+    return out
+
+
+def run(*args, tmp_path):
+    out = tmp_path / "report.json"
+    proc = subprocess.run([sys.executable, "-m", "grit_jax.aot", "--config", "configs/tiny.py",
+                           "--topology", "v5p:2x2x2", "--lengths", "64,128,128",
+                           "--json", str(out), *args], capture_output=True, text=True,
+                          timeout=600, cwd=ROOT, env=env())
+    report = json.loads(out.read_text()) if out.exists() else None
+    return proc, report
+
+
+def test_tiny_config_compiles_for_v5p(tmp_path):
+    proc, r = run("--config.loss.grad_cache_chunk=8", tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert r["chips"] == r["devices"] == 8 and r["device_kind"].startswith("TPU v5")
+    assert r["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1} and r["fits"]
+    m = r["per_device_gib"]
+    assert 0 < m["arguments"] < m["total"] <= m["hbm"] == 95
+    assert r["xla_flops_per_device"] > 0 and r["xla_estimated_step_s"] > 0
+    assert r["batch"] == {"query_ids": [8, 64], "passage_ids": [16, 128], "gen_ids": [8, 128]}
+    assert "fits" in proc.stdout and "roofline" in proc.stdout
+    assert 0 < r["xla_flops_coverage"] and r["roofline_step_s"] > 0
+
+
+def test_too_big_exits_1_with_advice(tmp_path):
+    # 64 queries x 16 passages of 2048 tokens without GradCache or remat: far beyond 95 GiB.
+    proc, r = run("--lengths", "2048,2048,2048", "--config.data.query_batch=64",
+                  "--config.data.group_size=16", "--config.model.hidden_size=1024",
+                  "--config.model.intermediate_size=4096", "--config.model.num_heads=8",
+                  "--config.model.num_layers=8", tmp_path=tmp_path)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert not r["fits"] and "DOES NOT FIT" in proc.stdout
+    assert r["needed_gib"] > r["hbm_gib"] > 90
+    assert "remat_policy=full" in proc.stdout and "grad_cache_chunk" in proc.stdout
+
+
+def test_bad_topology_and_config_exit_2(tmp_path):
+    proc, _ = run("--topology", "v5p:9x9x9", tmp_path=tmp_path)
+    assert proc.returncode == 2 and "cannot describe TPU topology 'v5p:9x9x9'" in proc.stderr
+    proc, _ = run("--config.data.query_batch=3", tmp_path=tmp_path)
+    assert proc.returncode == 2 and "data.query_batch=3 is not divisible" in proc.stderr
