@@ -77,3 +77,33 @@ def test_killed_peer_stops_the_survivor(tmp_path, data_dir):  # noqa: F811
         pytest.fail("the surviving process hung after its peer was killed")
     assert procs[0].returncode != 0
     print(f"survivor exited {procs[0].returncode} {time.time() - t_kill:.1f}s after the kill")
+
+
+def test_sigterm_on_one_host_stops_both_at_one_step_and_resume(tmp_path, data_dir):  # noqa: F811
+    port = free_port()
+    extra = ("--config.total_steps=12", "--config.checkpoint_every=1000")
+    procs = [start(tmp_path / "w", data_dir, 4, *extra, process=i, port=port) for i in range(2)]
+    metrics = tmp_path / "w" / "metrics.jsonl"
+    t0 = time.time()
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        if time.time() - t0 > 300 or any(p.poll() is not None for p in procs):
+            for p in procs:
+                p.kill()
+            pytest.fail("training did not start: " + finish(procs[0], 10)[1][-3000:])
+        time.sleep(0.2)
+    procs[1].send_signal(signal.SIGTERM)  # preemption notice on one host only
+    results = [finish(p, timeout=180) for p in procs]
+    saved = []
+    for rc, out in results:
+        assert rc == 0, out[-3000:]
+        saved.append(int(out.split("saved step ")[1].split(",")[0]))
+    assert saved[0] == saved[1] < 12 and "signal on another process" in results[0][1]
+    assert os.path.isdir(tmp_path / "w" / "checkpoints" / str(saved[0]))
+    # Restarting both resumes from that step and finishes.
+    port = free_port()
+    procs = [start(tmp_path / "w", data_dir, 4, *extra, process=i, port=port) for i in range(2)]
+    results = [finish(p, timeout=600) for p in procs]
+    for rc, out in results:
+        assert rc == 0, out[-3000:]
+    assert f"resumed from step {saved[0]}" in results[0][1]
+    assert max(losses(tmp_path / "w")) == 12
