@@ -136,11 +136,7 @@ def compile_step(config, topology: str, lengths=(256, 2048, 2048)):
     model_flops = train.step_flops(model_cfg, {k: v for k, v in full.items() if v is not None})
     n = len(devices)
     report = {
-        "topology": topology, "chips": chips, "devices": n, "device_kind": kind,
-        "mesh": dict(mesh.shape),
-        "params": model_cfg.num_params(), "dtype": model_cfg.dtype,
-        "remat_policy": model_cfg.remat_policy, "grad_cache_chunk": lc.grad_cache_chunk,
-        "batch": {k: list(v.shape) for k, v in batch.items() if k.endswith("_ids")},
+        **base, "chips": chips, "devices": n, "device_kind": kind,
         "per_device_gib": {"arguments": mem.argument_size_in_bytes / GIB,
                          "outputs": mem.output_size_in_bytes / GIB,
                          "aliased": mem.alias_size_in_bytes / GIB,

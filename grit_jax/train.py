@@ -161,6 +161,7 @@ def resolve_data_dir(config, workdir):
 def train(config, workdir: str) -> list[dict]:
     """Train (or resume) in workdir; returns the logged metrics of this invocation."""
     import orbax.checkpoint as ocp
+    from jax.experimental import multihost_utils
     from tqdm import tqdm
 
     from grit_jax import sharding
@@ -283,8 +284,6 @@ def train(config, workdir: str) -> list[dict]:
                 # A preempted host stops every host at the same step: they agree on the flag.
                 stopping = bool(stop["signal"])
                 if jax.process_count() > 1:
-                    from jax.experimental import multihost_utils
-
                     stopping = bool(np.asarray(multihost_utils.process_allgather(
                         np.int32(stopping))).any())
                 if done % config.checkpoint_every == 0 or done == config.total_steps or stopping:

@@ -37,6 +37,17 @@ def start(workdir, data, devices, *extra, process=None, port=None):
                             cwd=ROOT)
 
 
+def wait_for_steps(metrics, procs, n, timeout=300):
+    """Until process 0 has logged n steps; fails (killing both) if a process dies or time runs out."""
+    t0 = time.time()
+    while not (metrics.exists() and metrics.read_text().count("\n") >= n):
+        if time.time() - t0 > timeout or any(p.poll() is not None for p in procs):
+            for p in procs:
+                p.kill()
+            pytest.fail("training did not start: " + finish(procs[0], 10)[1][-3000:])
+        time.sleep(0.2)
+
+
 def test_two_processes_equal_one(tmp_path, data_dir):  # noqa: F811
     port = free_port()
     procs = [start(tmp_path / "multi", data_dir, 4, process=i, port=port) for i in range(2)]
@@ -60,14 +71,7 @@ def test_killed_peer_stops_the_survivor(tmp_path, data_dir):  # noqa: F811
     port = free_port()
     procs = [start(tmp_path / "w", data_dir, 4, "--config.total_steps=400",
                    "--config.checkpoint_every=1000", process=i, port=port) for i in range(2)]
-    metrics = tmp_path / "w" / "metrics.jsonl"
-    t0 = time.time()
-    while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
-        if time.time() - t0 > 300 or any(p.poll() is not None for p in procs):
-            for p in procs:
-                p.kill()
-            pytest.fail("training did not start: " + finish(procs[0], 10)[1][-3000:])
-        time.sleep(0.2)
+    wait_for_steps(tmp_path / "w" / "metrics.jsonl", procs, 2)
     procs[1].send_signal(signal.SIGKILL)
     t_kill = time.time()
     try:
@@ -83,14 +87,7 @@ def test_sigterm_on_one_host_stops_both_at_one_step_and_resume(tmp_path, data_di
     port = free_port()
     extra = ("--config.total_steps=12", "--config.checkpoint_every=1000")
     procs = [start(tmp_path / "w", data_dir, 4, *extra, process=i, port=port) for i in range(2)]
-    metrics = tmp_path / "w" / "metrics.jsonl"
-    t0 = time.time()
-    while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
-        if time.time() - t0 > 300 or any(p.poll() is not None for p in procs):
-            for p in procs:
-                p.kill()
-            pytest.fail("training did not start: " + finish(procs[0], 10)[1][-3000:])
-        time.sleep(0.2)
+    wait_for_steps(tmp_path / "w" / "metrics.jsonl", procs, 2)
     procs[1].send_signal(signal.SIGTERM)  # preemption notice on one host only
     results = [finish(p, timeout=180) for p in procs]
     saved = []

@@ -125,7 +125,9 @@ class RAG:
         meta = {"format": FORMAT, "fingerprint": model.fingerprint, "attn": model.attn,
                 "pooling_method": model.pooling_method, "normalized": model.normalized,
                 "embed_eos": model.embed_eos, "docs": len(docs), "dim": emb.shape[1],
-                "max_length": max_length, "truncated_docs": int(truncated),
+                # Counted from the stored caches; without them encode only logs the count.
+                "max_length": max_length,
+                "truncated_docs": int(truncated) if cache_docs else None,
                 "cached": bool(cache_docs)}
         with open(os.path.join(directory, INDEX_META), "w") as f:
             json.dump(meta, f, indent=1)
