@@ -4,7 +4,7 @@ Batch 2048 queries (x2 passages) + 256 generative per step, lengths 256/2048/204
 3% warmup then linear decay, 1253 steps, Adam (0.9, 0.999), no weight decay, clip 1.0, bf16
 compute over float32 master weights, full activation checkpointing. Set the paths:
 
-python -m grit_jax.train --config configs/gritlm_7b.py --workdir gs://.../gritlm7b \\
+python -m grit_jax.train --config configs/gritlm_7b.py --workdir /gcs/BUCKET/gritlm7b \\
     --config.init_from=/path/to/Mistral-7B-v0.1 --config.data.data_dir=/path/to/built_e5_tulu
 """
 
@@ -28,7 +28,9 @@ def get_config():
                        group_size=2, num_threads=8))
     c.loss.update(dict(mode="unified", attn="bbcc", pooling="mean", temperature=0.02,
                        lambda_gen=1.0, gen_aggregation="mixed", gen_sub_batch=32,
-                       grad_cache_chunk=32))
+                       # GradCache chunks are global and split over the data-parallel devices:
+                       # 256 = 4 sequences per chip on 64 chips (2 per device on 128).
+                       grad_cache_chunk=256))
     c.optim.update(dict(lr=2e-5, warmup_ratio=0.03, weight_decay=0.0, b1=0.9, b2=0.999,
                         clip_norm=1.0))
     return c

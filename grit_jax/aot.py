@@ -6,8 +6,10 @@ libtpu (``pip install 'grit_jax[tpu]'``, or any libtpu.so named by ``TPU_LIBRARY
 describes the topology's chips without any TPU (one process at a time: libtpu locks); the
 train step (GradCache, mixed LM loss, optimizer, donation: exactly what ``grit_jax.train`` runs)
 is lowered with abstract, sharded inputs on the config's mesh and compiled by the TPU compiler.
-Reported per chip: argument, output, temporary and total memory against the chip's HBM, XLA's
-FLOPs and estimated step time, and the model-FLOPs utilisation that time implies. Exits 1 with
+Reported per chip: argument, output, temporary and total memory against the chip's HBM; the
+compiled program's matmul FLOPs, HBM traffic and collective bytes with every loop counted by its
+trip count (``grit_jax.hlo_cost``; XLA's own cost analysis counts a loop body once); the step
+time those imply on the chip's roofline, and the model-FLOPs utilisation that time implies. Exits 1 with
 advice when the step does not fit; 2 on a bad config or topology.
 """
 
@@ -22,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from grit_jax import train  # defines --config (the same config files as training)
+from grit_jax import hlo_cost, train  # train defines --config (the same config files as training)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("topology", None, "TPU topology, e.g. v5p:4x4x4, v4:4x4x4, v5e:4x4, v6e:4x4")
@@ -31,16 +33,19 @@ flags.DEFINE_string("lengths", "256,2048,2048",
 flags.DEFINE_string("json", None, "also write the report to this file")
 
 GIB = 2 ** 30
-# HBM per chip (GiB) and bf16 dense peak (FLOP/s), by device kind (vendor figures).
-CHIPS = (("TPU v6", 32, 918e12), ("TPU v5p", 95, 459e12), ("TPU v5 lite", 16, 197e12),
-         ("TPU v5e", 16, 197e12), ("TPU v5", 95, 459e12), ("TPU v4", 32, 275e12))
+# Per chip, by device kind (vendor figures): HBM GiB, bf16 dense peak FLOP/s, HBM bandwidth B/s,
+# and interconnect bandwidth B/s in one direction (half the bidirectional ICI figure, which is
+# also the pod's all-reduce bandwidth divided by its chips).
+CHIPS = (("TPU v6", 32, 918e12, 1638e9, 400e9), ("TPU v5p", 95, 459e12, 2765e9, 600e9),
+         ("TPU v5 lite", 16, 197e12, 819e9, 200e9), ("TPU v5e", 16, 197e12, 819e9, 200e9),
+         ("TPU v5", 95, 459e12, 2765e9, 600e9), ("TPU v4", 32, 275e12, 1200e9, 268e9))
 
 
-def chip_specs(kind: str) -> tuple[float, float]:
-    """(HBM bytes, peak bf16 FLOP/s) of one chip of this device kind."""
-    for name, hbm, peak in CHIPS:
+def chip_specs(kind: str) -> tuple[float, float, float, float]:
+    """(HBM bytes, peak bf16 FLOP/s, HBM B/s, ICI B/s) of one chip of this device kind."""
+    for name, hbm, peak, hbm_bw, ici_bw in CHIPS:
         if kind.lower().startswith(name.lower()):
-            return hbm * GIB, peak
+            return hbm * GIB, peak, hbm_bw, ici_bw
     raise ValueError(f"no HBM/peak figures for device kind {kind!r}")
 
 
@@ -121,40 +126,46 @@ def compile_step(config, topology: str, lengths=(256, 2048, 2048)):
                           hbm_gib=float(found.group(2)) if found else None)
 
     mem = compiled.memory_analysis()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    xla = compiled.cost_analysis()
+    xla = xla[0] if isinstance(xla, (list, tuple)) else xla
     kind = devices[0].device_kind
-    hbm, peak = chip_specs(kind)
     # Some topologies list each TensorCore as a device (v4 without megacore): split the chip.
     chips = len({tuple(d.coords) for d in devices}) if hasattr(devices[0], "coords") else len(devices)
     per_chip = max(1, len(devices) // chips)
-    hbm, peak = hbm / per_chip, peak / per_chip
+    hbm, peak, hbm_bw, ici_bw = (x / per_chip for x in chip_specs(kind))
     total = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
              + mem.temp_size_in_bytes + mem.generated_code_size_in_bytes)
-    seconds = float(cost.get("optimal_seconds", 0.0))
-    full = {k: np.ones(v.shape, bool) if k.endswith("_valid") else None for k, v in batch.items()}
-    model_flops = train.step_flops(model_cfg, {k: v for k, v in full.items() if v is not None})
+    full = {k: np.ones(v.shape, bool) for k, v in batch.items() if k.endswith("_valid")}
+    model_flops = train.step_flops(model_cfg, full)
     n = len(devices)
+    cost = hlo_cost.analyze(compiled.as_text(), devices=n, peak_flops=peak, hbm_bw=hbm_bw,
+                            ici_bw=ici_bw)
+    overlapped = max(cost["roofline_s"], cost["collective_s"])
+    serial = cost["roofline_s"] + cost["collective_s"]
     report = {
         **base, "chips": chips, "devices": n, "device_kind": kind,
         "per_device_gib": {"arguments": mem.argument_size_in_bytes / GIB,
-                         "outputs": mem.output_size_in_bytes / GIB,
-                         "aliased": mem.alias_size_in_bytes / GIB,
-                         "temporaries": mem.temp_size_in_bytes / GIB,
-                         "total": total / GIB, "hbm": hbm / GIB},
+                           "outputs": mem.output_size_in_bytes / GIB,
+                           "aliased": mem.alias_size_in_bytes / GIB,
+                           "temporaries": mem.temp_size_in_bytes / GIB,
+                           "total": total / GIB, "hbm": hbm / GIB},
         "fits": total <= hbm,
-        "xla_flops_per_device": float(cost.get("flops", 0.0)),
         "model_flops_per_step": model_flops,
-        "xla_estimated_step_s": seconds,
-        "peak_flops_per_device": peak,
-        # Step time at 100% of peak: a lower bound for the real step.
+        "peak_flops_per_device": peak, "hbm_bytes_per_s": hbm_bw, "ici_bytes_per_s": ici_bw,
+        # Step time at 100% of peak on the model's FLOPs: a lower bound for any real step.
         "roofline_step_s": model_flops / n / peak,
+        # The compiled program, loops counted by their trip counts (grit_jax.hlo_cost).
+        "hlo": {k: cost[k] for k in ("flops", "bytes", "collective_bytes", "compute_s",
+                                     "memory_s", "roofline_s", "collective_s", "loops",
+                                     "loop_trips", "unresolved_loops")},
+        "hlo_flops_over_model": cost["flops"] / (model_flops / n),
+        "estimated_step_s": {"overlapped": overlapped, "serial": serial},
+        "implied_mfu": {"overlapped": model_flops / n / overlapped / peak,
+                        "serial": model_flops / n / serial / peak},
+        # XLA's own cost analysis counts each while-loop body once: kept for reference only.
+        "xla_cost_analysis": {"flops": float(xla.get("flops", 0.0)),
+                              "optimal_seconds": float(xla.get("optimal_seconds", 0.0))},
     }
-    # XLA's cost analysis counts a while-loop body once (scanned layers, GradCache chunks), so
-    # its FLOPs and time describe the whole step only when they cover the model's FLOPs.
-    report["xla_flops_coverage"] = report["xla_flops_per_device"] / (model_flops / n)
-    report["implied_mfu"] = (model_flops / n / seconds / peak
-                             if seconds and report["xla_flops_coverage"] >= 0.5 else None)
     return compiled, report
 
 
@@ -183,7 +194,7 @@ def format_report(r) -> str:
         return (f"{r['topology']}: {r['devices']} x {r['device_kind']}, mesh {r['mesh']}, "
                 f"{r['params'] / 1e9:.2f}B params, batch {r['batch']}\nDOES NOT FIT: the TPU "
                 f"compiler says: {r['compiler_error']}")
-    m = r["per_device_gib"]
+    m, h, e, u = r["per_device_gib"], r["hlo"], r["estimated_step_s"], r["implied_mfu"]
     lines = [
         f"{r['topology']}: {r['chips']} chips ({r['devices']} devices) x {r['device_kind']}, "
         f"mesh {r['mesh']}, "
@@ -193,21 +204,18 @@ def format_report(r) -> str:
         f"per device: arguments {m['arguments']:.2f} GiB, outputs {m['outputs']:.2f} GiB "
         f"(aliased {m['aliased']:.2f}), temporaries {m['temporaries']:.2f} GiB; total "
         f"{m['total']:.2f} of {m['hbm']:.0f} GiB HBM -> {'fits' if r['fits'] else 'DOES NOT FIT'}",
-        f"FLOPs per device (XLA) {r['xla_flops_per_device']:.3e}; model FLOPs per step "
-        f"{r['model_flops_per_step']:.3e}",
+        f"compiled program per device (loops x trip counts): {h['flops']:.3e} matmul FLOPs "
+        f"({r['hlo_flops_over_model']:.2f}x the model's {r['model_flops_per_step'] / r['devices']:.3e}: "
+        f"remat and GradCache recompute), {h['bytes'] / 1e12:.2f} TB HBM traffic, "
+        f"{h['collective_bytes'] / 1e9:.1f} GB sent over ICI; {h['loops']} loops, trips "
+        f"{h['loop_trips']}{'' if not h['unresolved_loops'] else ', %d unresolved (counted once)' % h['unresolved_loops']}",
+        f"time per step: compute {h['compute_s']:.3g} s, HBM {h['memory_s']:.3g} s, per-op roofline "
+        f"{h['roofline_s']:.3g} s, collectives {h['collective_s']:.3g} s",
+        f"estimated step time {e['overlapped']:.3g} s with collectives overlapped "
+        f"({e['serial']:.3g} s without) -> implied MFU {100 * u['overlapped']:.1f}% "
+        f"({100 * u['serial']:.1f}%) of {r['peak_flops_per_device'] / 1e12:.0f} TFLOP/s per device",
+        f"roofline: at 100% of peak the model's FLOPs take {r['roofline_step_s']:.3g} s",
     ]
-    if r["implied_mfu"] is not None:
-        lines.append(f"XLA estimated step time {r['xla_estimated_step_s']:.3f} s -> implied MFU "
-                     f"{100 * r['implied_mfu']:.1f}% of {r['peak_flops_per_device'] / 1e12:.0f} "
-                     f"TFLOP/s per device")
-    else:
-        lines.append(f"XLA estimated {r['xla_estimated_step_s']:.3f} s, but its cost analysis "
-                     f"counts each while-loop body (scanned layers, GradCache chunks) once and "
-                     f"covers {100 * r['xla_flops_coverage']:.1f}% of the model FLOPs: no step "
-                     f"time or MFU is implied")
-    lines.append(f"roofline: at 100% of {r['peak_flops_per_device'] / 1e12:.0f} TFLOP/s per device "
-                 f"the step takes {r['roofline_step_s']:.3g} s ({r['model_flops_per_step'] / r['devices'] / 1e12:.1f} "
-                 f"TFLOP per device)")
     return "\n".join(lines)
 
 

@@ -88,6 +88,12 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
     return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1)))
 
 
+def batch_shards() -> int:
+    """How many ways the mesh in scope splits the batch (data x fsdp); 1 outside any mesh."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return 1 if mesh.empty else math.prod(mesh.shape.get(a, 1) for a in ("data", "fsdp"))
+
+
 @contextlib.contextmanager
 def activate(mesh: Mesh, rules=LOGICAL_RULES):
     """Mesh + logical rules in scope, so the model's activation constraints apply."""

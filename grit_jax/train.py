@@ -76,6 +76,15 @@ def validate(config, mesh) -> None:
         elif name != "group_size" and int(config.data[name]) % dp:
             problems.append(f"data.{name}={config.data[name]} is not divisible by the "
                             f"data-parallel size {dp} (mesh data x fsdp)")
+    chunk = int(config.loss.get("grad_cache_chunk", 0))
+    if chunk > 0 and config.loss.mode != "generative":
+        passages = int(config.data.query_batch) * int(config.data.group_size)
+        if chunk % dp:
+            problems.append(f"loss.grad_cache_chunk={chunk} is not a multiple of the data-parallel "
+                            f"size {dp} (mesh data x fsdp): each chunk is split over the devices")
+        elif int(config.data.query_batch) % chunk or passages % chunk:
+            problems.append(f"loss.grad_cache_chunk={chunk} must divide data.query_batch="
+                            f"{config.data.query_batch} and the passages per step ({passages})")
     if problems:
         raise ValueError("Invalid config: " + "; ".join(problems))
 
@@ -305,6 +314,11 @@ def main(argv):
     del argv
     if FLAGS.workdir is None:
         raise app.UsageError("--workdir is required")
+    if "://" in FLAGS.workdir:  # data (array_record), metrics and TensorBoard use local file I/O
+        raise app.UsageError(
+            f"--workdir={FLAGS.workdir}: object-store URLs are not supported; mount the bucket "
+            f"(launch/tpu.py setup --mount-bucket BUCKET mounts gs://BUCKET at /gcs/BUCKET) and "
+            f"pass the mounted path, e.g. --workdir=/gcs/BUCKET/run")
     try:
         initialize_distributed(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes,
                                FLAGS.process_id, FLAGS.heartbeat_timeout)

@@ -19,6 +19,7 @@ from grit_jax.embedding import embedding_attention
 from grit_jax.losses import AGGREGATIONS, aggregate, contrastive_loss
 from grit_jax.model import forward, logits_fn
 from grit_jax.pooling import POOLING_METHODS, l2_normalize, pool
+from grit_jax.sharding import batch_shards
 
 MODES = ("unified", "embedding", "generative")
 
@@ -35,7 +36,7 @@ class LossConfig:
     lambda_gen: float = 1.0
     gen_aggregation: str = "mixed"
     gen_sub_batch: int = 32
-    grad_cache_chunk: int = 0  # >0: GradCache with chunks of this many sequences
+    grad_cache_chunk: int = 0  # >0: GradCache, chunks of this many sequences (global: a multiple of data x fsdp)
     split_emb: bool = False  # back-propagate queries and passages in two passes
     logits_chunk: int = 1024  # tokens per chunk of the LM head (bounds logits memory)
 
@@ -66,18 +67,38 @@ def reps(params, config: ModelConfig, lc: LossConfig, ids, valid, pool_mask):
     return l2_normalize(r) if lc.normalize else r
 
 
+def shard_chunks(a, chunks: int, shards: int):
+    """(N, ...) -> (chunks, N/chunks, ...) where chunk j holds the j-th slice of every shard's
+    block of rows: a batch-sharded array stays sharded along dim 1, with no data movement."""
+    n = a.shape[0]
+    return a.reshape((shards, chunks, n // (shards * chunks)) + a.shape[1:]).swapaxes(0, 1).reshape(
+        (chunks, n // chunks) + a.shape[1:])
+
+
+def unshard_chunks(a, shards: int):
+    """Inverse of shard_chunks: (chunks, M, ...) -> (chunks * M, ...) in the original row order."""
+    chunks, m = a.shape[:2]
+    return a.reshape((chunks, shards, m // shards) + a.shape[2:]).swapaxes(0, 1).reshape(
+        (chunks * m,) + a.shape[2:])
+
+
 def token_ce(params, config: ModelConfig, hidden, ids, chunk: int):
     """Per-token next-token CE (B, T-1) with the LM head applied ``chunk`` tokens at a time.
 
-    The chunk body is rematerialised, so the full (B, T, vocab) logits never exist at once.
+    The chunk body is rematerialised, so the full (B, T, vocab) logits never exist at once. Each
+    chunk takes an equal share of every batch shard's own tokens (see shard_chunks), so no device
+    computes logits for another's tokens.
     """
     b, t, e = hidden.shape
-    h = hidden[:, :-1].reshape(-1, e)
-    labels = ids[:, 1:].reshape(-1)
-    n = h.shape[0]
-    pad = (-n) % chunk
-    h = jnp.pad(h, ((0, pad), (0, 0))).reshape(-1, chunk, e)
-    labels = jnp.pad(labels, (0, pad)).reshape(-1, chunk)
+    shards = batch_shards() if b % batch_shards() == 0 else 1
+    local = b * (t - 1) // shards  # tokens per shard
+    chunks = -(-local // max(1, chunk // shards))
+    per = -(-local // chunks)  # as even as possible: pads fewer than `chunks` tokens per shard
+    pad = chunks * per - local
+    h = jnp.pad(hidden[:, :-1].reshape(shards, local, e), ((0, 0), (0, pad), (0, 0)))
+    labels = jnp.pad(ids[:, 1:].reshape(shards, local), ((0, 0), (0, pad)))
+    h = shard_chunks(h.reshape(-1, e), chunks, shards)
+    labels = shard_chunks(labels.reshape(-1), chunks, shards)
 
     @jax.checkpoint
     def one(args):
@@ -85,7 +106,7 @@ def token_ce(params, config: ModelConfig, hidden, ids, chunk: int):
         logp = jax.nn.log_softmax(logits_fn(params, config, hc[None])[0], axis=-1)
         return -jnp.take_along_axis(logp, lc_[:, None], axis=-1)[:, 0]
 
-    ce = jax.lax.map(one, (h, labels)).reshape(-1)[:n]
+    ce = unshard_chunks(jax.lax.map(one, (h, labels)), shards).reshape(shards, -1)[:, :local]
     return ce.reshape(b, t - 1)
 
 
@@ -112,11 +133,14 @@ def rep_loss(params, config, lc, batch):
 
 
 def _chunks(arrays, size):
-    """(N, ...) arrays -> (N/size, size, ...) for lax.map / scan."""
-    n = arrays[0].shape[0]
+    """(N, ...) arrays -> (N/size, size, ...) for lax.map / scan, shard-aligned (shard_chunks)."""
+    n, shards = arrays[0].shape[0], batch_shards()
     if n % size:
         raise ValueError(f"grad_cache_chunk={size} must divide the batch ({n} sequences)")
-    return tuple(a.reshape((n // size, size) + a.shape[1:]) for a in arrays)
+    if size % shards:
+        raise ValueError(f"grad_cache_chunk={size} must be a multiple of the batch shards "
+                         f"({shards} = mesh data x fsdp): each chunk is split over them")
+    return tuple(shard_chunks(a, n // size, shards) for a in arrays)
 
 
 def rep_loss_and_grad_cached(params, config, lc, batch):
@@ -129,8 +153,8 @@ def rep_loss_and_grad_cached(params, config, lc, batch):
     f = partial(reps, params, config, lc)
 
     def all_reps(arrays):
-        return jax.lax.map(lambda a: jax.lax.stop_gradient(f(*a)), _chunks(arrays, size)).reshape(
-            arrays[0].shape[0], -1)
+        out = jax.lax.map(lambda a: jax.lax.stop_gradient(f(*a)), _chunks(arrays, size))
+        return unshard_chunks(out, batch_shards())
 
     q, p = all_reps(_q(batch)), all_reps(_p(batch))
     loss, (gq, gp) = jax.value_and_grad(contrastive_loss, argnums=(0, 1))(q, p, lc.temperature)

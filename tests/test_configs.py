@@ -17,4 +17,4 @@ def test_config_builds(name):
         assert key in c
     if name == "gritlm_7b":
         assert 7.0e9 < model.num_params() < 7.5e9
-        assert (loss.grad_cache_chunk, c.data.query_batch, c.optim.lr) == (32, 2048, 2e-5)
+        assert (loss.grad_cache_chunk, c.data.query_batch, c.optim.lr) == (256, 2048, 2e-5)

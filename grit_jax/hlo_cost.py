@@ -1,0 +1,393 @@
+"""Cost of a compiled XLA program with loop trip counts: matmul FLOPs, memory traffic, collectives.
+
+XLA's own ``cost_analysis()`` counts each while-loop body once, so for a step built of scanned
+layers and GradCache chunks it sees a fraction of the work. This module walks the optimized HLO
+text (``compiled.as_text()``), multiplies each computation by how often it runs (trip counts
+read from the loop conditions), and prices every top-level instruction with a roofline:
+``max(matmul FLOPs / peak, bytes touched / HBM bandwidth)``, plus collectives over the
+interconnect. It is an estimate of the program XLA really built, not a measurement.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import re
+
+import numpy as np
+
+DTYPE_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1,
+               "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8,
+               "u64": 8, "f64": 8, "c64": 8, "c128": 16, "token": 0}
+# Instructions that move no data of their own (bookkeeping, or priced via their computations).
+FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "while", "call",
+        "conditional", "after-all", "partition-id", "replica-id", "iota", "all-gather-done",
+        "all-reduce-done", "collective-permute-done", "copy-done", "async-done", "opt-barrier",
+        "add-dependency", "send-done", "recv-done"}
+COLLECTIVES = {"all-gather", "all-gather-start", "reduce-scatter", "all-reduce", "all-reduce-start",
+               "all-to-all", "collective-permute", "collective-permute-start"}
+SLICING = {"dynamic-slice", "slice", "gather"}
+
+_HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s+\((.*)\)\s+->\s+.*\{\s*$")
+_SHAPE = re.compile(r"([a-z][a-z0-9]*)\[([\d,]*)\]")
+
+
+@dataclasses.dataclass
+class Instr:
+    name: str
+    shape: str  # the result type text, layouts included
+    opcode: str
+    operands: list[str]
+    attrs: str
+
+
+@dataclasses.dataclass
+class Computation:
+    name: str
+    params: dict[str, str]  # parameter name -> type text (from the header)
+    instrs: dict[str, Instr]
+    root: str | None
+
+
+def _split_top(text: str, sep: str = ",") -> list[str]:
+    """Split at separators outside (), [], {}."""
+    parts, depth, cur = [], 0, []
+    for ch in text:
+        if ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        if ch == sep and depth == 0:
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    if cur:
+        parts.append("".join(cur))
+    return [p.strip() for p in parts if p.strip()]
+
+
+def _balanced(text: str, start: int) -> int:
+    """Index one past the bracket that closes the one at text[start]."""
+    depth = 0
+    for i in range(start, len(text)):
+        if text[i] in "([{":
+            depth += 1
+        elif text[i] in ")]}":
+            depth -= 1
+            if depth == 0:
+                return i + 1
+    raise ValueError(f"unbalanced brackets in HLO line: {text[:200]}")
+
+
+def _parse_instr(line: str) -> tuple[Instr, bool]:
+    is_root = line.startswith("ROOT ")
+    if is_root:
+        line = line[5:]
+    name, rest = line.split(" = ", 1)
+    if rest.startswith("("):
+        end = _balanced(rest, 0)
+    else:
+        end = rest.index(" ")
+    shape, rest = rest[:end], rest[end:].lstrip()
+    paren = rest.index("(")
+    opcode = rest[:paren]
+    close = _balanced(rest, paren)
+    operands = [o.split()[-1].lstrip("%") for o in _split_top(rest[paren + 1:close - 1])]
+    return Instr(name.lstrip("%"), shape, opcode, operands, rest[close:]), is_root
+
+
+def parse_module(text: str) -> tuple[dict[str, Computation], str]:
+    """HLO module text -> ({computation name: Computation}, entry computation name)."""
+    comps, entry, cur = {}, None, None
+    for raw in text.splitlines():
+        line = raw.strip()
+        if cur is None:
+            m = _HEADER.match(line)
+            if m:
+                params = {}
+                for p in _split_top(m.group(3)):
+                    pname, ptype = p.split(":", 1)
+                    params[pname.strip().lstrip("%")] = ptype.strip()
+                cur = Computation(m.group(2), params, {}, None)
+                if m.group(1):
+                    entry = cur.name
+            continue
+        if line == "}":
+            comps[cur.name] = cur
+            cur = None
+            continue
+        if not line or line.startswith("//"):
+            continue
+        instr, is_root = _parse_instr(line)
+        cur.instrs[instr.name] = instr
+        if is_root:
+            cur.root = instr.name
+    if entry is None:
+        raise ValueError("no ENTRY computation in the HLO text")
+    return comps, entry
+
+
+def shapes(type_text: str) -> list[tuple[str, tuple[int, ...]]]:
+    """Array shapes in a type (tuples flattened): [(dtype, dims), ...]."""
+    return [(d, tuple(int(x) for x in dims.split(",") if x))
+            for d, dims in _SHAPE.findall(re.sub(r"\{[^{}]*\}", "", type_text))
+            if d in DTYPE_BYTES]
+
+
+def nbytes(type_text: str) -> float:
+    return sum(DTYPE_BYTES[d] * math.prod(dims) for d, dims in shapes(type_text))
+
+
+def _operand_type(comp: Computation, name: str) -> str:
+    if name in comp.instrs:
+        return comp.instrs[name].shape
+    return comp.params.get(name, "")
+
+
+def _dims(comp: Computation, name: str, user: Instr) -> tuple[int, ...]:
+    found = shapes(_operand_type(comp, name))
+    if not found:
+        raise ValueError(f"HLO {comp.name}/{user.name}: no array type for operand {name!r}")
+    return found[0][1]
+
+
+def _called(instr: Instr, key: str) -> list[str]:
+    """Computation names an attribute refers to: ``key=%c`` or ``key={%a, %b}``."""
+    m = re.search(r"(?:^|[\s,])" + key + r"=(\{[^}]*\}|[^,\s]+)", instr.attrs)
+    if not m:
+        return []
+    return [c.strip().lstrip("%") for c in m.group(1).strip("{}").split(",") if c.strip()]
+
+
+def dot_flops(instr: Instr, comp: Computation) -> float:
+    """2 x output elements x contracted size of a dot."""
+    out = shapes(instr.shape)[0][1]
+    lhs = _dims(comp, instr.operands[0], instr)
+    m = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", instr.attrs)
+    contracted = math.prod(lhs[int(i)] for i in m.group(1).split(",") if i) if m else 1
+    return 2.0 * math.prod(out) * contracted
+
+
+@functools.lru_cache(maxsize=4096)
+def _valid_taps(size: int, out: int, window: int, stride: int, lo: int, lhs_dil: int,
+                rhs_dil: int) -> int:
+    """(output position, window tap) pairs of one spatial dimension that read real input."""
+    pos = (np.arange(out)[:, None] * stride + np.arange(window)[None, :] * rhs_dil - lo)
+    dilated = (size - 1) * lhs_dil + 1
+    return int(((pos >= 0) & (pos < dilated) & (pos % lhs_dil == 0)).sum())
+
+
+def _window(attrs: str, key: str, dims: int, default: int) -> list[int]:
+    m = re.search(r"\b" + key + r"=([\dx_\-]+)", attrs)
+    if not m:
+        return [default] * dims
+    return [int(v) for v in m.group(1).split("x")]
+
+
+def conv_flops(instr: Instr, comp: Computation) -> float:
+    """2 x output batch x output features x input features x valid window taps (padding and
+    dilation holes excluded, as XLA's own cost analysis counts them)."""
+    out = shapes(instr.shape)[0][1]
+    lhs, rhs = _dims(comp, instr.operands[0], instr), _dims(comp, instr.operands[1], instr)
+    labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", instr.attrs)
+    lhs_l, rhs_l, out_l = labels.groups()
+    spatial = [c for c in out_l if c.isdigit()]
+    w = re.search(r"window=\{([^}]*)\}", instr.attrs)
+    attrs = w.group(1) if w else ""
+    n = len(spatial)
+    pads = re.search(r"\bpad=([\d_x\-]+)", attrs)
+    lows = [int(p.split("_")[0]) for p in pads.group(1).split("x")] if pads else [0] * n
+    strides, lhs_dil = _window(attrs, "stride", n, 1), _window(attrs, "lhs_dilate", n, 1)
+    rhs_dil = _window(attrs, "rhs_dilate", n, 1)
+    taps = 1
+    for j, d in enumerate(sorted(spatial)):
+        taps *= _valid_taps(lhs[lhs_l.index(d)], out[out_l.index(d)], rhs[rhs_l.index(d)],
+                            strides[j], lows[j], lhs_dil[j], rhs_dil[j])
+    return 2.0 * out[out_l.index("b")] * out[out_l.index("f")] * rhs[rhs_l.index("i")] * taps
+
+
+def _group_size(instr: Instr, default: int) -> int:
+    iota = re.search(r"replica_groups=\[([\d,]+)\]<=", instr.attrs)
+    if iota:
+        return int(iota.group(1).split(",")[-1])
+    listed = re.search(r"replica_groups=\{\{([\d,]*)\}", instr.attrs)
+    if listed:
+        return max(1, len([x for x in listed.group(1).split(",") if x]))
+    return default
+
+
+def collective_bytes(instr: Instr, comp: Computation, devices: int) -> float:
+    """Bytes one device sends for a collective (ring algorithms)."""
+    g = _group_size(instr, devices)
+    if g <= 1 and not instr.opcode.startswith("collective-permute"):
+        return 0.0
+    frac = (g - 1) / g
+    op = instr.opcode.replace("-start", "")
+    if op == "all-gather":
+        return nbytes(_async_output(instr.shape) if "start" in instr.opcode else instr.shape) * frac
+    operands = sum(nbytes(_operand_type(comp, o)) for o in instr.operands)
+    if op == "reduce-scatter" or op == "all-to-all":
+        return operands * frac
+    if op == "all-reduce":
+        return 2 * operands * frac
+    return operands  # collective-permute
+
+
+def _async_output(type_text: str) -> str:
+    """The output half of an async start's (operands, outputs) tuple type."""
+    parts = _split_top(type_text.strip()[1:-1]) if type_text.startswith("(") else [type_text]
+    return parts[-1]
+
+
+class Module:
+    """A parsed HLO module with per-computation costs and execution counts."""
+
+    def __init__(self, text: str, devices: int = 1):
+        self.comps, self.entry = parse_module(text)
+        self.devices = devices
+        self.unresolved_loops: list[str] = []
+        self.loops: list[tuple[str, int]] = []
+        self._flops_cache: dict[str, float] = {}
+
+    # --- loops ---------------------------------------------------------------------------
+    def _int_constants(self, comp_name: str, seen=None) -> list[int]:
+        seen = seen or set()
+        if comp_name in seen or comp_name not in self.comps:
+            return []
+        seen.add(comp_name)
+        out = []
+        for ins in self.comps[comp_name].instrs.values():
+            if ins.opcode == "constant" and re.match(r"^[su]\d+\[\]", ins.shape):
+                out.append(int(ins.operands[0]))
+            for c in _called(ins, "calls"):
+                out.extend(self._int_constants(c, seen))
+        return out
+
+    def trip_count(self, instr: Instr, comp: Computation) -> int:
+        """Iterations of a while loop: XLA's known_trip_count, else its condition's bound."""
+        known = re.search(r'"known_trip_count":\{"n":"(\d+)"', instr.attrs)
+        if known:
+            return int(known.group(1))
+        cond = _called(instr, "condition")[0]
+        bounds = set(self._int_constants(cond))
+        start = 0
+        init = comp.instrs.get(instr.operands[0])
+        if init is not None and init.opcode == "tuple":
+            first = comp.instrs.get(init.operands[0])
+            if first is not None and first.opcode == "constant":
+                start = int(first.operands[0])
+        if len(bounds) != 1:
+            self.unresolved_loops.append(instr.name)
+            return 1
+        cond_text = " ".join(i.attrs for c in [cond] for i in self.comps[c].instrs.values())
+        extra = 1 if "direction=LE" in cond_text else 0
+        return max(0, bounds.pop() - start + extra)
+
+    # --- costs ---------------------------------------------------------------------------
+    def matmul_flops(self, comp_name: str) -> float:
+        """Dot and convolution FLOPs of a computation and everything it fuses (not loops)."""
+        if comp_name in self._flops_cache:
+            return self._flops_cache[comp_name]
+        comp, total = self.comps[comp_name], 0.0
+        for ins in comp.instrs.values():
+            if ins.opcode == "dot":
+                total += dot_flops(ins, comp)
+            elif ins.opcode == "convolution":
+                total += conv_flops(ins, comp)
+            elif ins.opcode == "fusion":
+                total += sum(self.matmul_flops(c) for c in _called(ins, "calls"))
+        self._flops_cache[comp_name] = total
+        return total
+
+    def _fusion_bytes(self, ins: Instr, comp: Computation) -> float:
+        """Bytes a fusion reads and writes; sliced parameters count only the slice."""
+        fused = self.comps[_called(ins, "calls")[0]]
+        read = 0.0
+        params = list(fused.params)
+        for i, operand in enumerate(ins.operands):
+            pname = params[i] if i < len(params) else None
+            users = [u for u in fused.instrs.values() if pname and pname in u.operands]
+            if users and all(u.opcode in SLICING for u in users):
+                read += sum(nbytes(u.shape) for u in users)
+            elif users and all(u.opcode == "dynamic-update-slice" and u.operands[0] == pname
+                               for u in users):
+                continue  # updated in place: only the update is written (counted below)
+            else:
+                read += nbytes(_operand_type(comp, operand))
+        root = fused.instrs.get(fused.root)
+        if root is not None and root.opcode == "dynamic-update-slice":
+            written = nbytes(_operand_type(fused, root.operands[1]))
+        else:
+            written = nbytes(ins.shape)
+        return read + written
+
+    def instr_bytes(self, ins: Instr, comp: Computation) -> float:
+        if ins.opcode in FREE or ins.opcode in COLLECTIVES:
+            return 0.0
+        if ins.opcode == "fusion":
+            return self._fusion_bytes(ins, comp)
+        if ins.opcode in SLICING:
+            return 2 * nbytes(ins.shape)
+        if ins.opcode == "dynamic-update-slice":
+            return 2 * nbytes(_operand_type(comp, ins.operands[1]))
+        return nbytes(ins.shape) + sum(nbytes(_operand_type(comp, o)) for o in ins.operands)
+
+    def analyze(self, peak_flops: float, hbm_bw: float, ici_bw: float) -> dict:
+        """Totals per device over one execution of the entry computation."""
+        totals = dict(flops=0.0, bytes=0.0, collective_bytes=0.0, compute_s=0.0, memory_s=0.0,
+                      roofline_s=0.0, collective_s=0.0)
+        self.loops, self.unresolved_loops = [], []
+
+        def walk(name: str, times: float, depth: int):
+            comp = self.comps[name]
+            for ins in comp.instrs.values():
+                if ins.opcode == "while":
+                    trips = self.trip_count(ins, comp)
+                    self.loops.append((ins.name, trips))
+                    walk(_called(ins, "body")[0], times * trips, depth + 1)
+                    walk(_called(ins, "condition")[0], times * (trips + 1), depth + 1)
+                    continue
+                if ins.opcode in ("call", "async-start"):
+                    for c in _called(ins, "to_apply") + _called(ins, "calls"):
+                        walk(c, times, depth + 1)
+                    continue
+                if ins.opcode == "conditional":  # one branch runs; price the costliest
+                    branches = (_called(ins, "branch_computations")
+                                + _called(ins, "true_computation") + _called(ins, "false_computation"))
+                    costs = [(self.matmul_flops(b), b) for b in branches if b in self.comps]
+                    if costs:
+                        walk(max(costs)[1], times, depth + 1)
+                    continue
+                flops = 0.0
+                if ins.opcode == "fusion":
+                    flops = sum(self.matmul_flops(c) for c in _called(ins, "calls"))
+                elif ins.opcode == "dot":
+                    flops = dot_flops(ins, comp)
+                elif ins.opcode == "convolution":
+                    flops = conv_flops(ins, comp)
+                moved = self.instr_bytes(ins, comp)
+                totals["flops"] += times * flops
+                totals["bytes"] += times * moved
+                totals["compute_s"] += times * flops / peak_flops
+                totals["memory_s"] += times * moved / hbm_bw
+                totals["roofline_s"] += times * max(flops / peak_flops, moved / hbm_bw)
+                if ins.opcode in COLLECTIVES:
+                    sent = collective_bytes(ins, comp, self.devices)
+                    totals["collective_bytes"] += times * sent
+                    totals["collective_s"] += times * sent / ici_bw
+
+        walk(self.entry, 1.0, 0)
+        return totals
+
+
+def analyze(text: str, *, devices: int = 1, peak_flops: float = 1.0, hbm_bw: float = 1.0,
+            ici_bw: float = 1.0) -> dict:
+    """Cost per device of one run of the module: FLOPs, bytes, times and the loops found."""
+    mod = Module(text, devices)
+    out = mod.analyze(peak_flops, hbm_bw, ici_bw)
+    out["loops"] = len(mod.loops)
+    out["loop_trips"] = sorted({t for _, t in mod.loops})
+    out["unresolved_loops"] = len(mod.unresolved_loops)
+    return out
