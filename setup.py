@@ -12,6 +12,7 @@ setup(
     name="grit_jax",
     version="0.1.0",
     description="Generative Representational Instruction Tuning (GRIT) in JAX/Flax",
+    url="https://github.com/grit-jax/grit_jax",  # also in the notebooks' badges and setup cells
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["grit_jax", "grit_jax.*"]),
@@ -42,7 +43,8 @@ setup(
         "faiss": ["faiss-cpu>=1.8"],
         # The official `gritlm==1.0.2` and `gensim==4.4.0` (for the Wikipedia pages in its test
         # data) are installed by the Makefile with --no-deps; setup.py cannot express that.
-        "test": HF + ["pytest>=8", "hypothesis", "psutil", "faiss-cpu>=1.8"],
+        "test": HF + ["pytest>=8", "hypothesis", "psutil", "faiss-cpu>=1.8",
+                      "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6"],
         "tpu": ["jax[tpu]>=0.10.2,<0.11"],
     },
     entry_points={"console_scripts": ["grit-convert=grit_jax.convert.__main__:main",
