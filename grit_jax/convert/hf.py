@@ -217,9 +217,48 @@ def _safetensors_files(hf_dir: str) -> dict[str, str]:
 IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 
 
+class StackedParams:
+    """grit_jax's (layer-stacked) parameter arrays, preallocated and filled one HF tensor at a time."""
+
+    def __init__(self, config: ModelConfig):
+        self.config = config
+        self.shapes = _grit_shapes(config)
+        self.dtype = np.dtype(config.jnp_param_dtype)
+        self.arrays = {k: np.empty(s, self.dtype) for k, s in self.shapes.items()}
+        # HF name -> (grit path, layer index or None, HF -> grit transform)
+        self.expected = {name: (path, i, to_grit)
+                         for name, path, i, to_grit, _ in hf_tensor_names(config)}
+
+    def hf_shape(self, name: str) -> tuple:
+        """The shape the HF tensor ``name`` must have."""
+        path, layer, _ = self.expected[name]
+        return _hf_shape(self.config, name, self.shapes[path][1:] if layer is not None
+                         else self.shapes[path])
+
+    def put(self, name: str, w: np.ndarray, where: str) -> None:
+        """Check w's shape (the error names ``where``) and place it."""
+        want = self.hf_shape(name)
+        if tuple(w.shape) != want:
+            raise ValueError(f"{where}: tensor {name} has shape {tuple(w.shape)}, expected {want}")
+        path, layer, to_grit = self.expected[name]
+        w = to_grit(w).astype(self.dtype)
+        if layer is None:
+            self.arrays[path][...] = w
+        else:
+            self.arrays[path][layer] = w
+
+    def params(self):
+        """The nested params, handed to jax (zero-copy on CPU: Orbax then stages one copy, not two)."""
+        import flax
+        import jax
+
+        for k in list(self.arrays):
+            self.arrays[k] = jax.device_put(self.arrays[k])
+        return flax.traverse_util.unflatten_dict(self.arrays)
+
+
 def read_hf(hf_dir: str, *, param_dtype: str = "float32", **config_overrides):
     """(ModelConfig, params as a nested dict of jax arrays) from a Hugging Face directory."""
-    import flax
     from safetensors import safe_open
 
     cfg_path = os.path.join(hf_dir, "config.json")
@@ -228,10 +267,8 @@ def read_hf(hf_dir: str, *, param_dtype: str = "float32", **config_overrides):
     with open(cfg_path, encoding="utf-8") as f:
         hf_cfg = json.load(f)
     config = config_from_hf(hf_cfg, cfg_path, param_dtype=param_dtype, dtype=param_dtype)
-    shapes = _grit_shapes(config)
-    np_dtype = np.dtype(config.jnp_param_dtype)
-    out = {k: np.empty(s, np_dtype) for k, s in shapes.items()}
-    expected = {name: (path, i, to_grit) for name, path, i, to_grit, _ in hf_tensor_names(config)}
+    stacked = StackedParams(config)
+    expected = stacked.expected
     files = _safetensors_files(hf_dir)
     unexpected = sorted(n for n in files if n not in expected and not IGNORED.search(n)
                         and not (n == "lm_head.weight" and config.tie_word_embeddings))
@@ -251,23 +288,8 @@ def read_hf(hf_dir: str, *, param_dtype: str = "float32", **config_overrides):
             for name in names:
                 if name not in available:
                     raise ValueError(f"{path_}: tensor {name} listed in the index is not in the file")
-                gpath, layer, to_grit = expected[name]
-                w = f.get_tensor(name)
-                want = _hf_shape(config, name, shapes[gpath][1:] if layer is not None else shapes[gpath])
-                if tuple(w.shape) != want:
-                    raise ValueError(f"{path_}: tensor {name} has shape {tuple(w.shape)}, "
-                                     f"expected {want} from {cfg_path}")
-                w = to_grit(w).astype(np_dtype)
-                if layer is None:
-                    out[gpath][...] = w
-                else:
-                    out[gpath][layer] = w
-    # Hand the arrays to jax (zero-copy on CPU): Orbax then stages one copy instead of two.
-    import jax
-
-    for k in list(out):
-        out[k] = jax.device_put(out[k])
-    return config, flax.traverse_util.unflatten_dict(out)
+                stacked.put(name, f.get_tensor(name), path_)
+    return config, stacked.params()
 
 
 def hf_to_grit(hf_dir: str, out_dir: str, *, param_dtype: str = "float32") -> ModelConfig:

@@ -1,0 +1,60 @@
+"""``python -m grit_jax.evaluate --model PATH --task KIND:PATH [...] [--out results.json]``.
+
+Evaluates a GRIT model (a training workdir, params directory or Hugging Face directory) on
+embedding tasks (retrieval, STS, classification, clustering) and held-out generative loss; see
+``grit_jax.evaluation.tasks`` for the file formats. Prints one line per task and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+
+def main(argv=None) -> int:
+    from grit_jax.evaluation.tasks import TASK_KINDS
+
+    p = argparse.ArgumentParser(prog="python -m grit_jax.evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="workdir, params or Hugging Face directory")
+    p.add_argument("--task", action="append", required=True,
+                   help=f"KIND:PATH or KIND:NAME=PATH, KIND in {', '.join(TASK_KINDS)} (repeat)")
+    p.add_argument("--instruction", default="",
+                   help="query instruction for every embedding task (default: the task's own)")
+    p.add_argument("--attn", default="bbcc", help="attention of the embedding pass (bbcc/cccc)")
+    p.add_argument("--pooling", default="mean", help="mean, weightedmean or lasttoken")
+    p.add_argument("--max-length", type=int, default=512, help="tokens per embedded text")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--out", default=None, help="write the results here (JSON)")
+    args = p.parse_args(argv)
+
+    from grit_jax.data.records import RecordError
+    from grit_jax.evaluation.tasks import evaluate_task, load_task
+    from grit_jax.inference import GritLM
+
+    try:
+        tasks = [load_task(spec) for spec in args.task]  # all inputs checked before the model loads
+        model = GritLM.from_pretrained(args.model, attn=args.attn, pooling_method=args.pooling)
+    except (ValueError, FileNotFoundError, RecordError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    results = {"model": args.model, "fingerprint": model.fingerprint, "attn": args.attn,
+               "pooling": args.pooling, "tasks": {}}
+    for task in tasks:
+        t0 = time.time()
+        r = evaluate_task(model, task, instruction=args.instruction,
+                          batch_size=args.batch_size, max_length=args.max_length)
+        r["seconds"] = round(time.time() - t0, 2)
+        results["tasks"][task.name] = r
+        shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}
+        print(f"{task.name}: {shown}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
