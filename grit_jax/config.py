@@ -7,11 +7,12 @@ import json
 import os
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
 FAMILIES = ("mistral", "llama")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("float32", "bfloat16", "float16", "float64")  # float64: JAX_ENABLE_X64=1 (parity checks)
 CONFIG_FILE = "grit_config.json"
 
 
@@ -71,6 +72,9 @@ class ModelConfig:
         for name in ("param_dtype", "dtype"):
             if getattr(self, name) not in DTYPES:
                 problems.append(f"{name}={getattr(self, name)!r} (expected one of {DTYPES})")
+            elif getattr(self, name) == "float64" and not jax.config.jax_enable_x64:
+                problems.append(f"{name}='float64' needs 64-bit JAX (JAX_ENABLE_X64=1); "
+                                f"without it arrays would silently be float32")
         if self.remat_policy not in REMAT_POLICIES:
             problems.append(f"remat_policy={self.remat_policy!r} (expected one of {REMAT_POLICIES})")
         if problems:
@@ -88,6 +92,11 @@ class ModelConfig:
     @property
     def jnp_param_dtype(self):
         return jnp.dtype(self.param_dtype)
+
+    @property
+    def accum_dtype(self):
+        """Dtype of norms, RoPE tables and logits: float32, or float64 for a float64 model."""
+        return jnp.dtype("float64" if self.dtype == "float64" else "float32")
 
     def replace(self, **kw) -> "ModelConfig":
         """A copy with some fields changed (validated again)."""

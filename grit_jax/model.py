@@ -35,9 +35,9 @@ MODES = ("causal", "bidirectional")
 # Pure functions: RoPE and masks
 # ----------------------------------------------------------------------------------------------
 def rope_inv_freq(config: ModelConfig) -> jnp.ndarray:
-    """RoPE inverse frequencies (float32), with Llama-3 scaling when configured."""
+    """RoPE inverse frequencies (float32; float64 for float64 models), Llama-3 scaling if set."""
     d = config.resolved_head_dim
-    inv = 1.0 / (config.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    inv = 1.0 / (config.rope_theta ** (jnp.arange(0, d, 2, dtype=config.accum_dtype) / d))
     rs = config.rope_scaling
     if rs is None:
         return inv
@@ -54,7 +54,7 @@ def rope_inv_freq(config: ModelConfig) -> jnp.ndarray:
 
 def rope_tables(positions: jnp.ndarray, config: ModelConfig):
     """cos/sin tables of shape positions.shape + (head_dim,), Hugging Face rotate-half layout."""
-    freqs = positions.astype(jnp.float32)[..., None] * rope_inv_freq(config)
+    freqs = positions.astype(config.accum_dtype)[..., None] * rope_inv_freq(config)
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(emb), jnp.sin(emb)
 
@@ -74,10 +74,10 @@ def shift_rope(k, delta, config: ModelConfig):
     so a key cached at position p becomes the key at p + delta without recomputing it. Computed
     in float32, returned in k's dtype.
     """
-    angle = jnp.asarray(delta, jnp.float32) * rope_inv_freq(config)
+    angle = jnp.asarray(delta, config.accum_dtype) * rope_inv_freq(config)
     emb = jnp.concatenate([angle, angle], axis=-1)
     cos, sin = jnp.cos(emb), jnp.sin(emb)
-    x = jnp.asarray(k, jnp.float32)
+    x = jnp.asarray(k, config.accum_dtype)
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
     return (x * cos + rotated * sin).astype(k.dtype)
@@ -150,7 +150,8 @@ def _param(module: nn.Module, name: str, shape, axes, config: ModelConfig, init=
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm computed in float32, scaled in the compute dtype."""
+    """Root-mean-square norm computed in float32 (float64 for float64 models), scaled in the
+    compute dtype."""
 
     config: ModelConfig
 
@@ -158,10 +159,21 @@ class RMSNorm(nn.Module):
     def __call__(self, x):
         scale = _param(self, "scale", (self.config.hidden_size,), ("norm",), self.config,
                        nn.initializers.ones)
-        x32 = x.astype(jnp.float32)
+        x32 = x.astype(self.config.accum_dtype)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True)
                                      + self.config.rms_norm_eps)
         return normed.astype(x.dtype) * scale.astype(x.dtype)
+
+
+def _attention_float64(q, k, v, mask, scale):
+    """Grouped-query attention entirely in float64 (q: B,T,H,D; k/v: B,S,G,D; mask: B,1,T,S)."""
+    b, t, h, d = q.shape
+    g = k.shape[2]
+    qg = q.reshape(b, t, g, h // g, d)
+    logits = jnp.einsum("btgrd,bsgd->bgrts", qg, k) * scale
+    logits = jnp.where(mask[:, :, None], logits, jnp.finfo(logits.dtype).min)
+    probs = jax.nn.softmax(logits, axis=-1)
+    return jnp.einsum("bgrts,bsgd->btgrd", probs, v).reshape(b, t, h, d)
 
 
 class Attention(nn.Module):
@@ -189,7 +201,10 @@ class Attention(nn.Module):
             ck, cv = write(ck, k.astype(ck.dtype), offsets), write(cv, v.astype(cv.dtype), offsets)
             new_kv = (ck, cv)
             k, v = ck.astype(dt), cv.astype(dt)
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=d ** -0.5)
+        if dt == jnp.float64:  # jax.nn.dot_product_attention always takes its softmax in float32
+            out = _attention_float64(q, k, v, mask, d ** -0.5)
+        else:
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=d ** -0.5)
         return jnp.einsum("bthd,hde->bte", out, wo.astype(dt)), new_kv
 
 
@@ -290,10 +305,10 @@ class Transformer(nn.Module):
         return Output(hidden, new_cache)
 
     def logits(self, hidden):
-        """LM-head logits in float32 (tied embeddings reuse the embedding matrix)."""
+        """LM-head logits in float32 (float64 models: float64); tied embeddings reuse the embedding."""
         if self.config.tie_word_embeddings:
-            return self.embed.attend(hidden).astype(jnp.float32)
-        return self.lm_head(hidden).astype(jnp.float32)
+            return self.embed.attend(hidden).astype(self.config.accum_dtype)
+        return self.lm_head(hidden).astype(self.config.accum_dtype)
 
     def init_all(self, tokens):
         """Touch every parameter (body and LM head); used only for initialisation."""

@@ -8,7 +8,8 @@ from grit_jax.config import ModelConfig
 from grit_jax.train_step import LossConfig
 
 
-@pytest.mark.parametrize("name", ["tiny", "tiny_embedding", "tiny_generative", "gritlm_7b"])
+@pytest.mark.parametrize("name", ["tiny", "tiny_embedding", "tiny_generative", "tiny_cccc_weightedmean",
+                                  "smollm2_grit", "gritlm_7b"])
 def test_config_builds(name):
     c = importlib.import_module(f"configs.{name}").get_config()
     model = ModelConfig(**c.model.to_dict())
@@ -18,3 +19,12 @@ def test_config_builds(name):
     if name == "gritlm_7b":
         assert 7.0e9 < model.num_params() < 7.5e9
         assert (loss.grad_cache_chunk, c.data.query_batch, c.optim.lr) == (256, 2048, 2e-5)
+
+
+def test_float64_needs_x64():
+    import jax
+
+    assert not jax.config.jax_enable_x64
+    with pytest.raises(ValueError, match="JAX_ENABLE_X64=1"):
+        ModelConfig(**dict(importlib.import_module("configs.tiny").get_config().model.to_dict(),
+                           dtype="float64"))

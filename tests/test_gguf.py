@@ -170,6 +170,54 @@ def test_logits_match_transformers(lm, ref_model):
     del ref64
 
 
+F64_SCRIPT = """
+import sys
+import numpy as np
+from grit_jax.inference import GritLM
+from grit_jax.model import forward, logits_fn
+lm = GritLM.from_pretrained(sys.argv[1], dtype="float64")
+batches = np.load(sys.argv[2])
+out = {}
+for k in ("text", "rand"):
+    ids, valid = batches[k + "_ids"], batches[k + "_valid"]
+    out[k] = np.asarray(logits_fn(lm.params, lm.config, forward(lm.params, lm.config, ids, valid).hidden))
+    assert out[k].dtype == np.float64
+np.savez(sys.argv[3], **out)
+"""
+
+
+@needs_smollm
+def test_float64_forward_equals_independent_float64_reference(converted, lm, tmp_path):
+    """The converted model computed in float64 (JAX_ENABLE_X64, its own process) equals the
+    independent NumPy float64 decoder on the same weights: with the weights bit-identical to
+    transformers' (above), the float32 logit gap to transformers is rounding, not conversion.
+    (transformers' own float64 mode keeps norms and RoPE in float32, so it is no exact reference.)"""
+    import subprocess
+    import sys
+
+    from tests import reference_numpy
+
+    tok = lm.tokenizer
+    ids, valid = _padded([tok.encode(CHATML + "The capital of France is Paris."),
+                          tok.encode("Gravity is a force.")], tok.pad_id)
+    np.savez(tmp_path / "in.npz", text_ids=ids, text_valid=valid, rand_ids=ids[:1],
+             rand_valid=valid[:1])
+    env = dict(os.environ, JAX_ENABLE_X64="1", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    proc = subprocess.run([sys.executable, "-c", F64_SCRIPT, converted, str(tmp_path / "in.npz"),
+                           str(tmp_path / "out.npz")], capture_output=True, text=True, env=env,
+                          timeout=600, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ours = np.load(tmp_path / "out.npz")["text"]
+    params, cfg = checkpoint.load_params(converted, as_numpy=True)
+    d = cfg.resolved_head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
+    hidden = reference_numpy.hidden_states(params, cfg, ids, valid, "causal", inv_freq)
+    want = hidden @ np.asarray(params["embed"]["embedding"], np.float64).T  # tied LM head
+    diff = float(np.abs(ours - want)[valid].max())
+    print(f"max |logit diff| grit float64 vs NumPy float64 reference: {diff:.1e}")
+    assert diff <= 1e-8, diff
+
+
 @needs_smollm
 def test_tokenizer_matches_transformers(converted, lm, ref_tokenizer):
     from transformers import AutoTokenizer
