@@ -9,7 +9,7 @@ is lowered with abstract, sharded inputs on the config's mesh and compiled by th
 Reported per chip: argument, output, temporary and total memory against the chip's HBM; the
 compiled program's matmul FLOPs, HBM traffic and collective bytes with every loop counted by its
 trip count (``grit_jax.hlo_cost``; XLA's own cost analysis counts a loop body once); the step
-time those imply on the chip's roofline, and the model-FLOPs utilisation that time implies. Exits 1 with
+time those imply on the chip's roofline, and the model-FLOPs utilisation it implies. Exits 1 with
 advice when the step does not fit; 2 on a bad config or topology.
 """
 

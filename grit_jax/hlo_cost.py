@@ -340,25 +340,25 @@ class Module:
                       roofline_s=0.0, collective_s=0.0)
         self.loops, self.unresolved_loops = [], []
 
-        def walk(name: str, times: float, depth: int):
+        def walk(name: str, times: float):
             comp = self.comps[name]
             for ins in comp.instrs.values():
                 if ins.opcode == "while":
                     trips = self.trip_count(ins, comp)
                     self.loops.append((ins.name, trips))
-                    walk(_called(ins, "body")[0], times * trips, depth + 1)
-                    walk(_called(ins, "condition")[0], times * (trips + 1), depth + 1)
+                    walk(_called(ins, "body")[0], times * trips)
+                    walk(_called(ins, "condition")[0], times * (trips + 1))
                     continue
                 if ins.opcode in ("call", "async-start"):
                     for c in _called(ins, "to_apply") + _called(ins, "calls"):
-                        walk(c, times, depth + 1)
+                        walk(c, times)
                     continue
                 if ins.opcode == "conditional":  # one branch runs; price the costliest
                     branches = (_called(ins, "branch_computations")
                                 + _called(ins, "true_computation") + _called(ins, "false_computation"))
                     costs = [(self.matmul_flops(b), b) for b in branches if b in self.comps]
                     if costs:
-                        walk(max(costs)[1], times, depth + 1)
+                        walk(max(costs)[1], times)
                     continue
                 flops = 0.0
                 if ins.opcode == "fusion":
@@ -378,7 +378,7 @@ class Module:
                     totals["collective_bytes"] += times * sent
                     totals["collective_s"] += times * sent / ici_bw
 
-        walk(self.entry, 1.0, 0)
+        walk(self.entry, 1.0)
         return totals
 
 

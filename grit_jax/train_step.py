@@ -90,7 +90,8 @@ def token_ce(params, config: ModelConfig, hidden, ids, chunk: int):
     computes logits for another's tokens.
     """
     b, t, e = hidden.shape
-    shards = batch_shards() if b % batch_shards() == 0 else 1
+    shards = batch_shards()
+    shards = shards if b % shards == 0 else 1
     local = b * (t - 1) // shards  # tokens per shard
     chunks = -(-local // max(1, chunk // shards))
     per = -(-local // chunks)  # as even as possible: pads fewer than `chunks` tokens per shard

@@ -25,6 +25,7 @@ from grit_jax.data import formats
 from grit_jax.data.records import RecordError, iter_jsonl, parse_embedding, parse_generative
 from grit_jax.evaluation import metrics
 from grit_jax.evaluation.generative import heldout_loss
+from grit_jax.inference import document_text
 
 TASK_KINDS = ("retrieval", "sts", "classification", "clustering", "generative")
 
@@ -36,14 +37,20 @@ class Task:
     data: dict
 
 
-def _rows(path: str, fields: dict[str, type]) -> list[dict]:
-    """The JSONL objects of a file, each checked to carry ``fields`` of the given types."""
+def _objects(path: str):
+    """(line, JSON object) of a JSONL file; the first bad line raises its RecordError."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such file")
-    out = []
     for line, obj in iter_jsonl(path):
         if isinstance(obj, RecordError):
             raise obj
+        yield line, obj
+
+
+def _rows(path: str, fields: dict[str, type]) -> list[dict]:
+    """The JSONL objects of a file, each checked to carry ``fields`` of the given types."""
+    out = []
+    for line, obj in _objects(path):
         for field, kind in fields.items():
             if field not in obj:
                 raise RecordError(path, line, field, "missing", "missing_field")
@@ -58,9 +65,7 @@ def _rows(path: str, fields: dict[str, type]) -> list[dict]:
 
 def _retrieval_grit(path: str) -> dict:
     queries, corpus, index, relevant = [], [], {}, []
-    for line, obj in iter_jsonl(path):
-        if isinstance(obj, RecordError):
-            raise obj
+    for line, obj in _objects(path):
         rec = parse_embedding(obj, path, line)
         rel = {}
         for field, grade in (("neg", 0.0), ("pos", 1.0)):
@@ -94,15 +99,13 @@ def _retrieval_beir(folder: str) -> dict:
     keep = [i for i, rel in enumerate(relevant) if any(g > 0 for g in rel.values())]
     return {"queries": [{"instruction": q[i].get("instruction", ""), "text": q[i]["text"]}
                         for i in keep],
-            "corpus": [(d.get("title", "") + " " + d["text"]).strip() for d in c],
+            "corpus": [document_text(d) for d in c],
             "relevant": [relevant[i] for i in keep], "queries_without_qrels": len(q) - len(keep)}
 
 
 def _generative(path: str) -> dict:
     samples = []
-    for line, obj in iter_jsonl(path):
-        if isinstance(obj, RecordError):
-            raise obj
+    for line, obj in _objects(path):
         if "messages" not in obj and "text" not in obj:
             raise RecordError(path, line, "messages", "missing (or give text)", "missing_field")
         samples.append(parse_generative(obj, path, line))
