@@ -43,9 +43,8 @@ def write_random_hf(directory: str, config: ModelConfig, shard_bytes: int = 2**3
                 weight_map[k] = fname
             cur, cur_bytes = {}, 0
 
-    for name, path, layer, _, _ in hf.hf_tensor_names(config):
-        gshape = grit[path][1:] if layer is not None else grit[path]
-        shape = hf._hf_shape(config, name, gshape)
+    for name, path, index, _, _ in hf.hf_tensor_names(config):
+        shape = hf._hf_shape(config, name, hf.slot_shape(grit[path], index))
         t = (0.02 * rng.standard_normal(shape, dtype=np.float32))
         if cur_bytes + t.nbytes > shard_bytes:
             flush()

@@ -14,7 +14,7 @@ def get_config():
     c.keep_checkpoints = 2
     c.log_every = 10
     c.peak_flops = 0.0  # per device; 0: look the device up (TPU, H100, ...), none on CPU
-    c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
+    c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "expert": 1, "tensor": 1})
     # A params directory or Hugging Face directory to start from; "" = random init of `model`.
     c.init_from = ""
     c.model = ml_collections.ConfigDict(dict(

@@ -92,9 +92,13 @@ def compile_step(config, topology: str, lengths=(256, 2048, 2048)):
                                      state_shardings)
 
     devices = topology_devices(topology)
-    mesh = sharding.make_mesh([int(config.mesh[a]) for a in sharding.MESH_AXES], devices=devices)
+    mesh = sharding.make_mesh(config.mesh.to_dict(), devices=devices)
     train.validate(config, mesh)
     model_cfg = ModelConfig(**config.model.to_dict())  # init_from only supplies values
+    if model_cfg.is_moe:  # the kernel for the target chips, not for this host
+        from grit_jax.moe import resolve_impl
+
+        model_cfg = model_cfg.replace(moe_impl=resolve_impl(model_cfg.moe_impl, devices[0].platform))
     lc = LossConfig(**config.loss.to_dict())
     tx, schedule = make_optimizer(config.optim.lr, config.total_steps, config.optim.warmup_ratio,
                                   config.optim.weight_decay, config.optim.b1, config.optim.b2,
@@ -108,6 +112,7 @@ def compile_step(config, topology: str, lengths=(256, 2048, 2048)):
     batch = abstract_batch(config, lengths, mesh)
     step = jit_train_step(model_cfg, lc, tx, schedule, mesh, state_sh)
     base = {"topology": topology, "mesh": dict(mesh.shape), "params": model_cfg.num_params(),
+            "active_params": model_cfg.num_params(active=True),
             "dtype": model_cfg.dtype, "remat_policy": model_cfg.remat_policy,
             "grad_cache_chunk": lc.grad_cache_chunk,
             "batch": {k: list(v.shape) for k, v in batch.items() if k.endswith("_ids")}}
@@ -198,7 +203,10 @@ def format_report(r) -> str:
     lines = [
         f"{r['topology']}: {r['chips']} chips ({r['devices']} devices) x {r['device_kind']}, "
         f"mesh {r['mesh']}, "
-        f"{r['params'] / 1e9:.2f}B params, {r['dtype']} compute, remat {r['remat_policy']}, "
+        f"{r['params'] / 1e9:.2f}B params"
+        + (f" ({r['active_params'] / 1e9:.2f}B active per token)"
+           if r.get("active_params", r["params"]) != r["params"] else "")
+        + f", {r['dtype']} compute, remat {r['remat_policy']}, "
         f"GradCache chunk {r['grad_cache_chunk']}",
         f"batch {r['batch']}",
         f"per device: arguments {m['arguments']:.2f} GiB, outputs {m['outputs']:.2f} GiB "

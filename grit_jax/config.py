@@ -1,4 +1,4 @@
-"""Model configuration: one frozen dataclass for the Mistral/Llama decoder family."""
+"""Model configuration: one frozen dataclass for the Mistral/Llama/Mixtral decoder family."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-FAMILIES = ("mistral", "llama")
+FAMILIES = ("mistral", "llama", "mixtral")  # mixtral: the MLP is a routed mixture of experts
+MOE_IMPLS = ("auto", "tiled", "ragged", "dense")  # see grit_jax.moe
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = ("float32", "bfloat16", "float16", "float64")  # float64: JAX_ENABLE_X64=1 (parity checks)
 CONFIG_FILE = "grit_config.json"
@@ -50,6 +51,12 @@ class ModelConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype of activations and matmuls
     remat_policy: str = "none"
+    # Mixture of experts (family="mixtral" only): experts per layer, experts each token uses,
+    # the load-balancing loss coefficient (transformers' router_aux_loss_coef) and the kernel.
+    num_experts: int = 0
+    num_experts_per_tok: int = 2
+    router_aux_loss_coef: float = 0.001
+    moe_impl: str = "auto"
 
     def __post_init__(self):
         problems = []
@@ -75,6 +82,19 @@ class ModelConfig:
             elif getattr(self, name) == "float64" and not jax.config.jax_enable_x64:
                 problems.append(f"{name}='float64' needs 64-bit JAX (JAX_ENABLE_X64=1); "
                                 f"without it arrays would silently be float32")
+        if self.family == "mixtral":
+            if self.num_experts <= 0:
+                problems.append(f"num_experts={self.num_experts} (a mixtral model needs >= 1)")
+            elif not 1 <= self.num_experts_per_tok <= self.num_experts:
+                problems.append(f"num_experts_per_tok={self.num_experts_per_tok} must be in "
+                                f"[1, num_experts={self.num_experts}]")
+            if self.router_aux_loss_coef < 0:
+                problems.append(f"router_aux_loss_coef={self.router_aux_loss_coef} must be >= 0")
+            if self.moe_impl not in MOE_IMPLS:
+                problems.append(f"moe_impl={self.moe_impl!r} (expected one of {MOE_IMPLS})")
+        elif self.num_experts:
+            problems.append(f"num_experts={self.num_experts} with family={self.family!r} "
+                            f"(experts need family='mixtral')")
         if self.remat_policy not in REMAT_POLICIES:
             problems.append(f"remat_policy={self.remat_policy!r} (expected one of {REMAT_POLICIES})")
         if problems:
@@ -102,11 +122,19 @@ class ModelConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **kw)
 
-    def num_params(self) -> int:
-        """Parameter count, computed from the shapes alone."""
+    @property
+    def is_moe(self) -> bool:
+        return self.family == "mixtral"
+
+    def num_params(self, active: bool = False) -> int:
+        """Parameter count from the shapes alone; ``active``: only the experts a token uses."""
         e, m, d = self.hidden_size, self.intermediate_size, self.resolved_head_dim
         attn = e * d * (2 * self.num_heads + 2 * self.num_kv_heads)
-        per_layer = attn + 3 * e * m + 2 * e
+        mlp = 3 * e * m
+        if self.is_moe:
+            used = self.num_experts_per_tok if active else self.num_experts
+            mlp = used * mlp + e * self.num_experts  # experts + router
+        per_layer = attn + mlp + 2 * e
         head = 0 if self.tie_word_embeddings else e * self.vocab_size
         return self.vocab_size * e + self.num_layers * per_layer + e + head
 
@@ -148,5 +176,7 @@ def tiny_config(family: str = "mistral", **kw) -> ModelConfig:
     """A few-layer config for tests and the CPU demo (real Mistral vocabulary)."""
     base = dict(family=family, vocab_size=32000, hidden_size=64, intermediate_size=112,
                 num_layers=2, num_heads=4, num_kv_heads=2, max_position_embeddings=2048)
+    if family == "mixtral":
+        base.update(num_experts=4, num_experts_per_tok=2)
     base.update(kw)
     return ModelConfig(**base)

@@ -94,7 +94,8 @@ def _parse_instr(line: str) -> tuple[Instr, bool]:
     paren = rest.index("(")
     opcode = rest[:paren]
     close = _balanced(rest, paren)
-    operands = [o.split()[-1].lstrip("%") for o in _split_top(rest[paren + 1:close - 1])]
+    operands = [re.sub(r"/\*.*?\*/", "", o).split()[-1].lstrip("%")  # drop /*index=5*/
+                for o in _split_top(rest[paren + 1:close - 1])]
     return Instr(name.lstrip("%"), shape, opcode, operands, rest[close:]), is_root
 
 
@@ -114,7 +115,7 @@ def parse_module(text: str) -> tuple[dict[str, Computation], str]:
                 if m.group(1):
                     entry = cur.name
             continue
-        if line == "}":
+        if line == "}" or line.startswith("},"):  # "}, execution_thread=..." (v5p SparseCore)
             comps[cur.name] = cur
             cur = None
             continue
@@ -168,6 +169,19 @@ def dot_flops(instr: Instr, comp: Computation) -> float:
     m = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", instr.attrs)
     contracted = math.prod(lhs[int(i)] for i in m.group(1).split(",") if i) if m else 1
     return 2.0 * math.prod(out) * contracted
+
+
+def ragged_dot_flops(instr: Instr, comp: Computation) -> float:
+    """2 x M x N x K of a TPU grouped-matmul kernel (a custom call with ``ragged_dot_tiling``):
+    every one of its M rows counted, an upper bound when the groups do not cover all rows."""
+    out = shapes(instr.shape)[0][1]
+    if len(out) != 2:
+        return 0.0
+    for o in instr.operands:
+        dims = _dims(comp, o, instr)
+        if len(dims) == 2 and dims[0] == out[0] and dims != out:
+            return 2.0 * out[0] * out[1] * dims[1]
+    return 0.0
 
 
 @functools.lru_cache(maxsize=4096)
@@ -337,7 +351,7 @@ class Module:
     def analyze(self, peak_flops: float, hbm_bw: float, ici_bw: float) -> dict:
         """Totals per device over one execution of the entry computation."""
         totals = dict(flops=0.0, bytes=0.0, collective_bytes=0.0, compute_s=0.0, memory_s=0.0,
-                      roofline_s=0.0, collective_s=0.0)
+                      roofline_s=0.0, collective_s=0.0, ragged_dot_flops=0.0)
         self.loops, self.unresolved_loops = [], []
 
         def walk(name: str, times: float):
@@ -367,6 +381,9 @@ class Module:
                     flops = dot_flops(ins, comp)
                 elif ins.opcode == "convolution":
                     flops = conv_flops(ins, comp)
+                elif ins.opcode == "custom-call" and "ragged_dot_tiling" in ins.attrs:
+                    flops = ragged_dot_flops(ins, comp)
+                    totals["ragged_dot_flops"] += times * flops
                 moved = self.instr_bytes(ins, comp)
                 totals["flops"] += times * flops
                 totals["bytes"] += times * moved

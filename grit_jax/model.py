@@ -1,4 +1,5 @@
-"""The Mistral/Llama decoder in Flax: RMSNorm, RoPE, grouped-query attention, SwiGLU, scanned layers.
+"""The Mistral/Llama/Mixtral decoder in Flax: RMSNorm, RoPE, grouped-query attention, SwiGLU
+(or routed SwiGLU experts), scanned layers.
 
 The attention mask mode (``"causal"`` or ``"bidirectional"``) is an argument of every call, not a
 property of the model: GRIT runs the same weights bidirectionally to embed and causally to
@@ -12,6 +13,8 @@ Parameter layout (leading ``layers`` axis on everything under ``layers``)::
     layers/attn/o          (layers, heads, head_dim, embed)
     layers/mlp_norm/scale  (layers, embed)
     layers/mlp/gate, up    (layers, embed, mlp)                  down: (layers, mlp, embed)
+    layers/moe/router      (layers, embed, experts)              mixtral, instead of layers/mlp
+    layers/moe/gate, up    (layers, expert, embed, mlp)          down: (layers, expert, mlp, embed)
     final_norm/scale       (embed,)
     lm_head/kernel         (embed, vocab)                        absent when embeddings are tied
 """
@@ -26,6 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from grit_jax import moe
 from grit_jax.config import ModelConfig
 
 MODES = ("causal", "bidirectional")
@@ -134,10 +138,12 @@ class KVCache(NamedTuple):
 
 
 class Output(NamedTuple):
-    """Final-norm hidden states (B, T, E) and the updated cache (None when none was given)."""
+    """Final-norm hidden states (B, T, E), the updated cache (None when none was given) and,
+    for mixture-of-experts models, per-layer routing statistics of the valid tokens."""
 
     hidden: jnp.ndarray
     cache: KVCache | None
+    router: moe.RouterStats | None = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -223,19 +229,46 @@ class MLP(nn.Module):
         return hidden @ down.astype(dt)
 
 
-class Block(nn.Module):
-    """One pre-norm decoder layer; a scan body (carry = hidden states, xs = this layer's cache)."""
+class MoE(nn.Module):
+    """Mixtral sparse MoE block: float32 top-k router, then routed SwiGLU experts (grit_jax.moe)."""
 
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x, kv, cos, sin, mask, offsets):
+    def __call__(self, x, valid):
+        c, dt = self.config, self.config.jnp_dtype
+        n_exp, e, m = c.num_experts, c.hidden_size, c.intermediate_size
+        router = _param(self, "router", (e, n_exp), ("embed", None), c)
+        gate = _param(self, "gate", (n_exp, e, m), ("expert", "embed", "mlp"), c)
+        up = _param(self, "up", (n_exp, e, m), ("expert", "embed", "mlp"), c)
+        down = _param(self, "down", (n_exp, m, e), ("expert", "mlp", "embed"), c)
+        b, t, _ = x.shape
+        flat = x.reshape(b * t, e)
+        probs, top_w, top_i = moe.route(flat, router, c.num_experts_per_tok)
+        y = moe.experts(flat, top_w, top_i, gate.astype(dt), up.astype(dt), down.astype(dt),
+                        c.moe_impl)
+        return y.reshape(b, t, e), moe.router_stats(probs, top_i, valid)
+
+
+class Block(nn.Module):
+    """One pre-norm decoder layer; a scan body (carry = hidden states, xs = this layer's cache;
+    outputs: the new cache and, for MoE layers, routing statistics)."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, kv, cos, sin, mask, offsets, valid):
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         attn, new_kv = Attention(self.config, name="attn")(
             RMSNorm(self.config, name="attn_norm")(x), cos, sin, mask, kv, offsets)
         x = x + attn
-        x = x + MLP(self.config, name="mlp")(RMSNorm(self.config, name="mlp_norm")(x))
-        return x, new_kv
+        h = RMSNorm(self.config, name="mlp_norm")(x)
+        stats = None
+        if self.config.is_moe:
+            h, stats = MoE(self.config, name="moe")(h, valid)
+        else:
+            h = MLP(self.config, name="mlp")(h)
+        return x + h, (new_kv, stats)
 
 
 _REMAT = {
@@ -262,7 +295,7 @@ class Transformer(nn.Module):
             block = nn.remat(Block, policy=_REMAT[c.remat_policy], prevent_cse=False)
         self.layers = nn.scan(
             block, variable_axes={"params": 0}, split_rngs={"params": True},
-            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
             length=c.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})(c)
         self.final_norm = RMSNorm(c)
         if not c.tie_word_embeddings:
@@ -299,10 +332,10 @@ class Transformer(nn.Module):
 
         x = self.embed(tokens).astype(c.jnp_dtype)
         kv = None if cache is None else (cache.k, cache.v)
-        x, new_kv = self.layers(x, kv, cos, sin, mask, offsets)
+        x, (new_kv, stats) = self.layers(x, kv, cos, sin, mask, offsets, valid)
         hidden = self.final_norm(x)
         new_cache = None if cache is None else KVCache(new_kv[0], new_kv[1], new_lengths)
-        return Output(hidden, new_cache)
+        return Output(hidden, new_cache, stats)
 
     def logits(self, hidden):
         """LM-head logits in float32 (float64 models: float64); tied embeddings reuse the embedding."""

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+BATCH_AXES = ("data", "fsdp", "expert")  # the expert axis also splits the batch (MaxText-style)
 
 # Logical axis name -> mesh axis (or axes, or None = replicated).
 LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
-    ("batch", ("data", "fsdp")),
+    ("batch", BATCH_AXES),
     ("length", None),
     ("embed", "fsdp"),
     ("vocab", "tensor"),  # the LM head's output axis
@@ -24,6 +25,7 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     # deadlocked XLA:CPU's collectives (seen with jax 0.10.2 on a (2, 2, 2) mesh).
     ("embed_vocab", None),
     ("mlp", "tensor"),
+    ("expert", "expert"),  # a mixture of experts' expert axis: expert parallelism
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("head_dim", None),
@@ -32,10 +34,21 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 )
 
 
-def make_mesh(shape: Sequence[int] = (1, -1, 1), axes: Sequence[str] = MESH_AXES,
-              devices=None) -> Mesh:
-    """A mesh over devices with the given axis sizes; one -1 takes the remaining devices."""
+def make_mesh(shape: Sequence[int] | Mapping[str, int] = (1, -1, 1),
+              axes: Sequence[str] = MESH_AXES, devices=None) -> Mesh:
+    """A mesh over devices with the given axis sizes; one -1 takes the remaining devices.
+
+    shape: sizes in ``axes`` order, a mapping axis -> size (missing axes: 1), or for the default
+    axes a 3-sequence (data, fsdp, tensor) meaning expert = 1.
+    """
     devices = list(jax.devices() if devices is None else devices)
+    if isinstance(shape, Mapping):
+        unknown = sorted(set(shape) - set(axes))
+        if unknown:
+            raise ValueError(f"mesh axes {unknown} unknown (expected some of {tuple(axes)})")
+        shape = [int(shape.get(a, 1)) for a in axes]
+    elif tuple(axes) == MESH_AXES and len(shape) == 3:
+        shape = [shape[0], shape[1], 1, shape[2]]
     shape = list(shape)
     if len(shape) != len(axes):
         raise ValueError(f"mesh shape {shape} does not match axes {tuple(axes)}")
@@ -84,14 +97,15 @@ def check_divisible(boxed_abstract, mesh: Mesh, rules=LOGICAL_RULES) -> None:
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
-    """Sharding of a batch-major array: batch over (data, fsdp), the rest replicated."""
+    """Sharding of a batch-major array: batch over (data, fsdp, expert), the rest replicated."""
     return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1)))
 
 
-def batch_shards() -> int:
-    """How many ways the mesh in scope splits the batch (data x fsdp); 1 outside any mesh."""
-    mesh = jax.sharding.get_abstract_mesh()
-    return 1 if mesh.empty else math.prod(mesh.shape.get(a, 1) for a in ("data", "fsdp"))
+def batch_shards(mesh=None) -> int:
+    """How many ways a mesh (default: the one in scope) splits the batch (data x fsdp x
+    expert); 1 outside any mesh."""
+    mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+    return 1 if mesh.empty else math.prod(mesh.shape.get(a, 1) for a in BATCH_AXES)
 
 
 @contextlib.contextmanager

@@ -65,17 +65,23 @@ class NonFiniteLoss(RuntimeError):
 
 def validate(config, mesh) -> None:
     """Fail before compiling on configs that cannot work, naming the field."""
+    from grit_jax import sharding
+
     problems = []
+    experts = int(config.model.get("num_experts", 0) or 0)
+    if experts and experts % mesh.shape["expert"]:
+        problems.append(f"model.num_experts={experts} is not divisible by mesh.expert="
+                        f"{mesh.shape['expert']} (each device holds whole experts)")
     for name in ("total_steps", "checkpoint_every", "log_every", "keep_checkpoints"):
         if int(config[name]) <= 0:
             problems.append(f"{name}={config[name]} must be > 0")
-    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    dp = sharding.batch_shards(mesh)
     for name in ("query_batch", "generative_batch", "group_size"):
         if int(config.data[name]) <= 0:
             problems.append(f"data.{name}={config.data[name]} must be > 0")
         elif name != "group_size" and int(config.data[name]) % dp:
             problems.append(f"data.{name}={config.data[name]} is not divisible by the "
-                            f"data-parallel size {dp} (mesh data x fsdp)")
+                            f"data-parallel size {dp} (mesh data x fsdp x expert)")
     chunk = int(config.loss.get("grad_cache_chunk", 0))
     if chunk > 0 and config.loss.mode != "generative":
         passages = int(config.data.query_batch) * int(config.data.group_size)
@@ -116,11 +122,15 @@ def peak_flops(config) -> float | None:
 
 
 def step_flops(model_cfg, batch) -> float:
-    """Training FLOPs of one batch: 6 x matmul parameters x tokens, the LM head on generative
-    tokens only, and the attention scores (12 x layers x heads x head_dim x length^2)."""
+    """Training FLOPs of one batch: 6 x matmul parameters x tokens (for a mixture of experts,
+    the router and the k experts a token uses), the LM head on generative tokens only, and the
+    attention scores (12 x layers x heads x head_dim x length^2)."""
     c = model_cfg
     e, d = c.hidden_size, c.resolved_head_dim
-    body = c.num_layers * (e * d * (2 * c.num_heads + 2 * c.num_kv_heads) + 3 * e * c.intermediate_size)
+    mlp = 3 * e * c.intermediate_size
+    if c.is_moe:
+        mlp = c.num_experts_per_tok * mlp + e * c.num_experts
+    body = c.num_layers * (e * d * (2 * c.num_heads + 2 * c.num_kv_heads) + mlp)
     total = 0.0
     for prefix in ("query", "passage", "gen"):
         if f"{prefix}_valid" not in batch:
@@ -181,7 +191,7 @@ def train(config, workdir: str) -> list[dict]:
     # ----------------------------------------------------------------------------------------
     # Config, mesh, model, data
     # ----------------------------------------------------------------------------------------
-    mesh = sharding.make_mesh([int(config.mesh[a]) for a in sharding.MESH_AXES])
+    mesh = sharding.make_mesh(config.mesh.to_dict())
     validate(config, mesh)
     os.makedirs(workdir, exist_ok=True)
     lc = LossConfig(**config.loss.to_dict())

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from grit_jax import moe
 from grit_jax.config import ModelConfig
 from grit_jax.embedding import embedding_attention
 from grit_jax.losses import AGGREGATIONS, aggregate, contrastive_loss
@@ -36,7 +37,7 @@ class LossConfig:
     lambda_gen: float = 1.0
     gen_aggregation: str = "mixed"
     gen_sub_batch: int = 32
-    grad_cache_chunk: int = 0  # >0: GradCache, chunks of this many sequences (global: a multiple of data x fsdp)
+    grad_cache_chunk: int = 0  # >0: GradCache, chunks of this many sequences (global: a multiple of data x fsdp x expert)
     split_emb: bool = False  # back-propagate queries and passages in two passes
     logits_chunk: int = 1024  # tokens per chunk of the LM head (bounds logits memory)
 
@@ -112,11 +113,25 @@ def token_ce(params, config: ModelConfig, hidden, ids, chunk: int):
 
 
 def gen_loss(params, config: ModelConfig, lc: LossConfig, batch):
-    """The generative loss of batch['gen_*'] (causal attention)."""
-    hidden = forward(params, config, batch["gen_ids"], batch["gen_valid"], mode="causal").hidden
-    ce = token_ce(params, config, hidden, batch["gen_ids"], lc.logits_chunk)
+    """(The generative loss of batch['gen_*'] (causal attention), metrics).
+
+    For a mixture of experts the router's load-balancing loss over the generative tokens is
+    added with ``config.router_aux_loss_coef``, as transformers' MixtralForCausalLM adds it to
+    its LM loss; the metrics then hold it (``loss_aux``) and each expert's share of the
+    assignments (``expert_frac_<i>``).
+    """
+    out = forward(params, config, batch["gen_ids"], batch["gen_valid"], mode="causal")
+    ce = token_ce(params, config, out.hidden, batch["gen_ids"], lc.logits_chunk)
     mask = batch["gen_loss"][:, 1:] * batch["gen_valid"][:, 1:]
-    return aggregate(ce, mask, lc.gen_aggregation, lc.gen_sub_batch)
+    lm = aggregate(ce, mask, lc.gen_aggregation, lc.gen_sub_batch)
+    metrics = {"loss_gen": lm}
+    if out.router is None:
+        return lm, metrics
+    aux = moe.load_balancing_loss(out.router, config.num_experts_per_tok)
+    metrics["loss_aux"] = aux
+    for i, f in enumerate(moe.expert_fractions(out.router, config.num_experts_per_tok)):
+        metrics[f"expert_frac_{i}"] = f
+    return lm + config.router_aux_loss_coef * aux, metrics
 
 
 def _q(batch):
@@ -140,7 +155,7 @@ def _chunks(arrays, size):
         raise ValueError(f"grad_cache_chunk={size} must divide the batch ({n} sequences)")
     if size % shards:
         raise ValueError(f"grad_cache_chunk={size} must be a multiple of the batch shards "
-                         f"({shards} = mesh data x fsdp): each chunk is split over them")
+                         f"({shards} = mesh data x fsdp x expert): each chunk is split over them")
     return tuple(shard_chunks(a, n // size, shards) for a in arrays)
 
 
@@ -188,12 +203,15 @@ def rep_loss_and_grad_split(params, config, lc, batch):
 
 
 def loss_and_grads(params, config: ModelConfig, lc: LossConfig, batch):
-    """(metrics with loss, loss_rep, loss_gen; gradients of the total) for one batch."""
+    """(metrics with loss, loss_rep, loss_gen (+ loss_aux, expert_frac_<i> for a mixture of
+    experts); gradients of the total) for one batch."""
     zeros = jax.tree.map(jnp.zeros_like, params)
     loss_rep, g_rep = jnp.float32(0.0), zeros
     loss_gen, g_gen = jnp.float32(0.0), zeros
+    gen_metrics = {"loss_gen": loss_gen}
     if lc.mode != "embedding":  # generative first, as the reference does
-        loss_gen, g_gen = jax.value_and_grad(gen_loss)(params, config, lc, batch)
+        (loss_gen, gen_metrics), g_gen = jax.value_and_grad(gen_loss, has_aux=True)(
+            params, config, lc, batch)
     if lc.mode != "generative":
         if lc.grad_cache_chunk:
             loss_rep, g_rep = rep_loss_and_grad_cached(params, config, lc, batch)
@@ -203,7 +221,7 @@ def loss_and_grads(params, config: ModelConfig, lc: LossConfig, batch):
             loss_rep, g_rep = jax.value_and_grad(rep_loss)(params, config, lc, batch)
     grads = jax.tree.map(lambda a, b: a + lc.lambda_gen * b, g_rep, g_gen)
     loss = loss_rep + lc.lambda_gen * loss_gen
-    return {"loss": loss, "loss_rep": loss_rep, "loss_gen": loss_gen}, grads
+    return {"loss": loss, "loss_rep": loss_rep, **gen_metrics}, grads
 
 
 # ----------------------------------------------------------------------------------------------

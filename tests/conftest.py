@@ -39,6 +39,12 @@ def mistral_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def mixtral_dir(tmp_path_factory):
+    """A random tiny MixtralForCausalLM (3 experts, top-2) with the real Mistral tokenizer."""
+    return hf_models.save_tiny(tmp_path_factory.mktemp("mixtral"), "mixtral", seed=0)
+
+
+@pytest.fixture(scope="session")
 def llama_dir(tmp_path_factory):
     """A random tiny LlamaForCausalLM (tied embeddings, llama3 rope scaling) saved by transformers."""
     return hf_models.save_tiny(tmp_path_factory.mktemp("llama"), "llama", seed=1)

@@ -27,16 +27,23 @@ CONFIGS = {
                   rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
                                    "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                    "original_max_position_embeddings": 64}),
+    # 3 experts (not a power of two), top-2, grouped-query heads, untied head
+    "mixtral": dict(vocab_size=32000, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, num_local_experts=3,
+                    num_experts_per_tok=2, rope_theta=1e6, sliding_window=None,
+                    tie_word_embeddings=False, rms_norm_eps=1e-5, max_position_embeddings=512),
 }
 
 
 def build(family: str, seed: int = 0, **overrides):
     """A random tiny transformers causal LM in float32, eval mode."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
+                              MixtralConfig, MixtralForCausalLM)
 
     cfg_cls, model_cls = {"mistral": (MistralConfig, MistralForCausalLM),
-                          "llama": (LlamaConfig, LlamaForCausalLM)}[family]
+                          "llama": (LlamaConfig, LlamaForCausalLM),
+                          "mixtral": (MixtralConfig, MixtralForCausalLM)}[family]
     kw = dict(CONFIGS[family])
     kw.update(overrides)
     torch.manual_seed(seed)
@@ -45,7 +52,22 @@ def build(family: str, seed: int = 0, **overrides):
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.copy_(1 + 0.1 * torch.randn_like(p))
+        if family == "mixtral":
+            randomise_moe(model)
     return model
+
+
+def randomise_moe(model):
+    """Experts at fan-in scale (default init leaves their output ~1e-3, too small to tell them
+    apart) and a router with logits of std ~2, so routing is decisive and not near-uniform."""
+    import torch
+
+    with torch.no_grad():  # 5.x names (mlp.experts.gate_up_proj, mlp.gate) or 4.x (block_sparse_moe)
+        for name, p in model.named_parameters():
+            if ".experts." in name:
+                p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5)
+            elif name.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight")):
+                p.copy_(2 * torch.randn_like(p) / p.shape[-1] ** 0.5)
 
 
 def write_tokenizer(directory):

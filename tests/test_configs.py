@@ -9,7 +9,8 @@ from grit_jax.train_step import LossConfig
 
 
 @pytest.mark.parametrize("name", ["tiny", "tiny_embedding", "tiny_generative", "tiny_cccc_weightedmean",
-                                  "smollm2_grit", "gritlm_7b"])
+                                  "smollm2_grit", "gritlm_7b", "tiny_moe",
+                                  "gritlm_8x7b"])
 def test_config_builds(name):
     c = importlib.import_module(f"configs.{name}").get_config()
     model = ModelConfig(**c.model.to_dict())
@@ -19,6 +20,10 @@ def test_config_builds(name):
     if name == "gritlm_7b":
         assert 7.0e9 < model.num_params() < 7.5e9
         assert (loss.grad_cache_chunk, c.data.query_batch, c.optim.lr) == (256, 2048, 2e-5)
+    if name == "gritlm_8x7b":  # Mixtral-8x7B: 46.7B parameters, 12.9B active per token
+        assert 46.5e9 < model.num_params() < 47e9
+        assert 12.8e9 < model.num_params(active=True) < 13e9
+        assert (loss.lambda_gen, loss.gen_aggregation, loss.split_emb) == (0.003, "token", True)
 
 
 def test_float64_needs_x64():

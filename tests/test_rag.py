@@ -59,6 +59,22 @@ def test_cached_generation_equals_uncached_with_causal_embeddings(causal_rag, ca
         assert a.tokens == uncached(causal_rag, q, cache, a.doc_ids, 12), (cache, q)
 
 
+@pytest.mark.parametrize("attn", ["cccc", "bbcc"])
+def test_mixture_of_experts_rag(mixtral_dir, tmp_path, attn):
+    """A Mixtral serves the same RAG API; with causal embeddings every cached answer equals the
+    uncached one, with bidirectional ones it still answers in every mode."""
+    model = GritLM.from_pretrained(mixtral_dir, attn=attn)
+    assert model.config.is_moe
+    rag = RAG.build(model, DOCS, str(tmp_path / "index"), batch_size=4)
+    for cache in ("doc", "query"):
+        for q, a in zip(QUERIES, rag.answer(QUERIES, cache=cache, max_new_tokens=8)):
+            assert a.cached_tokens > 5 and len(a.tokens) == 8
+            if attn == "cccc":
+                assert a.tokens == uncached(rag, q, cache, a.doc_ids, 8), (cache, q)
+    assert all(len(a.tokens) == 8 for a in rag.answer(QUERIES, cache="query-doc",
+                                                      max_new_tokens=8))
+
+
 def test_bidirectional_embedding_states_differ_from_causal(causal_rag, bidir_rag):
     c, b = causal_rag.store[1], bidir_rag.store[1]
     assert c.ids.tolist() == b.ids.tolist()

@@ -32,9 +32,9 @@ def data_dir(tmp_path_factory):
     return str(out)
 
 
-def launch(workdir, data_dir, *extra):
+def launch(workdir, data_dir, *extra, config="configs/tiny.py"):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    cmd = [sys.executable, "-m", "grit_jax.train", "--config", "configs/tiny.py",
+    cmd = [sys.executable, "-m", "grit_jax.train", "--config", config,
            "--workdir", str(workdir), f"--config.data.data_dir={data_dir}", *SMALL, *extra]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             cwd=os.path.dirname(os.path.dirname(__file__)))
@@ -89,6 +89,21 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, data_dir):
         for k in ("loss", "loss_rep", "loss_gen", "grad_norm", "lr"):
             assert resumed[step][k] == pytest.approx(row[k], rel=1e-6, abs=1e-7), (step, k)
     assert full[16]["loss_rep"] < full[1]["loss_rep"]
+
+
+def test_mixture_of_experts_trains_and_resumes(tmp_path, data_dir):
+    moe = dict(config="configs/tiny_moe.py")
+    rc, out = finish(launch(tmp_path / "m", data_dir, "--config.total_steps=4", **moe))
+    assert rc == 0, out[-3000:]
+    rc, out = finish(launch(tmp_path / "m", data_dir, "--config.total_steps=6", **moe))
+    assert rc == 0 and "resumed from step 4" in out, out[-3000:]
+    rows = losses(tmp_path / "m")
+    assert sorted(rows) == list(range(1, 7))
+    for row in rows.values():
+        assert row["loss_aux"] >= 2.0 - 1e-4  # top-2 balancing loss: 2 when perfectly balanced
+        assert sum(row[f"expert_frac_{i}"] for i in range(8)) == pytest.approx(1.0, abs=1e-5)
+        assert row["loss"] == pytest.approx(row["loss_rep"] + row["loss_gen"]
+                                            + 0.02 * row["loss_aux"], rel=1e-5)
 
 
 def test_sigterm_saves_and_exits(tmp_path, data_dir):

@@ -86,16 +86,17 @@ def test_invalid_loss_config():
         LossConfig(gen_aggregation="median")
 
 
-def _run(params, mesh_shape, steps=2, **overrides):
+def _run(params, mesh_shape, steps=2, cfg=CFG, **overrides):
+    """Metrics of `steps` train steps on one device (mesh_shape None) or a mesh, and the state."""
     tx, schedule = make_optimizer(1e-3, total_steps=10, warmup_ratio=0.1)
     lc = LossConfig(gen_sub_batch=4, **{**LC_OVERRIDES, **overrides})
     if mesh_shape is None:
-        step = jax.jit(lambda s, b: train_step(s, b, config=CFG, lc=lc, tx=tx, schedule=schedule))
+        step = jax.jit(lambda s, b: train_step(s, b, config=cfg, lc=lc, tx=tx, schedule=schedule))
         state = init_state(params, tx)
     else:
         mesh = sharding.make_mesh(mesh_shape)
-        sh = state_shardings(CFG, tx, mesh)
-        step = jit_train_step(CFG, lc, tx, schedule, mesh, sh)
+        sh = state_shardings(cfg, tx, mesh)
+        step = jit_train_step(cfg, lc, tx, schedule, mesh, sh)
         state = jax.device_put(init_state(jax.tree.map(jnp.array, params), tx), sh)
     history = []
     for s in range(steps):

@@ -1,5 +1,6 @@
-"""``python -m grit_jax.convert {hf-to-grit,grit-to-hf,gguf-to-grit}``: Hugging Face <-> grit_jax
-params, and llama-architecture GGUF (llama.cpp) files -> grit_jax params."""
+"""``python -m grit_jax.convert {hf-to-grit,grit-to-hf,gguf-to-grit}``: Hugging Face
+(MistralForCausalLM, LlamaForCausalLM, MixtralForCausalLM) <-> grit_jax params, and
+llama-architecture GGUF (llama.cpp) files -> grit_jax params."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m grit_jax.convert", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     a = sub.add_parser("hf-to-grit", help="Hugging Face directory -> Orbax params directory")
-    a.add_argument("--hf", required=True, help="directory with config.json + safetensors")
+    a.add_argument("--hf", required=True, help="directory with config.json + safetensors "
+                   "(model_type mistral, llama or mixtral)")
     a.add_argument("--out", required=True, help="params directory to write")
     a.add_argument("--param-dtype", default="float32", choices=["float32", "bfloat16"])
     b = sub.add_parser("grit-to-hf", help="Orbax params directory -> Hugging Face directory")

@@ -1,9 +1,16 @@
-"""Hugging Face <-> grit_jax conversion for MistralForCausalLM and LlamaForCausalLM, tensor by tensor.
+"""Hugging Face <-> grit_jax conversion for MistralForCausalLM, LlamaForCausalLM and
+MixtralForCausalLM, tensor by tensor.
 
 Import reads ``model.safetensors`` or a sharded ``model.safetensors.index.json`` one tensor at a
 time into preallocated stacked arrays (one copy of the model in memory), checks every shape and
 that every tensor arrived, then writes an Orbax params checkpoint. Export reads the checkpoint
 and writes safetensors shards one shard at a time (peak: the model plus one shard).
+
+Mixtral experts use the per-expert layout that transformers' ``save_pretrained`` writes (and
+4.x and 5.x both load): ``model.layers.N.block_sparse_moe.gate.weight`` (the router) and
+``model.layers.N.block_sparse_moe.experts.M.w1/w3/w2.weight`` (gate/up/down), one HF tensor per
+(layer, expert) slot of grit_jax's ``layers/moe/*`` arrays. The fused in-memory layout of
+transformers 5.x (``mlp.experts.gate_up_proj``) is refused.
 """
 
 from __future__ import annotations
@@ -19,7 +26,11 @@ from grit_jax import checkpoint
 from grit_jax.config import ModelConfig, RopeScaling
 from grit_jax.data.tokenizers import load_tokenizer
 
-SUPPORTED = {"mistral": "MistralForCausalLM", "llama": "LlamaForCausalLM"}
+SUPPORTED = {"mistral": "MistralForCausalLM", "llama": "LlamaForCausalLM",
+             "mixtral": "MixtralForCausalLM"}
+SLIDING_WINDOW_FAMILIES = ("mistral", "mixtral")
+# Defaults of config.json fields where transformers' MixtralConfig differs from the others'.
+FAMILY_DEFAULTS = {"mixtral": {"rope_theta": 1e6, "rms_norm_eps": 1e-5}}
 SAFE_SINGLE = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 REQUIRED_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -46,7 +57,8 @@ def config_from_hf(hf: dict, source: str = "config.json", **overrides) -> ModelC
             raise ValueError(f"{source}: {flag}=true is not supported")
     rope = dict(hf.get("rope_parameters") or {})
     legacy = hf.get("rope_scaling") or {}
-    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    defaults = {"rope_theta": 10000.0, "rms_norm_eps": 1e-6, **FAMILY_DEFAULTS.get(mt, {})}
+    theta = rope.get("rope_theta", hf.get("rope_theta", defaults["rope_theta"]))
     kind = rope.get("rope_type", legacy.get("rope_type", legacy.get("type", "default")))
     scaling_src = rope if rope.get("rope_type") not in (None, "default") else legacy
     scaling = None
@@ -77,16 +89,41 @@ def config_from_hf(hf: dict, source: str = "config.json", **overrides) -> ModelC
         head_dim=None if head_dim is None else int(head_dim),
         rope_theta=float(theta),
         rope_scaling=scaling,
-        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        rms_norm_eps=float(hf.get("rms_norm_eps", defaults["rms_norm_eps"])),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        sliding_window=hf.get("sliding_window") if mt == "mistral" else None,
+        sliding_window=hf.get("sliding_window") if mt in SLIDING_WINDOW_FAMILIES else None,
         max_position_embeddings=int(hf.get("max_position_embeddings", 32768)),
         initializer_range=float(hf.get("initializer_range", 0.02)),
         bos_token_id=int(hf.get("bos_token_id") if hf.get("bos_token_id") is not None else 1),
         eos_token_id=int(eos[0] if isinstance(eos, list) else (eos if eos is not None else 2)),
     )
+    if mt == "mixtral":
+        cfg.update(_moe_from_hf(hf, source))
     cfg.update(overrides)
-    return ModelConfig(**cfg)
+    try:
+        return ModelConfig(**cfg)
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
+
+
+def _moe_from_hf(hf: dict, source: str) -> dict:
+    """ModelConfig's MoE fields from a MixtralConfig dict; unsupported values name the field."""
+    if hf.get("num_local_experts") is None:
+        raise ValueError(f"{source}: missing required field 'num_local_experts' (experts per "
+                         f"layer of a mixtral model)")
+    experts = int(hf["num_local_experts"])
+    if experts < 1:
+        raise ValueError(f"{source}: num_local_experts={experts} (must be >= 1)")
+    per_tok = int(hf.get("num_experts_per_tok", 2))
+    if not 1 <= per_tok <= experts:
+        raise ValueError(f"{source}: num_experts_per_tok={per_tok} must be in "
+                         f"[1, num_local_experts={experts}]")
+    jitter = float(hf.get("router_jitter_noise") or 0.0)
+    if jitter > 0:
+        raise ValueError(f"{source}: router_jitter_noise={jitter} is not supported (router "
+                         f"jitter is not implemented; set it to 0.0)")
+    return dict(num_experts=experts, num_experts_per_tok=per_tok,
+                router_aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)))
 
 
 def config_to_hf(c: ModelConfig, torch_dtype: str = "float32") -> dict:
@@ -122,17 +159,21 @@ def config_to_hf(c: ModelConfig, torch_dtype: str = "float32") -> dict:
         hf["rope_scaling"] = rs
         params.update(rs)
     hf["rope_parameters"] = params
-    if c.family == "mistral":
+    if c.family in SLIDING_WINDOW_FAMILIES:
         hf["sliding_window"] = c.sliding_window
     else:
         hf.update(attention_bias=False, mlp_bias=False, pretraining_tp=1)
+    if c.is_moe:
+        hf.update(num_local_experts=c.num_experts, num_experts_per_tok=c.num_experts_per_tok,
+                  router_aux_loss_coef=c.router_aux_loss_coef, router_jitter_noise=0.0,
+                  output_router_logits=False)
     return hf
 
 
 # ----------------------------------------------------------------------------------------------
 # Tensor name mapping
 # ----------------------------------------------------------------------------------------------
-# (HF name pattern, grit path, HF -> grit, grit -> HF); {i} is the layer index.
+# (HF name pattern, grit path, HF -> grit, grit -> HF); {i} is the layer index, {j} the expert.
 def _layouts(c: ModelConfig):
     e, d, h, g = c.hidden_size, c.resolved_head_dim, c.num_heads, c.num_kv_heads
 
@@ -151,13 +192,28 @@ def _layouts(c: ModelConfig):
         ("model.layers.{i}.self_attn.k_proj.weight", ("layers", "attn", "k"), *qkv(g)),
         ("model.layers.{i}.self_attn.v_proj.weight", ("layers", "attn", "v"), *qkv(g)),
         ("model.layers.{i}.self_attn.o_proj.weight", ("layers", "attn", "o"), *o),
-        ("model.layers.{i}.mlp.gate_proj.weight", ("layers", "mlp", "gate"), *t),
-        ("model.layers.{i}.mlp.up_proj.weight", ("layers", "mlp", "up"), *t),
-        ("model.layers.{i}.mlp.down_proj.weight", ("layers", "mlp", "down"), *t),
     ]
+    if c.is_moe:
+        moe = "model.layers.{i}.block_sparse_moe."
+        rows += [
+            (moe + "gate.weight", ("layers", "moe", "router"), *t),
+            (moe + "experts.{j}.w1.weight", ("layers", "moe", "gate"), *t),
+            (moe + "experts.{j}.w3.weight", ("layers", "moe", "up"), *t),
+            (moe + "experts.{j}.w2.weight", ("layers", "moe", "down"), *t),
+        ]
+    else:
+        rows += [
+            ("model.layers.{i}.mlp.gate_proj.weight", ("layers", "mlp", "gate"), *t),
+            ("model.layers.{i}.mlp.up_proj.weight", ("layers", "mlp", "up"), *t),
+            ("model.layers.{i}.mlp.down_proj.weight", ("layers", "mlp", "down"), *t),
+        ]
     if not c.tie_word_embeddings:
         rows.append(("lm_head.weight", ("lm_head", "kernel"), *t))
     return rows
+
+
+TRANSPOSED = ("gate_proj.weight", "up_proj.weight", "down_proj.weight", "lm_head.weight",
+              "block_sparse_moe.gate.weight", ".w1.weight", ".w2.weight", ".w3.weight")
 
 
 def _hf_shape(c: ModelConfig, name: str, grit_shape) -> tuple:
@@ -168,19 +224,35 @@ def _hf_shape(c: ModelConfig, name: str, grit_shape) -> tuple:
         return (g * d, e)
     if name.endswith("o_proj.weight"):
         return (e, h * d)
-    if name.endswith(("gate_proj.weight", "up_proj.weight", "down_proj.weight", "lm_head.weight")):
+    if name.endswith(TRANSPOSED):
         return tuple(reversed(grit_shape))
     return tuple(grit_shape)
 
 
-def hf_tensor_names(c: ModelConfig) -> Iterator[tuple[str, tuple, int | None, Callable, Callable]]:
-    """Every HF tensor of the model: (name, grit path, layer index or None, to_grit, to_hf)."""
+Index = int | tuple[int, int] | None
+
+
+def hf_tensor_names(c: ModelConfig) -> Iterator[tuple[str, tuple, Index, Callable, Callable]]:
+    """Every HF tensor of the model: (name, grit path, index, to_grit, to_hf); the tensor is
+    ``array[index]`` of the grit array at path: index is None (the whole array), the layer, or
+    (layer, expert) for Mixtral's per-expert tensors."""
     for pattern, path, to_grit, to_hf in _layouts(c):
-        if "{i}" in pattern:
+        if "{j}" in pattern:
+            for i in range(c.num_layers):
+                for j in range(c.num_experts):
+                    yield pattern.format(i=i, j=j), path, (i, j), to_grit, to_hf
+        elif "{i}" in pattern:
             for i in range(c.num_layers):
                 yield pattern.format(i=i), path, i, to_grit, to_hf
         else:
             yield pattern, path, None, to_grit, to_hf
+
+
+def slot_shape(shape: tuple, index: Index) -> tuple:
+    """Shape of ``array[index]`` for an array of the given shape (see hf_tensor_names)."""
+    if index is None:
+        return tuple(shape)
+    return tuple(shape[len(index) if isinstance(index, tuple) else 1:])
 
 
 def _grit_shapes(c: ModelConfig) -> dict[tuple, tuple]:
@@ -215,6 +287,20 @@ def _safetensors_files(hf_dir: str) -> dict[str, str]:
 
 
 IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+# transformers 5.x's in-memory MoE layout: all experts of a layer in one tensor.
+FUSED_EXPERTS = re.compile(r"experts\.(gate_up_proj|down_proj)|(^|\.)mlp\.experts\.(?!\d+\.)")
+
+
+def refuse_fused_experts(files: dict[str, str]) -> None:
+    """Error naming the first fused-expert tensor (and its file), if any: experts are read in
+    the per-expert layout that save_pretrained writes."""
+    for name in sorted(files):
+        if FUSED_EXPERTS.search(name):
+            raise ValueError(
+                f"{files[name]}: tensor {name} holds fused experts (transformers' in-memory "
+                f"layout); expected the per-expert layout model.layers.N.block_sparse_moe."
+                f"experts.M.w1/w2/w3.weight that save_pretrained writes (re-save the model with "
+                f"transformers' save_pretrained)")
 
 
 class StackedParams:
@@ -225,27 +311,22 @@ class StackedParams:
         self.shapes = _grit_shapes(config)
         self.dtype = np.dtype(config.jnp_param_dtype)
         self.arrays = {k: np.empty(s, self.dtype) for k, s in self.shapes.items()}
-        # HF name -> (grit path, layer index or None, HF -> grit transform)
-        self.expected = {name: (path, i, to_grit)
-                         for name, path, i, to_grit, _ in hf_tensor_names(config)}
+        # HF name -> (grit path, index (see hf_tensor_names), HF -> grit transform)
+        self.expected = {name: (path, index, to_grit)
+                         for name, path, index, to_grit, _ in hf_tensor_names(config)}
 
     def hf_shape(self, name: str) -> tuple:
         """The shape the HF tensor ``name`` must have."""
-        path, layer, _ = self.expected[name]
-        return _hf_shape(self.config, name, self.shapes[path][1:] if layer is not None
-                         else self.shapes[path])
+        path, index, _ = self.expected[name]
+        return _hf_shape(self.config, name, slot_shape(self.shapes[path], index))
 
     def put(self, name: str, w: np.ndarray, where: str) -> None:
         """Check w's shape (the error names ``where``) and place it."""
         want = self.hf_shape(name)
         if tuple(w.shape) != want:
             raise ValueError(f"{where}: tensor {name} has shape {tuple(w.shape)}, expected {want}")
-        path, layer, to_grit = self.expected[name]
-        w = to_grit(w).astype(self.dtype)
-        if layer is None:
-            self.arrays[path][...] = w
-        else:
-            self.arrays[path][layer] = w
+        path, index, to_grit = self.expected[name]
+        self.arrays[path][... if index is None else index] = to_grit(w).astype(self.dtype)
 
     def params(self):
         """The nested params, handed to jax (zero-copy on CPU: Orbax then stages one copy, not two)."""
@@ -270,6 +351,8 @@ def read_hf(hf_dir: str, *, param_dtype: str = "float32", **config_overrides):
     stacked = StackedParams(config)
     expected = stacked.expected
     files = _safetensors_files(hf_dir)
+    if config.is_moe:
+        refuse_fused_experts(files)
     unexpected = sorted(n for n in files if n not in expected and not IGNORED.search(n)
                         and not (n == "lm_head.weight" and config.tie_word_embeddings))
     if unexpected:
@@ -293,7 +376,7 @@ def read_hf(hf_dir: str, *, param_dtype: str = "float32", **config_overrides):
 
 
 def hf_to_grit(hf_dir: str, out_dir: str, *, param_dtype: str = "float32") -> ModelConfig:
-    """Convert a Hugging Face Mistral/Llama directory into a grit_jax params directory."""
+    """Convert a Hugging Face Mistral/Llama/Mixtral directory into a grit_jax params directory."""
     config, params = read_hf(hf_dir, param_dtype=param_dtype)
     checkpoint.save_params(out_dir, params, config)
     try:
@@ -327,15 +410,14 @@ def write_hf(params, config: ModelConfig, out_dir: str, *, dtype: str | None = N
     itemsize = jnp.dtype(dtype).itemsize
     # Plan shards from shapes alone, then materialise one shard at a time.
     plan, cur, cur_bytes = [], [], 0
-    for name, path, layer, _, to_hf in hf_tensor_names(config):
+    for name, path, index, _, to_hf in hf_tensor_names(config):
         if path not in flat:
             raise ValueError(f"params lack {'/'.join(path)} (needed for {name})")
-        shape = flat[path].shape[1:] if layer is not None else flat[path].shape
-        nbytes = int(np.prod(shape)) * itemsize
+        nbytes = int(np.prod(slot_shape(flat[path].shape, index))) * itemsize
         if cur and cur_bytes + nbytes > max_shard_bytes:
             plan.append(cur)
             cur, cur_bytes = [], 0
-        cur.append((name, path, layer, to_hf))
+        cur.append((name, path, index, to_hf))
         cur_bytes += nbytes
     plan.append(cur)
     n = len(plan)
@@ -343,8 +425,8 @@ def write_hf(params, config: ModelConfig, out_dir: str, *, dtype: str | None = N
     for s, shard in enumerate(plan):
         fname = SAFE_SINGLE if n == 1 else f"model-{s + 1:05d}-of-{n:05d}.safetensors"
         tensors = {}
-        for name, path, layer, to_hf in shard:
-            w = np.asarray(flat[path] if layer is None else flat[path][layer])
+        for name, path, index, to_hf in shard:
+            w = np.asarray(flat[path] if index is None else flat[path][index])
             tensors[name] = np.ascontiguousarray(to_hf(w).astype(jnp.dtype(dtype)))
             weight_map[name] = fname
             total += tensors[name].nbytes
