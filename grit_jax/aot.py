@@ -162,7 +162,7 @@ def compile_step(config, topology: str, lengths=(256, 2048, 2048)):
         # The compiled program, loops counted by their trip counts (grit_jax.hlo_cost).
         "hlo": {k: cost[k] for k in ("flops", "bytes", "collective_bytes", "compute_s",
                                      "memory_s", "roofline_s", "collective_s", "loops",
-                                     "loop_trips", "unresolved_loops")},
+                                     "loop_trips", "unresolved_loops", "kernel_flops")},
         "hlo_flops_over_model": cost["flops"] / (model_flops / n),
         "estimated_step_s": {"overlapped": overlapped, "serial": serial},
         "implied_mfu": {"overlapped": model_flops / n / overlapped / peak,

@@ -171,9 +171,27 @@ def dot_flops(instr: Instr, comp: Computation) -> float:
     return 2.0 * math.prod(out) * contracted
 
 
+_KERNEL_COST = re.compile(r'"cost_estimate":\s*\{([^}]*)\}')
+
+
+def kernel_cost(instr: Instr, comp: Computation) -> tuple[float, float | None] | None:
+    """(FLOPs, bytes or None) of a TPU kernel custom call, None for other custom calls: the
+    kernel's own cost estimate (Pallas kernels, XLA's grouped matmul), or else 2 x M x N x K for
+    a grouped matmul (``ragged_dot_tiling``).
+    Grouped matmuls count every one of their M rows (an upper bound when the groups leave rows
+    uncovered)."""
+    m = _KERNEL_COST.search(instr.attrs)
+    if m:
+        fields = dict(re.findall(r'"(\w+)":\s*"?([\d.eE+-]+)"?', m.group(1)))
+        moved = fields.get("bytes_accessed")
+        return float(fields.get("flops", 0.0)), None if moved is None else float(moved)
+    if "ragged_dot_tiling" in instr.attrs:
+        return ragged_dot_flops(instr, comp), None
+    return None
+
+
 def ragged_dot_flops(instr: Instr, comp: Computation) -> float:
-    """2 x M x N x K of a TPU grouped-matmul kernel (a custom call with ``ragged_dot_tiling``):
-    every one of its M rows counted, an upper bound when the groups do not cover all rows."""
+    """2 x M x N x K of XLA's TPU grouped matmul (lhs (M, K), result (M, N))."""
     out = shapes(instr.shape)[0][1]
     if len(out) != 2:
         return 0.0
@@ -351,7 +369,7 @@ class Module:
     def analyze(self, peak_flops: float, hbm_bw: float, ici_bw: float) -> dict:
         """Totals per device over one execution of the entry computation."""
         totals = dict(flops=0.0, bytes=0.0, collective_bytes=0.0, compute_s=0.0, memory_s=0.0,
-                      roofline_s=0.0, collective_s=0.0, ragged_dot_flops=0.0)
+                      roofline_s=0.0, collective_s=0.0, kernel_flops=0.0)
         self.loops, self.unresolved_loops = [], []
 
         def walk(name: str, times: float):
@@ -381,10 +399,11 @@ class Module:
                     flops = dot_flops(ins, comp)
                 elif ins.opcode == "convolution":
                     flops = conv_flops(ins, comp)
-                elif ins.opcode == "custom-call" and "ragged_dot_tiling" in ins.attrs:
-                    flops = ragged_dot_flops(ins, comp)
-                    totals["ragged_dot_flops"] += times * flops
                 moved = self.instr_bytes(ins, comp)
+                cost = kernel_cost(ins, comp) if ins.opcode == "custom-call" else None
+                if cost is not None:
+                    flops, moved = cost[0], moved if cost[1] is None else cost[1]
+                    totals["kernel_flops"] += times * flops
                 totals["flops"] += times * flops
                 totals["bytes"] += times * moved
                 totals["compute_s"] += times * flops / peak_flops

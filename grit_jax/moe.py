@@ -8,9 +8,12 @@ capacity, nothing dropped). Three interchangeable kernels compute the experts:
             expert's segment of a buffer whose segments are padded to a whole number of row
             tiles, and a loop over tiles runs each tile through its one expert's SwiGLU. Work
             is ~(tokens x k) rows, whatever the backend. The default off TPU.
-``ragged``  ``jax.lax.ragged_dot`` grouped matmuls over the sorted assignments: native
-            (megablox) on TPU, the default there. XLA:CPU lowers it to a masked dense product
-            over all groups, so it is only a reference on CPU.
+``ragged``  ``jax.lax.ragged_dot`` grouped matmuls over the sorted assignments. XLA:CPU lowers
+            it to a masked dense product over all groups (only a reference there), and XLA:TPU
+            its weight gradient likewise.
+``megablox`` the Pallas grouped-matmul kernels (TPU), with their own weight-gradient kernel:
+            the default on TPU, where ``ragged_dot``'s weight gradient is a dense product over
+            all experts (8x the work for 8 experts; found by AOT-compiling GritLM-8x7B).
 ``dense``   every expert on every token, combined with the (mostly zero) routing weights: the
             simple reference the others are tested against, and the baseline of the benchmark.
 
@@ -28,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-IMPLS = ("tiled", "ragged", "dense")
+IMPLS = ("tiled", "ragged", "megablox", "dense")
 
 
 class RouterStats(NamedTuple):
@@ -161,14 +164,52 @@ def experts_ragged(x, top_w, top_i, gate, up, down):
     return _combine(y, top_w, n, k, x.dtype)
 
 
-KERNELS = {"tiled": experts_tiled, "ragged": experts_ragged, "dense": experts_dense}
+def _megablox_tiling(m: int, k: int, n: int) -> tuple[int, int, int]:
+    """Row, contraction and output tiles of the megablox kernels (k and n may be ragged)."""
+    return (512 if m >= 4096 else 128), min(k, 1024), min(n, 1024)
+
+
+def experts_megablox(x, top_w, top_i, gate, up, down, interpret: bool = False):
+    """Dropless grouped SwiGLU with the Pallas megablox kernels (TPU): ``gmm`` forward and for
+    the input gradient, ``tgmm`` for the expert weights' gradient (XLA lowers the weight
+    gradient of ``ragged_dot`` to a dense product over every expert). ``interpret``: run the
+    kernels in the Pallas interpreter (any backend; for tests)."""
+    from jax.experimental.pallas.ops.tpu.megablox import ops as megablox
+
+    n, k = top_i.shape
+    n_local, d, mlp = gate.shape[0], x.shape[-1], gate.shape[-1]
+    key, _, sizes = _segments(top_i, n_local)
+    order = jnp.argsort(key, stable=True)  # another device's assignments sort last
+    local = (jnp.take(key, order) < n_local)[:, None]
+    rows = jnp.where(local, jnp.take(x, order // k, axis=0), 0)  # rows outside the groups
+    m = n * k                                                    # get no gradient either
+    tm = _megablox_tiling(m, d, mlp)[0]
+    rows = jnp.pad(rows, ((0, -m % tm), (0, 0)))
+
+    def gmm(a, w):
+        return megablox.gmm(a, w, sizes, a.dtype, _megablox_tiling(a.shape[0], *w.shape[1:]),
+                            None, None, False, interpret)
+
+    h = jax.nn.silu(gmm(rows, gate)) * gmm(rows, up)
+    y = jnp.where(local, gmm(h, down)[:m], 0)
+    y = jnp.zeros_like(y).at[order].set(y, unique_indices=True)
+    return _combine(y, top_w, n, k, x.dtype)
+
+
+KERNELS = {"tiled": experts_tiled, "ragged": experts_ragged, "megablox": experts_megablox,
+           "dense": experts_dense}
 
 
 def resolve_impl(impl: str, platform: str | None = None) -> str:
-    """``auto`` -> ``ragged`` on TPU, ``tiled`` elsewhere (platform: default backend's)."""
-    if impl != "auto":
-        return impl
-    return "ragged" if (platform or jax.default_backend()) == "tpu" else "tiled"
+    """``auto`` -> ``megablox`` on TPU, ``tiled`` elsewhere (platform: default backend's).
+    Given the platform explicitly, megablox elsewhere than on TPU is an error (its Mosaic
+    kernels compile only for TPUs); ahead-of-time compilation for TPUs traces on a CPU host."""
+    if impl == "auto":
+        return "megablox" if (platform or jax.default_backend()) == "tpu" else "tiled"
+    if impl == "megablox" and platform is not None and platform != "tpu":
+        raise ValueError(f"moe_impl='megablox' needs a TPU (this backend: {platform}); use "
+                         f"'auto', 'tiled', 'ragged' or 'dense'")
+    return impl
 
 
 # ----------------------------------------------------------------------------------------------
@@ -215,4 +256,7 @@ def experts(x, top_w, top_i, gate, up, down, impl: str = "auto"):
         return jax.lax.psum_scatter(y, "expert", scatter_dimension=0, tiled=True)
 
     return jax.shard_map(local, in_specs=(batch, batch, batch, w_in, w_in, w_out),
-                         out_specs=batch)(x, top_w, top_i, gate, up, down)
+                         out_specs=batch,
+                         # Pallas outputs carry no varying-axes type; the same step with the
+                         # check off equals one device too (checked with the tiled kernel).
+                         check_vma=kernel is not experts_megablox)(x, top_w, top_i, gate, up, down)

@@ -68,6 +68,13 @@ def validate(config, mesh) -> None:
     from grit_jax import sharding
 
     problems = []
+    if config.model.get("family") == "mixtral":
+        from grit_jax.moe import resolve_impl
+
+        try:
+            resolve_impl(config.model.get("moe_impl", "auto"), mesh.devices.flat[0].platform)
+        except ValueError as e:
+            problems.append(f"model.{e}")
     experts = int(config.model.get("num_experts", 0) or 0)
     if experts and experts % mesh.shape["expert"]:
         problems.append(f"model.num_experts={experts} is not divisible by mesh.expert="

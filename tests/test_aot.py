@@ -24,9 +24,9 @@ def env():
     return out
 
 
-def run(*args, tmp_path):
+def run(*args, tmp_path, config="configs/tiny.py"):
     out = tmp_path / "report.json"
-    proc = subprocess.run([sys.executable, "-m", "grit_jax.aot", "--config", "configs/tiny.py",
+    proc = subprocess.run([sys.executable, "-m", "grit_jax.aot", "--config", config,
                            "--topology", "v5p:2x2x2", "--lengths", "64,128,128",
                            "--json", str(out), *args], capture_output=True, text=True,
                           timeout=600, cwd=ROOT, env=env())
@@ -38,7 +38,7 @@ def test_tiny_config_compiles_for_v5p(tmp_path):
     proc, r = run("--config.loss.grad_cache_chunk=8", tmp_path=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert r["chips"] == r["devices"] == 8 and r["device_kind"].startswith("TPU v5")
-    assert r["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1} and r["fits"]
+    assert r["mesh"] == {"data": 1, "fsdp": 8, "expert": 1, "tensor": 1} and r["fits"]
     m = r["per_device_gib"]
     assert 0 < m["arguments"] < m["total"] <= m["hbm"] == 95
     assert r["batch"] == {"query_ids": [8, 64], "passage_ids": [16, 128], "gen_ids": [8, 128]}
@@ -55,6 +55,18 @@ def test_tiny_config_compiles_for_v5p(tmp_path):
     e, u = r["estimated_step_s"], r["implied_mfu"]
     assert r["roofline_step_s"] < e["overlapped"] <= e["serial"]
     assert 0 < u["serial"] <= u["overlapped"] < 1
+
+
+def test_mixture_of_experts_compiles_with_megablox_and_expert_parallelism(tmp_path):
+    """tiny_moe on v5p:2x2x2 with 4 experts per device pair: the Pallas grouped matmuls inside
+    the expert-parallel shard_map compile for the TPU and their FLOPs are counted."""
+    proc, r = run("--config.mesh.expert=2", tmp_path=tmp_path, config="configs/tiny_moe.py")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert r["mesh"] == {"data": 1, "fsdp": 4, "expert": 2, "tensor": 1} and r["fits"]
+    assert r["active_params"] < r["params"] and "active per token" in proc.stdout
+    h = r["hlo"]
+    assert h["unresolved_loops"] == 0 and 0 < h["kernel_flops"] < h["flops"]
+    assert r["hlo_flops_over_model"] > 1.0
 
 
 def test_too_big_exits_1_with_advice(tmp_path):

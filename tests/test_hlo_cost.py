@@ -125,3 +125,32 @@ ENTRY %main (a: f32[8,8]) -> f32[8,8] {
     assert r["loop_trips"] == [10] and r["flops"] == 10 * mm(8, 8, 8)
     with pytest.raises(ValueError, match="no ENTRY"):
         hlo_cost.analyze(text.replace("ENTRY ", ""))
+
+
+def test_tpu_grouped_matmul_sparsecore_and_commented_operands():
+    """A v5p program: a SparseCore computation closes with '}, execution_thread=...', operands
+    carry /*index=N*/ comments, and grouped matmuls are custom calls counted at their full rows."""
+    text = """HloModule m
+
+%sc (a: f32[4], b: f32[4]) -> f32[4] {
+  %a = f32[4]{0} parameter(0)
+  %b = f32[4]{0} parameter(1)
+  ROOT %s = f32[4]{0} add(%a, %b)
+}, execution_thread="sparsecore"
+
+ENTRY %main (g: s32[2], x: bf16[64,32], w: bf16[2,32,48]) -> bf16[64,48] {
+  %g = s32[2]{0} parameter(0)
+  %x = bf16[64,32]{1,0} parameter(1)
+  %w = bf16[2,32,48]{2,1,0} parameter(2)
+  ROOT %r = bf16[64,48]{1,0:T(8,128)(2,1)} custom-call(%g, %g, %g, %g, %g, /*index=5*/%x, %w), custom_call_target="tpu_custom_call", frontend_attributes={ragged_dot_tiling="128,32,48"}
+}
+"""
+    r = hlo_cost.analyze(text)
+    assert r["flops"] == r["kernel_flops"] == mm(64, 32, 48)
+    assert r["bytes"] == 2 * (64 * 48 + 64 * 32 + 2 * 32 * 48) + 4 * 5 * 2
+    # A Pallas kernel states its own cost in its backend config.
+    pallas = text.replace('frontend_attributes={ragged_dot_tiling="128,32,48"}',
+                          'backend_config={"custom_call_config": {"body": "x", "cost_estimate": '
+                          '{"flops": "1000", "transcendentals": "0", "bytes_accessed": "64"}}}')
+    r = hlo_cost.analyze(pallas)
+    assert r["flops"] == r["kernel_flops"] == 1000 and r["bytes"] == 64

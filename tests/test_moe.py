@@ -1,6 +1,8 @@
 """Mixture of experts: routing and balancing loss equal transformers', the grouped kernels equal
 the dense reference (values and gradients), the expert-parallel step equals one device."""
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -12,7 +14,14 @@ from grit_jax.config import ModelConfig, tiny_config
 from grit_jax.model import KVCache, forward, init_params
 from tests.test_train_step import _run, assert_trees_close
 
-KERNELS = ("tiled", "ragged")
+KERNELS = ("tiled", "ragged", "megablox")
+
+
+def kernel_fn(name):
+    """The kernel; megablox in the Pallas interpreter (its Mosaic kernels need a TPU)."""
+    if name == "megablox":
+        return partial(moe.experts_megablox, interpret=True)
+    return moe.KERNELS[name]
 
 
 def routed_inputs(n, d, m, n_exp, k, seed=0, skew=0.0):
@@ -34,25 +43,24 @@ def routed_inputs(n, d, m, n_exp, k, seed=0, skew=0.0):
 def test_grouped_kernels_equal_dense_reference(kernel, n, n_exp, k, skew):
     x, top_w, top_i, (g, u, dn) = routed_inputs(n, 16, 24, n_exp, k, seed=n, skew=skew)
     want = moe.experts_dense(x, top_w, top_i, g, u, dn)
-    got = moe.KERNELS[kernel](x, top_w, top_i, g, u, dn)
+    got = kernel_fn(kernel)(x, top_w, top_i, g, u, dn)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-6, rtol=1e-5)
     if skew > 2:  # some experts receive nothing: empty segments must be handled
         assert len(np.unique(np.asarray(top_i))) < n_exp
 
 
-@pytest.mark.parametrize("tile", [1, 4, 128])
-def test_tiled_kernel_any_tile_and_gradients(tile):
+@pytest.mark.parametrize("kernel", ["tiled:1", "tiled:4", "tiled:128", "ragged", "megablox"])
+def test_grouped_kernel_gradients_equal_dense(kernel):
     x, top_w, top_i, w = routed_inputs(50, 16, 24, 5, 2, seed=3, skew=1.0)
 
     def loss(kernel, x, top_w, *w):
         return jnp.sum(jnp.sin(kernel(x, top_w, top_i, *w)))
 
-    def tiled(*a):
-        return moe.experts_tiled(*a, tile=tile)
-
-    args = range(5)  # tokens, routing weights, gate, up, down
-    want = jax.grad(lambda *a: loss(moe.experts_dense, *a), argnums=tuple(args))(x, top_w, *w)
-    got = jax.grad(lambda *a: loss(tiled, *a), argnums=tuple(args))(x, top_w, *w)
+    name, _, tile = kernel.partition(":")
+    fast = partial(moe.experts_tiled, tile=int(tile)) if tile else kernel_fn(name)
+    args = (0, 1, 2, 3, 4)  # tokens, routing weights, gate, up, down
+    want = jax.grad(lambda *a: loss(moe.experts_dense, *a), argnums=args)(x, top_w, *w)
+    got = jax.grad(lambda *a: loss(fast, *a), argnums=args)(x, top_w, *w)
     for a, b in zip(got, want):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=5e-6, rtol=1e-5)
 
@@ -64,7 +72,7 @@ def test_assignments_to_other_devices_experts_are_ignored():
     local = (top_i >= lo) & (top_i < lo + 2)
     want = moe.experts_dense(x, top_w * local, jnp.where(local, top_i, 0), g, u, dn)
     for kernel in ("dense", *KERNELS):
-        got = moe.KERNELS[kernel](x, top_w, top_i - lo, g[lo:lo + 2], u[lo:lo + 2], dn[lo:lo + 2])
+        got = kernel_fn(kernel)(x, top_w, top_i - lo, g[lo:lo + 2], u[lo:lo + 2], dn[lo:lo + 2])
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-6, rtol=1e-5)
 
 
@@ -90,7 +98,7 @@ def test_moe_block_equals_transformers_mixtral_block(n_exp, k):
               "down": block.experts.down_proj.detach().numpy().transpose(0, 2, 1)}
     from grit_jax.model import MoE
 
-    for impl in ("dense", *KERNELS):
+    for impl in ("dense", "tiled", "ragged"):
         cfg = tiny_config("mixtral", hidden_size=d, intermediate_size=m, num_experts=n_exp,
                           num_experts_per_tok=k, moe_impl=impl)
         got, stats = MoE(cfg).apply({"params": params}, jnp.asarray(x.numpy()),
@@ -186,6 +194,9 @@ def test_bad_moe_configs_name_the_field():
         ModelConfig(num_experts=4)
     with pytest.raises(ValueError, match="moe_impl='fast'"):
         tiny_config("mixtral", moe_impl="fast")
+    with pytest.raises(ValueError, match="megablox.*needs a TPU"):
+        moe.resolve_impl("megablox", "cpu")
+    assert moe.resolve_impl("auto", "tpu") == "megablox" and moe.resolve_impl("auto", "cpu") == "tiled"
     from grit_jax import sharding, train
 
     c = ml_collections.ConfigDict({
@@ -193,4 +204,7 @@ def test_bad_moe_configs_name_the_field():
         "model": {"num_experts": 6}, "data": {"query_batch": 8, "generative_batch": 8,
                                              "group_size": 2}, "loss": {}})
     with pytest.raises(ValueError, match="model.num_experts=6 is not divisible by mesh.expert=4"):
+        train.validate(c, sharding.make_mesh({"expert": 4, "fsdp": 2}))
+    c.model.update({"family": "mixtral", "moe_impl": "megablox", "num_experts": 8})
+    with pytest.raises(ValueError, match="model.moe_impl='megablox' needs a TPU"):
         train.validate(c, sharding.make_mesh({"expert": 4, "fsdp": 2}))
