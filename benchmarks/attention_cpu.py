@@ -8,22 +8,12 @@ Usage: python benchmarks/attention_cpu.py
 
 import json
 import os
-import statistics
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-
-def median(fn, repeats=5):
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+from timing import median_seconds  # benchmarks/timing.py
 
 
 def main():
@@ -40,12 +30,12 @@ def main():
         for causal in (False, True):
             f = jax.jit(lambda q, k, v, c=causal: jax.nn.dot_product_attention(q, k, v, is_causal=c))
             qj, kj, vj = map(jnp.asarray, (q, k, v))
-            xla = median(lambda: f(qj, kj, vj).block_until_ready())
+            xla = median_seconds(lambda: f(qj, kj, vj).block_until_ready())
             qt = torch.from_numpy(q).transpose(1, 2)
             kt = torch.from_numpy(np.repeat(k, heads // kv_heads, 2)).transpose(1, 2)
             vt = torch.from_numpy(np.repeat(v, heads // kv_heads, 2)).transpose(1, 2)
             with torch.no_grad():
-                ref = median(lambda: torch.nn.functional.scaled_dot_product_attention(
+                ref = median_seconds(lambda: torch.nn.functional.scaled_dot_product_attention(
                     qt, kt, vt, is_causal=causal))
                 diff = np.abs(np.asarray(f(qj, kj, vj)) - torch.nn.functional.
                               scaled_dot_product_attention(qt, kt, vt, is_causal=causal)

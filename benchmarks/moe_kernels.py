@@ -11,28 +11,18 @@ Usage: python benchmarks/moe_kernels.py
 
 import json
 import os
-import statistics
 import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from timing import median_seconds  # benchmarks/timing.py
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from grit_jax import moe  # noqa: E402
 
 HIDDEN, MLP, EXPERTS, TOP_K = 512, 1792, 8, 2
-
-
-def median(fn, repeats=5):
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def inputs(tokens, seed=0):
@@ -57,8 +47,8 @@ def main():
                                     argnums=(0, 3, 4, 5)))
             y = np.asarray(fwd(x, top_w, top_i, *w))
             ref = y if ref is None else ref
-            f_s = median(lambda: fwd(x, top_w, top_i, *w).block_until_ready())
-            g_s = median(lambda: jax.block_until_ready(grad(x, top_w, top_i, *w)))
+            f_s = median_seconds(lambda: fwd(x, top_w, top_i, *w).block_until_ready())
+            g_s = median_seconds(lambda: jax.block_until_ready(grad(x, top_w, top_i, *w)))
             row[name] = {"forward_s": round(f_s, 5), "forward_backward_s": round(g_s, 5),
                          "forward_tokens_per_s": round(tokens / f_s),
                          "train_tokens_per_s": round(tokens / g_s),

@@ -17,10 +17,10 @@ import json
 import os
 import platform
 import shutil
-import statistics
 import tempfile
 import time
 
+from timing import median_seconds  # benchmarks/timing.py
 
 MODES = ("rag", "query", "doc", "query-doc", "doc-query")
 NEW_TOKENS = 16
@@ -55,16 +55,6 @@ def long_text(tok, n_tokens):
     if len(ids) <= n_tokens:
         raise ValueError(f"only {len(ids)} tokens of text available")
     return text[:starts[n_tokens]].strip()
-
-
-def median_seconds(fn, repeats):
-    fn()  # warm-up (compilation, caches)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 # ----------------------------------------------------------------------------------------------

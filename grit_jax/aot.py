@@ -214,7 +214,7 @@ def format_report(r) -> str:
         f"{m['total']:.2f} of {m['hbm']:.0f} GiB HBM -> {'fits' if r['fits'] else 'DOES NOT FIT'}",
         f"compiled program per device (loops x trip counts): {h['flops']:.3e} matmul FLOPs "
         f"({r['hlo_flops_over_model']:.2f}x the model's {r['model_flops_per_step'] / r['devices']:.3e}: "
-        f"remat and GradCache recompute), {h['bytes'] / 1e12:.2f} TB HBM traffic, "
+        f"remat and GradCache or split_emb recompute), {h['bytes'] / 1e12:.2f} TB HBM traffic, "
         f"{h['collective_bytes'] / 1e9:.1f} GB sent over ICI; {h['loops']} loops, trips "
         f"{h['loop_trips']}{'' if not h['unresolved_loops'] else ', %d unresolved (counted once)' % h['unresolved_loops']}",
         f"time per step: compute {h['compute_s']:.3g} s, HBM {h['memory_s']:.3g} s, per-op roofline "

@@ -236,7 +236,10 @@ def experts(x, top_w, top_i, gate, up, down, impl: str = "auto"):
     from grit_jax import sharding
 
     ep = _mesh_axis(mesh, "expert")
-    n_exp = gate.shape[0]
+    n_exp, n = gate.shape[0], x.shape[0]
+    pad = -n % math.prod(_mesh_axis(mesh, a) for a in sharding.BATCH_AXES)
+    if pad:  # e.g. one token per step while decoding: zero-weight rows make the split even
+        x, top_w, top_i = (jnp.pad(a, ((0, pad), (0, 0))) for a in (x, top_w, top_i))
     if n_exp % ep:
         raise ValueError(f"num_experts={n_exp} is not divisible by the mesh expert axis ({ep})")
     batch = P(sharding.BATCH_AXES)
@@ -259,4 +262,4 @@ def experts(x, top_w, top_i, gate, up, down, impl: str = "auto"):
                          out_specs=batch,
                          # Pallas outputs carry no varying-axes type; the same step with the
                          # check off equals one device too (checked with the tiled kernel).
-                         check_vma=kernel is not experts_megablox)(x, top_w, top_i, gate, up, down)
+                         check_vma=kernel is not experts_megablox)(x, top_w, top_i, gate, up, down)[:n]

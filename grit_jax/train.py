@@ -303,8 +303,9 @@ def train(config, workdir: str) -> list[dict]:
                         writer.flush()
                     logged.append(row)
                     if lead:
+                        aux = f", router {m['loss_aux']:.3f}" if "loss_aux" in m else ""
                         tqdm.write(f"step {done}: loss {m['loss']:.4f} (rep {m['loss_rep']:.4f}, gen "
-                                   f"{m['loss_gen']:.4f}) lr {m['lr']:.2e} grad_norm "
+                                   f"{m['loss_gen']:.4f}{aux}) lr {m['lr']:.2e} grad_norm "
                                    f"{m['grad_norm']:.3f} {row['tokens_per_s']:.0f} tok/s")
                     t_last, tokens, flops = time.perf_counter(), 0, 0.0
                 # A preempted host stops every host at the same step: they agree on the flag.

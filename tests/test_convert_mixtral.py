@@ -10,14 +10,11 @@ import pytest
 from grit_jax import checkpoint
 from grit_jax.convert import hf
 from grit_jax.convert.__main__ import main as convert_main
-from grit_jax.data import formats
-from grit_jax.generation import generate_ids
 from grit_jax.inference import GritLM
 from grit_jax.model import forward, logits_fn
 from tests import hf_models
 from tests.test_convert_hf import _copy, _edit_config, _rewrite_tensors, padded_batch
 from tests.test_embedding_gritlm import DOCS, INSTRUCTION, QUERIES, gritlm_instruction
-from tests.test_generation import PROMPTS
 
 SMALL = dict(vocab_size=512)  # where the real tokenizer is not needed
 
@@ -158,32 +155,6 @@ def test_embeddings_match_gritlm(mixtral_dir, attn, pooling):
     diff = float(np.abs(got - want).max())
     print(f"mixtral {attn} {pooling}: max |embedding diff| vs gritlm = {diff:.2e}")
     assert got.shape == want.shape and diff <= 1e-4
-
-
-def test_bidirectional_embeddings_differ_from_causal(mixtral_dir):
-    bb = GritLM.from_pretrained(mixtral_dir, attn="bbcc").encode(DOCS)
-    cc = GritLM.from_pretrained(mixtral_dir, attn="cccc").encode(DOCS)
-    assert np.abs(bb - cc).max() > 1e-3
-
-
-def test_greedy_generation_matches_transformers(mixtral_dir):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    ours = GritLM.from_pretrained(mixtral_dir)
-    assert ours.config.family == "mixtral"
-    ref = AutoModelForCausalLM.from_pretrained(mixtral_dir, dtype=torch.float32).eval()
-    new = 12
-    for prompt in PROMPTS:
-        enc = formats.encode_chat(ours.tokenizer, prompt, add_generation_prompt=True)
-        with torch.no_grad():
-            want = ref.generate(torch.tensor(enc.ids[None].astype(np.int64)), max_new_tokens=new,
-                                min_new_tokens=new, do_sample=False, pad_token_id=2)
-        want = want[0, len(enc):].tolist()
-        ids, valid, _ = formats.pad_batch([enc], formats.bucket_length(len(enc), [32, 64]), 2)
-        got, _ = generate_ids(ours.params, ours.config, ids, valid, np.zeros(2, np.uint32),
-                              max_new_tokens=new, eos_id=-1)
-        assert np.asarray(got)[0].tolist() == want, prompt
 
 
 # ------------------------------------------------------------------------------------------------

@@ -53,9 +53,11 @@ def test_embeddings_match_gritlm(mistral_dir, reference_models, attn, pooling, i
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
 
 
-def test_bidirectional_and_causal_embeddings_differ(mistral_dir):
-    bb = GritLM.from_pretrained(mistral_dir, attn="bbcc").encode(DOCS)
-    cc = GritLM.from_pretrained(mistral_dir, attn="cccc").encode(DOCS)
+@pytest.mark.parametrize("family", ["mistral", "mixtral"])
+def test_bidirectional_and_causal_embeddings_differ(request, family):
+    path = request.getfixturevalue(f"{family}_dir")
+    bb = GritLM.from_pretrained(path, attn="bbcc").encode(DOCS)
+    cc = GritLM.from_pretrained(path, attn="cccc").encode(DOCS)
     assert np.abs(bb - cc).max() > 1e-3
 
 

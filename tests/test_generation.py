@@ -12,7 +12,7 @@ PROMPTS = ["What is the capital of France?", "Write a haiku about autumn leaves 
             {"role": "user", "content": "Count to three."}]]
 
 
-@pytest.mark.parametrize("family", ["mistral", "llama"])
+@pytest.mark.parametrize("family", ["mistral", "llama", "mixtral"])
 def test_greedy_matches_transformers(request, family):
     import torch
     from transformers import AutoModelForCausalLM
