@@ -165,8 +165,12 @@ def experts_ragged(x, top_w, top_i, gate, up, down):
 
 
 def _megablox_tiling(m: int, k: int, n: int) -> tuple[int, int, int]:
-    """Row, contraction and output tiles of the megablox kernels (k and n may be ragged)."""
-    return (512 if m >= 4096 else 128), min(k, 1024), min(n, 1024)
+    """Row tile and one tile for both matrix dimensions: the backward pass reuses the tiling with
+    k and n swapped, and Mosaic needs tiles that are multiples of 128 (the last tile of a
+    dimension may be ragged) or whole dimensions."""
+    small = min(k, n)
+    t = next((t for t in (1024, 512, 256, 128) if t <= small), small)
+    return (512 if m >= 4096 else 128), t, t
 
 
 def experts_megablox(x, top_w, top_i, gate, up, down, interpret: bool = False):
