@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import jax
 import numpy as np
@@ -79,10 +79,12 @@ class GritLM:
 
     @classmethod
     def from_pretrained(cls, path: str, *, tokenizer: str | None = None, dtype: str | None = None,
-                        mesh_shape: Sequence[int] | None = None, **kw) -> "GritLM":
+                        mesh_shape: Sequence[int] | Mapping[str, int] | None = None,
+                        **kw) -> "GritLM":
         """Load a params directory, a training workdir or a Hugging Face directory.
 
-        ``mesh_shape`` (data, fsdp, tensor), e.g. ``(1, -1, 1)``: shard over all devices.
+        ``mesh_shape`` (data, fsdp, tensor), e.g. ``(1, -1, 1)``, or a dict over the mesh axes
+        (``{"fsdp": -1}``; see ``grit_jax.sharding.make_mesh``): shard over all devices.
         """
         params, config = load_model(path, dtype=dtype)
         if mesh_shape is not None:
