@@ -124,7 +124,7 @@ def test_global_batch_on_a_mesh(data_dir):
     arrays = global_batch(local, sharding.batch_sharding(mesh), g.pad_id)
     for k, v in local.items():
         assert arrays[k].shape == v.shape
-        assert arrays[k].sharding.spec[0] == ("data", "fsdp")
+        assert arrays[k].sharding.spec[0] == sharding.BATCH_AXES == ("data", "fsdp", "expert")
         np.testing.assert_array_equal(np.asarray(arrays[k]), v)
 
 
