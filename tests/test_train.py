@@ -123,7 +123,7 @@ def test_bad_config_fails_before_compiling(tmp_path, data_dir):
     rc, out = finish(launch(tmp_path / "e", data_dir, "--config.no_such_key=1"))
     assert rc != 0 and "no_such_key" in out
     rc, out = finish(launch(tmp_path / "f", data_dir, "--config.mesh.data=3"))
-    assert rc == 2 and "mesh shape [3, -1, 1]" in out
+    assert rc == 2 and "mesh shape [3, -1, 1, 1]" in out
     rc, out = finish(launch("gs://bucket/run", data_dir))
     assert rc == 1 and "--workdir=gs://bucket/run: object-store URLs are not supported" in out
     assert "--mount-bucket" in out
