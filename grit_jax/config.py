@@ -126,15 +126,21 @@ class ModelConfig:
     def is_moe(self) -> bool:
         return self.family == "mixtral"
 
-    def num_params(self, active: bool = False) -> int:
-        """Parameter count from the shapes alone; ``active``: only the experts a token uses."""
+    def layer_matmul_params(self, active: bool = False) -> int:
+        """Matmul weights of one layer (attention, MLP or experts + router); ``active``: only
+        the experts a token uses."""
         e, m, d = self.hidden_size, self.intermediate_size, self.resolved_head_dim
         attn = e * d * (2 * self.num_heads + 2 * self.num_kv_heads)
         mlp = 3 * e * m
         if self.is_moe:
             used = self.num_experts_per_tok if active else self.num_experts
             mlp = used * mlp + e * self.num_experts  # experts + router
-        per_layer = attn + mlp + 2 * e
+        return attn + mlp
+
+    def num_params(self, active: bool = False) -> int:
+        """Parameter count from the shapes alone; ``active``: only the experts a token uses."""
+        e = self.hidden_size
+        per_layer = self.layer_matmul_params(active) + 2 * e  # + the two norms
         head = 0 if self.tie_word_embeddings else e * self.vocab_size
         return self.vocab_size * e + self.num_layers * per_layer + e + head
 

@@ -63,7 +63,7 @@ def router_stats(probs, top_i, valid) -> RouterStats:
     return RouterStats(counts, jnp.sum(probs * w[:, None], axis=0), jnp.sum(w))
 
 
-def load_balancing_loss(stats: RouterStats, top_k: int):
+def load_balancing_loss(stats: RouterStats):
     """Switch/Mixtral auxiliary loss over all layers: E * sum_e f_e * P_e.
 
     f_e: the fraction of (token, layer) rows whose top-k includes expert e (summed over the k
@@ -150,18 +150,26 @@ def experts_tiled(x, top_w, top_i, gate, up, down, tile: int | None = None):
     return _combine(y, top_w, n, k, x.dtype)
 
 
-def experts_ragged(x, top_w, top_i, gate, up, down):
-    """Dropless grouped SwiGLU with ``jax.lax.ragged_dot`` over the expert-sorted assignments."""
+def _sorted_swiglu(x, top_w, top_i, gate, up, down, matmul, row_multiple: int = 1):
+    """SwiGLU through a grouped matmul ``matmul(rows, w, group_sizes)`` over the assignments
+    sorted by expert (another device's last, zeroed: they are outside every group and get no
+    gradient), rows padded to a multiple of ``row_multiple``; unsorted and combined."""
     n, k = top_i.shape
-    n_local = gate.shape[0]
+    n_local, m = gate.shape[0], n * k
     key, _, sizes = _segments(top_i, n_local)
-    order = jnp.argsort(key, stable=True)  # another device's assignments sort last
-    rows = jnp.take(x, order // k, axis=0)
-    h = jax.nn.silu(jax.lax.ragged_dot(rows, gate, sizes)) * jax.lax.ragged_dot(rows, up, sizes)
-    y = jax.lax.ragged_dot(h, down, sizes)
-    y = jnp.where((jnp.take(key, order) < n_local)[:, None], y, 0)
+    order = jnp.argsort(key, stable=True)
+    local = (jnp.take(key, order) < n_local)[:, None]
+    rows = jnp.where(local, jnp.take(x, order // k, axis=0), 0)
+    rows = jnp.pad(rows, ((0, -m % row_multiple), (0, 0)))
+    h = jax.nn.silu(matmul(rows, gate, sizes)) * matmul(rows, up, sizes)
+    y = jnp.where(local, matmul(h, down, sizes)[:m], 0)
     y = jnp.zeros_like(y).at[order].set(y, unique_indices=True)
     return _combine(y, top_w, n, k, x.dtype)
+
+
+def experts_ragged(x, top_w, top_i, gate, up, down):
+    """Dropless grouped SwiGLU with ``jax.lax.ragged_dot`` over the expert-sorted assignments."""
+    return _sorted_swiglu(x, top_w, top_i, gate, up, down, jax.lax.ragged_dot)
 
 
 def _megablox_tiling(m: int, k: int, n: int) -> tuple[int, int, int]:
@@ -180,24 +188,12 @@ def experts_megablox(x, top_w, top_i, gate, up, down, interpret: bool = False):
     kernels in the Pallas interpreter (any backend; for tests)."""
     from jax.experimental.pallas.ops.tpu.megablox import ops as megablox
 
-    n, k = top_i.shape
-    n_local, d, mlp = gate.shape[0], x.shape[-1], gate.shape[-1]
-    key, _, sizes = _segments(top_i, n_local)
-    order = jnp.argsort(key, stable=True)  # another device's assignments sort last
-    local = (jnp.take(key, order) < n_local)[:, None]
-    rows = jnp.where(local, jnp.take(x, order // k, axis=0), 0)  # rows outside the groups
-    m = n * k                                                    # get no gradient either
-    tm = _megablox_tiling(m, d, mlp)[0]
-    rows = jnp.pad(rows, ((0, -m % tm), (0, 0)))
-
-    def gmm(a, w):
+    def gmm(a, w, sizes):
         return megablox.gmm(a, w, sizes, a.dtype, _megablox_tiling(a.shape[0], *w.shape[1:]),
                             None, None, False, interpret)
 
-    h = jax.nn.silu(gmm(rows, gate)) * gmm(rows, up)
-    y = jnp.where(local, gmm(h, down)[:m], 0)
-    y = jnp.zeros_like(y).at[order].set(y, unique_indices=True)
-    return _combine(y, top_w, n, k, x.dtype)
+    tm = _megablox_tiling(top_i.size, x.shape[-1], gate.shape[-1])[0]
+    return _sorted_swiglu(x, top_w, top_i, gate, up, down, gmm, row_multiple=tm)
 
 
 KERNELS = {"tiled": experts_tiled, "ragged": experts_ragged, "megablox": experts_megablox,

@@ -134,10 +134,7 @@ def step_flops(model_cfg, batch) -> float:
     attention scores (12 x layers x heads x head_dim x length^2)."""
     c = model_cfg
     e, d = c.hidden_size, c.resolved_head_dim
-    mlp = 3 * e * c.intermediate_size
-    if c.is_moe:
-        mlp = c.num_experts_per_tok * mlp + e * c.num_experts
-    body = c.num_layers * (e * d * (2 * c.num_heads + 2 * c.num_kv_heads) + mlp)
+    body = c.num_layers * c.layer_matmul_params(active=True)
     total = 0.0
     for prefix in ("query", "passage", "gen"):
         if f"{prefix}_valid" not in batch:

@@ -127,7 +127,7 @@ def gen_loss(params, config: ModelConfig, lc: LossConfig, batch):
     metrics = {"loss_gen": lm}
     if out.router is None:
         return lm, metrics
-    aux = moe.load_balancing_loss(out.router, config.num_experts_per_tok)
+    aux = moe.load_balancing_loss(out.router)
     metrics["loss_aux"] = aux
     for i, f in enumerate(moe.expert_fractions(out.router, config.num_experts_per_tok)):
         metrics[f"expert_frac_{i}"] = f

@@ -121,7 +121,7 @@ def test_load_balancing_loss_equals_transformers():
         probs = jax.nn.softmax(jnp.asarray(layer), axis=-1)
         stats.append(moe.router_stats(probs, jax.lax.top_k(probs, k)[1], jnp.asarray(valid)))
     stacked = jax.tree.map(lambda *a: jnp.stack(a), *stats)
-    got = float(moe.load_balancing_loss(stacked, k))
+    got = float(moe.load_balancing_loss(stacked))
     want = float(load_balancing_loss_func(tuple(torch.tensor(x) for x in logits), n_exp, k,
                                           torch.tensor(valid.astype(np.int64))))
     assert got == pytest.approx(want, rel=1e-6)
@@ -129,7 +129,7 @@ def test_load_balancing_loss_equals_transformers():
     assert fractions.sum() == pytest.approx(1.0, abs=1e-6)
     # Uniform routing gives exactly top_k.
     uniform = moe.RouterStats(jnp.full((2, 4), 3.0), jnp.full((2, 4), 1.5), jnp.full((2,), 6.0))
-    assert float(moe.load_balancing_loss(uniform, 2)) == pytest.approx(2.0)
+    assert float(moe.load_balancing_loss(uniform)) == pytest.approx(2.0)
 
 
 MOE = tiny_config("mixtral", vocab_size=512, hidden_size=64, intermediate_size=96, num_layers=2,
