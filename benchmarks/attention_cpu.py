@@ -1,55 +1,83 @@
-"""Why long sequences are slow on CPU: one attention layer, XLA (jax.nn.dot_product_attention) vs
-PyTorch's fused scaled_dot_product_attention, same shapes, float32, medians of 5 after a warm-up.
+"""One attention layer on CPU: XLA's fused call, grit_jax's blocked kernel and PyTorch's SDPA.
 
-Shapes of the RAG latency model (8 query heads, 2 key/value heads, head_dim 32), batch 1.
+Same inputs and masks on all three (float32, 8 query heads, 2 key/value heads, head_dim 32, the
+RAG latency model's shapes, batch 1), forward and forward+backward (gradient of a weighted sum),
+medians after a warm-up; outputs compared to the torch result.
+
 Prints one JSON object and writes benchmarks/results/attention_cpu.json.
-Usage: python benchmarks/attention_cpu.py
+Usage: python benchmarks/attention_cpu.py [--lengths 512,1024,2048,4096]
 """
 
-import json
-import os
-import time
+import argparse
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from timing import median_seconds  # benchmarks/timing.py
+
+import peers
+from timing import median_seconds
 
 
-def main():
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--lengths", default="512,1024,2048,4096")
+    parser.add_argument("--heads", default="8,2,32", help="query heads, key/value heads, head_dim")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--name", default="attention_cpu")
+    args = parser.parse_args(argv)
+
+    import jax
+    import jax.numpy as jnp
     import torch
 
-    heads, kv_heads, d = 8, 2, 32
+    from grit_jax.attention import blocked_attention
+    from grit_jax.model import attention_mask
+
+    heads, kv_heads, d = (int(x) for x in args.heads.split(","))
     rng = np.random.default_rng(0)
     out = {}
-    for t in (512, 1024, 2048, 4096):
+    for t in (int(x) for x in args.lengths.split(",")):
         q = rng.normal(size=(1, t, heads, d)).astype(np.float32)
-        k = rng.normal(size=(1, t, kv_heads, d)).astype(np.float32)
-        v = rng.normal(size=(1, t, kv_heads, d)).astype(np.float32)
+        k, v = (rng.normal(size=(1, t, kv_heads, d)).astype(np.float32) for _ in range(2))
+        w = rng.normal(size=(1, t, heads, d)).astype(np.float32)
+        pos = jnp.arange(t)[None]
         row = {}
-        for causal in (False, True):
-            f = jax.jit(lambda q, k, v, c=causal: jax.nn.dot_product_attention(q, k, v, is_causal=c))
-            qj, kj, vj = map(jnp.asarray, (q, k, v))
-            xla = median_seconds(lambda: f(qj, kj, vj).block_until_ready())
-            qt = torch.from_numpy(q).transpose(1, 2)
-            kt = torch.from_numpy(np.repeat(k, heads // kv_heads, 2)).transpose(1, 2)
-            vt = torch.from_numpy(np.repeat(v, heads // kv_heads, 2)).transpose(1, 2)
+        for mode in ("bidirectional", "causal"):
+            mask = attention_mask(pos, pos, jnp.ones((1, t), bool), mode)
+            kernels = {
+                "xla": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask, scale=d ** -0.5),
+                "blocked": lambda q, k, v: blocked_attention(q, k, v, mask, d ** -0.5),
+            }
+            qt, kt, vt = (torch.from_numpy(x).transpose(1, 2).requires_grad_() for x in (q, k, v))
+            tmask, tw = torch.from_numpy(np.asarray(mask)), torch.from_numpy(w).transpose(1, 2)
+
+            def sdpa():
+                return torch.nn.functional.scaled_dot_product_attention(
+                    qt, kt, vt, attn_mask=tmask, scale=d ** -0.5, enable_gqa=True)
+
+            def sdpa_grad():
+                qt.grad = kt.grad = vt.grad = None
+                (sdpa() * tw).sum().backward()
+
             with torch.no_grad():
-                ref = median_seconds(lambda: torch.nn.functional.scaled_dot_product_attention(
-                    qt, kt, vt, is_causal=causal))
-                diff = np.abs(np.asarray(f(qj, kj, vj)) - torch.nn.functional.
-                              scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
-                              .transpose(1, 2).numpy()).max()
-            row["causal" if causal else "bidirectional"] = {
-                "xla_s": round(xla, 4), "torch_sdpa_s": round(ref, 4),
-                "xla_over_torch": round(xla / ref, 1), "max_abs_diff": float(diff)}
+                want = sdpa().transpose(1, 2).numpy()
+                torch_fwd = median_seconds(sdpa, args.repeats)
+            cell = {"torch_sdpa_s": round(torch_fwd, 4),
+                    "torch_sdpa_grad_s": round(median_seconds(sdpa_grad, args.repeats), 4)}
+            qj, kj, vj, wj = map(jnp.asarray, (q, k, v, w))
+            for name, fn in kernels.items():
+                fwd = jax.jit(fn)
+                grad = jax.jit(jax.grad(lambda q, k, v, fn=fn: jnp.sum(fn(q, k, v) * wj),
+                                        argnums=(0, 1, 2)))
+                fwd_s = median_seconds(lambda: fwd(qj, kj, vj).block_until_ready(), args.repeats)
+                grad_s = median_seconds(lambda: jax.block_until_ready(grad(qj, kj, vj)), args.repeats)
+                cell[f"{name}_s"] = round(fwd_s, 4)
+                cell[f"{name}_grad_s"] = round(grad_s, 4)
+                cell[f"{name}_over_torch"] = round(fwd_s / torch_fwd, 2)
+                cell[f"{name}_grad_over_torch"] = round(grad_s / cell["torch_sdpa_grad_s"], 2)
+                cell[f"{name}_max_abs_diff"] = float(np.abs(np.asarray(fwd(qj, kj, vj)) - want).max())
+            row[mode] = cell
         out[str(t)] = row
-    result = {"benchmark": "attention_cpu", "date": time.strftime("%Y-%m-%d"),
-              "jax": jax.__version__, "torch": torch.__version__, "cpus": os.cpu_count(),
-              "results": out}
-    print(json.dumps(result, indent=1))
-    with open(os.path.join(os.path.dirname(__file__), "results", "attention_cpu.json"), "w") as f:
-        json.dump(result, f, indent=1)
+    return peers.write_result(args.name, {"machine": peers.machine(),
+                                          "heads": [heads, kv_heads, d], "results": out})
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 
 FAMILIES = ("mistral", "llama", "mixtral")  # mixtral: the MLP is a routed mixture of experts
 MOE_IMPLS = ("auto", "tiled", "ragged", "megablox", "dense")  # see grit_jax.moe
+ATTENTION_IMPLS = ("auto", "xla", "blocked")  # see grit_jax.attention
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = ("float32", "bfloat16", "float16", "float64")  # float64: JAX_ENABLE_X64=1 (parity checks)
 CONFIG_FILE = "grit_config.json"
@@ -51,6 +52,11 @@ class ModelConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype of activations and matmuls
     remat_policy: str = "none"
+    attention_impl: str = "auto"  # auto: blocked on CPU, XLA's fused call elsewhere (attention.py)
+    # Layers per iteration of the layer scan: 1 keeps one loop body (fast compiles, TPU pods);
+    # 0 or >= num_layers unrolls the scan into straight-line code, which XLA:CPU runs faster
+    # (no per-layer weight slices, residual stacking or gradient accumulation copies).
+    scan_unroll: int = 1
     # Mixture of experts (family="mixtral" only): experts per layer, experts each token uses,
     # the load-balancing loss coefficient (transformers' router_aux_loss_coef) and the kernel.
     num_experts: int = 0
@@ -95,6 +101,11 @@ class ModelConfig:
         elif self.num_experts:
             problems.append(f"num_experts={self.num_experts} with family={self.family!r} "
                             f"(experts need family='mixtral')")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            problems.append(f"attention_impl={self.attention_impl!r} (expected one of "
+                            f"{ATTENTION_IMPLS})")
+        if self.scan_unroll < 0:
+            problems.append(f"scan_unroll={self.scan_unroll} must be >= 0 (0: fully unrolled)")
         if self.remat_policy not in REMAT_POLICIES:
             problems.append(f"remat_policy={self.remat_policy!r} (expected one of {REMAT_POLICIES})")
         if problems:

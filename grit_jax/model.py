@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from grit_jax import moe
+from grit_jax.attention import attention
 from grit_jax.config import ModelConfig
 
 MODES = ("causal", "bidirectional")
@@ -171,17 +172,6 @@ class RMSNorm(nn.Module):
         return normed.astype(x.dtype) * scale.astype(x.dtype)
 
 
-def _attention_float64(q, k, v, mask, scale):
-    """Grouped-query attention entirely in float64 (q: B,T,H,D; k/v: B,S,G,D; mask: B,1,T,S)."""
-    b, t, h, d = q.shape
-    g = k.shape[2]
-    qg = q.reshape(b, t, g, h // g, d)
-    logits = jnp.einsum("btgrd,bsgd->bgrts", qg, k) * scale
-    logits = jnp.where(mask[:, :, None], logits, jnp.finfo(logits.dtype).min)
-    probs = jax.nn.softmax(logits, axis=-1)
-    return jnp.einsum("bgrts,bsgd->btgrd", probs, v).reshape(b, t, h, d)
-
-
 class Attention(nn.Module):
     """Grouped-query self-attention with RoPE and an optional per-layer KV cache."""
 
@@ -207,10 +197,7 @@ class Attention(nn.Module):
             ck, cv = write(ck, k.astype(ck.dtype), offsets), write(cv, v.astype(cv.dtype), offsets)
             new_kv = (ck, cv)
             k, v = ck.astype(dt), cv.astype(dt)
-        if dt == jnp.float64:  # jax.nn.dot_product_attention always takes its softmax in float32
-            out = _attention_float64(q, k, v, mask, d ** -0.5)
-        else:
-            out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=d ** -0.5)
+        out = attention(q, k, v, mask, d ** -0.5, c.attention_impl)
         return jnp.einsum("bthd,hde->bte", out, wo.astype(dt)), new_kv
 
 
@@ -296,7 +283,8 @@ class Transformer(nn.Module):
         self.layers = nn.scan(
             block, variable_axes={"params": 0}, split_rngs={"params": True},
             in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
-            length=c.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})(c)
+            length=c.num_layers, unroll=c.scan_unroll or c.num_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"})(c)
         self.final_norm = RMSNorm(c)
         if not c.tie_word_embeddings:
             self.lm_head = nn.Dense(c.vocab_size, use_bias=False, dtype=c.jnp_dtype,

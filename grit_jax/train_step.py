@@ -86,7 +86,8 @@ def unshard_chunks(a, shards: int):
 def token_ce(params, config: ModelConfig, hidden, ids, chunk: int):
     """Per-token next-token CE (B, T-1) with the LM head applied ``chunk`` tokens at a time.
 
-    The chunk body is rematerialised, so the full (B, T, vocab) logits never exist at once. Each
+    With several chunks the chunk body is rematerialised, so the full (B, T, vocab) logits
+    never exist at once. Each
     chunk takes an equal share of every batch shard's own tokens (see shard_chunks), so no device
     computes logits for another's tokens.
     """
@@ -102,12 +103,16 @@ def token_ce(params, config: ModelConfig, hidden, ids, chunk: int):
     h = shard_chunks(h.reshape(-1, e), chunks, shards)
     labels = shard_chunks(labels.reshape(-1), chunks, shards)
 
-    @jax.checkpoint
     def one(args):
         hc, lc_ = args
-        logp = jax.nn.log_softmax(logits_fn(params, config, hc[None])[0], axis=-1)
-        return -jnp.take_along_axis(logp, lc_[:, None], axis=-1)[:, 0]
+        logits = logits_fn(params, config, hc[None])[0]
+        # logsumexp - the label's logit; the one-hot product keeps the backward one fused
+        # elementwise pass (softmax - one_hot) instead of a scatter into a zero (tokens, vocab).
+        picked = jnp.sum(logits * jax.nn.one_hot(lc_, logits.shape[-1], dtype=logits.dtype), -1)
+        return jax.nn.logsumexp(logits, axis=-1) - picked
 
+    if chunks > 1:  # one chunk: the logits are needed once anyway, recomputing them is waste
+        one = jax.checkpoint(one)
     ce = unshard_chunks(jax.lax.map(one, (h, labels)), shards).reshape(shards, -1)[:, :local]
     return ce.reshape(b, t - 1)
 

@@ -100,6 +100,8 @@ def test_pad_and_buckets():
     assert ids.tolist() == [[1, 5, 6, 2], [1, 2, 2, 2]]
     assert valid.sum() == 4 and mask.tolist() == [[0, 1, 1, 0], [0, 0, 0, 0]]
     assert formats.length_buckets(100) == [16, 32, 64, 100]
+    assert formats.length_buckets(512, 256, per_octave=4) == [256, 320, 384, 448, 512]
+    assert formats.length_buckets(100, 16, per_octave=2) == [16, 24, 32, 48, 64, 96, 100]
     assert formats.bucket_length(33, [16, 32, 64]) == 64
     with pytest.raises(ValueError, match="exceeds the largest bucket"):
         formats.bucket_length(65, [16, 32, 64])

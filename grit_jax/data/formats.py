@@ -177,10 +177,11 @@ def bucket_length(n: int, buckets: Sequence[int]) -> int:
     raise ValueError(f"length {n} exceeds the largest bucket {max(buckets)}")
 
 
-def length_buckets(max_length: int, smallest: int = 16) -> list[int]:
-    """Powers of two from ``smallest`` up to, and ending at, max_length."""
+def length_buckets(max_length: int, smallest: int = 16, per_octave: int = 1) -> list[int]:
+    """Padded lengths from ``smallest`` up to, and ending at, max_length: powers of two, split
+    into ``per_octave`` equal steps (4: ..., 256, 320, 384, 448, 512, ...; padding <= 25%)."""
     out, b = [], smallest
     while b < max_length:
-        out.append(b)
+        out.extend(x for x in range(b, 2 * b, max(b // per_octave, 1)) if x < max_length)
         b *= 2
     return out + [max_length]

@@ -1,0 +1,82 @@
+"""Grouped-query attention kernels: XLA's fused call, a blocked CPU kernel, and float64.
+
+``jax.nn.dot_product_attention`` dispatches to cuDNN on GPU and to fused kernels on TPU, but on
+XLA:CPU it materialises the (batch, heads, T, S) scores and runs the softmax over them at memory
+speed (4-5x slower than PyTorch's SDPA at 512 tokens). ``blocked_attention`` computes one
+(sequence, key/value head, query block) at a time in a loop whose buffers stay cache-sized and
+are reused, which removes most of that gap (benchmarks/attention_cpu.py).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+BLOCK = 256  # query rows per block: with S keys the scores block is (heads per group, 256, S)
+MIN_BLOCKED_QUERIES = 64  # shorter (decode steps, short prompts): XLA's call, no loop overhead
+
+
+def resolve(impl: str, queries: int) -> str:
+    """The kernel ``impl`` means for ``queries`` query rows on the current backend."""
+    if impl == "auto":
+        return "blocked" if jax.default_backend() == "cpu" and queries >= MIN_BLOCKED_QUERIES else "xla"
+    return impl
+
+
+def attention(q, k, v, mask, scale: float, impl: str = "auto"):
+    """softmax(q k^T * scale, masked) v for q (B, T, H, D), k/v (B, S, G, D), mask (B, 1, T, S).
+
+    Float64 inputs take an explicit float64 softmax (XLA's call always takes it in float32).
+    """
+    if q.dtype == jnp.float64:
+        return float64_attention(q, k, v, mask, scale)
+    if resolve(impl, q.shape[1]) == "blocked":
+        return blocked_attention(q, k, v, mask, scale)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)
+
+
+def float64_attention(q, k, v, mask, scale):
+    """Grouped-query attention entirely in float64."""
+    b, t, h, d = q.shape
+    g = k.shape[2]
+    qg = q.reshape(b, t, g, h // g, d)
+    logits = jnp.einsum("btgrd,bsgd->bgrts", qg, k) * scale
+    logits = jnp.where(mask[:, :, None], logits, jnp.finfo(logits.dtype).min)
+    probs = jax.nn.softmax(logits, axis=-1)
+    return jnp.einsum("bgrts,bsgd->btgrd", probs, v).reshape(b, t, h, d)
+
+
+def blocked_attention(q, k, v, mask, scale, block: int = BLOCK):
+    """Attention one (sequence, kv head, query block) at a time; float32 softmax as XLA's call.
+
+    The loop body is rematerialised, so the backward pass recomputes each block's probabilities
+    instead of storing all of them. Fully masked query rows (padding) give finite outputs.
+    """
+    b, t, h, d = q.shape
+    s, g = k.shape[1], k.shape[2]
+    r = h // g
+    qb = min(block, t)
+    nq = -(-t // qb)
+    pad = nq * qb - t
+    n = b * g * nq
+    qs = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b, nq, qb, g, r, d)
+    qs = qs.transpose(0, 3, 1, 4, 2, 5).reshape(n, r, qb, d)
+    ms = jnp.pad(mask[:, 0], ((0, 0), (0, pad), (0, 0))).reshape(b, 1, nq, qb, s)
+    ms = jnp.broadcast_to(ms, (b, g, nq, qb, s)).reshape(n, qb, s)
+
+    def per_block(x):  # (b, s, g, d) -> (n, s, d): each block's sequence and head
+        x = x.transpose(0, 2, 1, 3)[:, :, None]
+        return jnp.broadcast_to(x, (b, g, nq, s, d)).reshape(n, s, d)
+
+    @jax.checkpoint
+    def one(args):
+        qi, ki, vi, mi = args
+        scores = jnp.einsum("rqd,sd->rqs", qi, ki, preferred_element_type=jnp.float32) * scale
+        scores = jnp.where(mi[None], scores, jnp.finfo(jnp.float32).min)
+        p = jnp.exp(scores - scores.max(-1, keepdims=True))
+        out = jnp.einsum("rqs,sd->rqd", p.astype(vi.dtype), vi, preferred_element_type=jnp.float32)
+        return (out / p.sum(-1)[..., None]).astype(q.dtype)
+
+    out = jax.lax.map(one, (qs, per_block(k), per_block(v), ms))  # (n, r, qb, d)
+    out = out.reshape(b, g, nq, r, qb, d).transpose(0, 2, 4, 1, 3, 5).reshape(b, nq * qb, h, d)
+    return out[:, :t]
