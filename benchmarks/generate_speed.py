@@ -44,7 +44,7 @@ def main(argv=None):
         our_tokens = our_run()
         our_s = median_seconds(our_run, args.repeats)
         params = ours.config.num_params()
-        del ours
+        ours = None  # free the JAX model before the torch side runs
 
         ref = MistralForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
         if len({len(p) for p in prompts}) != 1:

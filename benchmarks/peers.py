@@ -197,9 +197,12 @@ def max_rel_diff(a, b):
 
 
 def write_result(name, result):
-    """Print one JSON object and write it to benchmarks/results/<name>.json."""
+    """Print one JSON object and write it to benchmarks/results/<name>.json (or under
+    $BENCHMARK_RESULTS_DIR)."""
     result = {"benchmark": name, "date": time.strftime("%Y-%m-%d"), **result}
-    out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"{name}.json")
+    results = os.environ.get("BENCHMARK_RESULTS_DIR") or os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), "results")
+    out = os.path.join(results, f"{name}.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         json.dump(result, f, indent=2)

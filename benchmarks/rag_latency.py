@@ -13,39 +13,15 @@ Usage: python benchmarks/rag_latency.py [--repeats 5] [--doc-tokens 4000]
 
 import argparse
 import copy
-import json
 import os
-import platform
-import shutil
 import tempfile
-import time
 
+import peers
 from timing import median_seconds  # benchmarks/timing.py
 
 MODES = ("rag", "query", "doc", "query-doc", "doc-query")
 NEW_TOKENS = 16
 ANSWER_PREFIX = "The answer is"
-MODEL = dict(vocab_size=32000, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
-             num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=8192,
-             sliding_window=None, tie_word_embeddings=False, rope_theta=10000.0)
-
-
-def save_model(directory):
-    """A random MistralForCausalLM saved by transformers, with the real Mistral tokenizer."""
-    import torch
-    from transformers import MistralConfig, MistralForCausalLM
-
-    from grit_jax.data.tokenizers import default_tokenizer_path
-
-    torch.manual_seed(0)
-    MistralForCausalLM(MistralConfig(**MODEL)).save_pretrained(directory)
-    shutil.copyfile(default_tokenizer_path(), os.path.join(directory, "tokenizer.model"))
-    with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
-        json.dump({"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
-                   "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False,
-                   "legacy": True, "padding_side": "right"}, f)
-
-
 def long_text(tok, n_tokens):
     """Real Wikipedia prose cut to about n_tokens tokens."""
     from grit_jax.data.wiki_demo import articles
@@ -177,7 +153,7 @@ def main():
     samples = {"A": ("France", long), "B": (long, "France")}
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = os.path.join(tmp, "model")
-        save_model(model_dir)
+        peers.save_model(model_dir, "m19")
         ref_s, ref_tokens = reference(model_dir, samples, args.repeats)
         our_s, our_tokens = ours(model_dir, samples, args.repeats, tmp)
 
@@ -193,18 +169,12 @@ def main():
                 # Same tokens as the reference? (query-doc differs by design: see prefix_cache.py)
                 "same_tokens": our_tokens[key] == ref_tokens[key],
             }
-    result = {
-        "benchmark": "rag_latency", "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "model": MODEL,
+    return peers.write_result("rag_latency", {
+        "machine": peers.machine(), "model": peers.SHAPES["m19"],
         "samples": {"A": f"1-token query, {len(tok.encode(long))}-token document",
                     "B": f"{len(tok.encode(long))}-token query, 1-token document"},
         "new_tokens": NEW_TOKENS, "repeats": args.repeats, "results": table,
-    }
-    print(json.dumps(result, indent=1))
-    os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
-    with open(os.path.join(os.path.dirname(__file__), "results", "rag_latency.json"), "w") as f:
-        json.dump(result, f, indent=1)
-
+    })
 
 if __name__ == "__main__":
     main()

@@ -49,7 +49,7 @@ def main(argv=None):
                          "reference_ms_per_token": round(1e3 * ref_s / tokens, 3),
                          "speedup_vs_reference": round(ref_s / our_s, 2)})
             print(rows[-1], flush=True)
-            del ours
+            ours = None  # one model at a time
     return peers.write_result(args.name, {"machine": peers.machine(), "shape": args.shape,
                                           "points": rows})
 

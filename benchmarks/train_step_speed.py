@@ -13,7 +13,6 @@ Usage: python benchmarks/train_step_speed.py [--shape m283] [--repeats 3]
 """
 
 import argparse
-import os
 import tempfile
 
 import peers
@@ -37,7 +36,7 @@ def main(argv=None):
     batch = peers.grit_batch(args.queries, args.passages_per_query, args.gen, q_len, p_len, g_len)
     tokens = sum(int(batch[f"{p}_valid"].sum()) for p in ("query", "passage", "gen"))
     peak = peers.matmul_peak()
-    kw = dict(lr=1e-4, total_steps=1000)
+    kw = dict(lr=1e-5, total_steps=1000)
     times, losses = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         peers.save_model(tmp, args.shape)
@@ -48,7 +47,7 @@ def main(argv=None):
             times[side] = median_seconds(lambda: step(batch), args.repeats)
             if side == "grit_jax":
                 config = step.config
-            del step
+            step = None  # one side in memory at a time
     flops = step_flops(config, batch)
     result = {
         "machine": peers.machine(), "shape": args.shape, "params": config.num_params(),

@@ -9,6 +9,8 @@ are reused, which removes most of that gap (benchmarks/attention_cpu.py).
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 
@@ -49,8 +51,9 @@ def float64_attention(q, k, v, mask, scale):
 def blocked_attention(q, k, v, mask, scale, block: int = BLOCK):
     """Attention one (sequence, kv head, query block) at a time; float32 softmax as XLA's call.
 
-    The loop body is rematerialised, so the backward pass recomputes each block's probabilities
-    instead of storing all of them. Fully masked query rows (padding) give finite outputs.
+    Each block keeps only its output and softmax normaliser for the backward pass, which
+    recomputes the block's probabilities (flash-attention style, _block_attention). Fully masked
+    query rows (padding) give finite outputs.
     """
     b, t, h, d = q.shape
     s, g = k.shape[1], k.shape[2]
@@ -68,15 +71,49 @@ def blocked_attention(q, k, v, mask, scale, block: int = BLOCK):
         x = x.transpose(0, 2, 1, 3)[:, :, None]
         return jnp.broadcast_to(x, (b, g, nq, s, d)).reshape(n, s, d)
 
-    @jax.checkpoint
     def one(args):
-        qi, ki, vi, mi = args
-        scores = jnp.einsum("rqd,sd->rqs", qi, ki, preferred_element_type=jnp.float32) * scale
-        scores = jnp.where(mi[None], scores, jnp.finfo(jnp.float32).min)
-        p = jnp.exp(scores - scores.max(-1, keepdims=True))
-        out = jnp.einsum("rqs,sd->rqd", p.astype(vi.dtype), vi, preferred_element_type=jnp.float32)
-        return (out / p.sum(-1)[..., None]).astype(q.dtype)
+        return _block_attention(*args, scale)
 
     out = jax.lax.map(one, (qs, per_block(k), per_block(v), ms))  # (n, r, qb, d)
     out = out.reshape(b, g, nq, r, qb, d).transpose(0, 2, 4, 1, 3, 5).reshape(b, nq * qb, h, d)
     return out[:, :t]
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _block_attention(q, k, v, mask, scale):
+    """One block: q (R, Q, D), k/v (S, D), mask (Q, S) -> (R, Q, D)."""
+    return _block_forward(q, k, v, mask, scale)[0]
+
+
+def _block_forward(q, k, v, mask, scale):
+    """(output, log-sum-exp of each row's masked scores), softmax in float32."""
+    scores = jnp.einsum("rqd,sd->rqs", q, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.where(mask[None], scores, jnp.finfo(jnp.float32).min)
+    top = scores.max(-1, keepdims=True)
+    p = jnp.exp(scores - top)
+    total = p.sum(-1, keepdims=True)
+    out = jnp.einsum("rqs,sd->rqd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return (out / total).astype(q.dtype), top + jnp.log(total)
+
+
+def _block_fwd(q, k, v, mask, scale):
+    out, lse = _block_forward(q, k, v, mask, scale)
+    return out, (q, k, v, mask, out, lse)
+
+
+def _block_bwd(scale, res, g):
+    """Gradients from the recomputed probabilities: dS = P * (dO V^T - rowsum(dO * O))."""
+    q, k, v, mask, out, lse = res
+    f32 = jnp.float32
+    scores = jnp.einsum("rqd,sd->rqs", q, k, preferred_element_type=f32) * scale
+    p = jnp.where(mask[None], jnp.exp(scores - lse), 0.0)
+    g32 = g.astype(f32)
+    dv = jnp.einsum("rqs,rqd->sd", p, g32)
+    dp = jnp.einsum("rqd,sd->rqs", g32, v.astype(f32))
+    ds = p * (dp - jnp.sum(g32 * out.astype(f32), -1, keepdims=True)) * scale
+    dq = jnp.einsum("rqs,sd->rqd", ds, k.astype(f32))
+    dk = jnp.einsum("rqs,rqd->sd", ds, q.astype(f32))
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+
+
+_block_attention.defvjp(_block_fwd, _block_bwd)
