@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from grit_jax import hlo_cost, train  # train defines --config (the same config files as training)
+from grit_jax import attention, hlo_cost, train  # train defines --config (the same config files as training)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("topology", None, "TPU topology, e.g. v5p:4x4x4, v4:4x4x4, v5e:4x4, v6e:4x4")
@@ -99,6 +99,9 @@ def compile_step(config, topology: str, lengths=(256, 2048, 2048)):
         from grit_jax.moe import resolve_impl
 
         model_cfg = model_cfg.replace(moe_impl=resolve_impl(model_cfg.moe_impl, devices[0].platform))
+    # Traced on this CPU host for TPUs: pin the attention kernel for the target, not the host.
+    model_cfg = model_cfg.replace(
+        attention_impl=attention.for_platform(model_cfg.attention_impl, devices[0].platform))
     lc = LossConfig(**config.loss.to_dict())
     tx, schedule = make_optimizer(config.optim.lr, config.total_steps, config.optim.warmup_ratio,
                                   config.optim.weight_decay, config.optim.b1, config.optim.b2,

@@ -18,11 +18,18 @@ BLOCK = 256  # query rows per block: with S keys the scores block is (heads per 
 MIN_BLOCKED_QUERIES = 64  # shorter (decode steps, short prompts): XLA's call, no loop overhead
 
 
-def resolve(impl: str, queries: int) -> str:
-    """The kernel ``impl`` means for ``queries`` query rows on the current backend."""
+def resolve(impl: str, queries: int, platform: str | None = None) -> str:
+    """The kernel ``impl`` means for ``queries`` query rows on ``platform`` (default: the
+    default backend's; ahead-of-time compilation for TPUs traces on a CPU host and passes it)."""
     if impl == "auto":
-        return "blocked" if jax.default_backend() == "cpu" and queries >= MIN_BLOCKED_QUERIES else "xla"
+        cpu = (platform or jax.default_backend()) == "cpu"
+        return "blocked" if cpu and queries >= MIN_BLOCKED_QUERIES else "xla"
     return impl
+
+
+def for_platform(impl: str, platform: str) -> str:
+    """``auto`` pinned for a target platform: ``xla`` off CPU (the AOT compiler's choice)."""
+    return impl if impl != "auto" or platform == "cpu" else "xla"
 
 
 def attention(q, k, v, mask, scale: float, impl: str = "auto"):

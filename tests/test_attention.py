@@ -78,6 +78,10 @@ def test_resolve():
     assert attn.resolve("auto", 512) == ("blocked" if cpu else "xla")
     assert attn.resolve("auto", 1) == "xla"  # decode steps
     assert attn.resolve("xla", 512) == "xla" and attn.resolve("blocked", 1) == "blocked"
+    assert attn.resolve("auto", 512, "tpu") == "xla" and attn.resolve("auto", 512, "cpu") == "blocked"
+    # AOT compilation for TPUs traces on a CPU host: "auto" is pinned for the target.
+    assert attn.for_platform("auto", "tpu") == "xla" and attn.for_platform("auto", "cpu") == "auto"
+    assert attn.for_platform("blocked", "tpu") == "blocked"
 
 
 def test_bad_impl_is_refused():
