@@ -15,6 +15,25 @@ import peers
 from timing import median_seconds
 
 
+def matvec_bandwidth(rows, cols, repeats=20):
+    """GB/s of one (1, rows) x (rows, cols) float32 product, jnp (XLA) and torch: batch-1
+    decoding is a chain of these, bound by how fast the weights are read."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+
+    rng = np.random.RandomState(0)
+    x, w = rng.randn(1, rows).astype(np.float32), rng.randn(rows, cols).astype(np.float32)
+    jx, jw, mv = jnp.asarray(x), jnp.asarray(w), jax.jit(jnp.matmul)
+    tx, tw = torch.from_numpy(x), torch.from_numpy(w)
+    gb = w.nbytes / 1e9
+    return {"matrix": [rows, cols],
+            "grit_jax_gb_per_s": round(gb / median_seconds(lambda: mv(jx, jw).block_until_ready(),
+                                                           repeats), 1),
+            "reference_gb_per_s": round(gb / median_seconds(lambda: tx @ tw, repeats), 1)}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shape", default="m283", choices=sorted(peers.SHAPES))
@@ -61,6 +80,7 @@ def main(argv=None):
         ref_tokens = ref_run()
         ref_s = median_seconds(ref_run, args.repeats)
     new = n * args.batch
+    shape = peers.SHAPES[args.shape]
     result = {
         "machine": peers.machine(), "shape": args.shape, "params": params, "batch": args.batch,
         "prompt_tokens": len(prompts[0]), "new_tokens": n,
@@ -68,6 +88,8 @@ def main(argv=None):
         "grit_jax": {"seconds": round(our_s, 3), "new_tokens_per_s": round(new / our_s, 1)},
         "reference": {"seconds": round(ref_s, 3), "new_tokens_per_s": round(new / ref_s, 1)},
         "speedup_vs_reference": round(ref_s / our_s, 2),
+        "matvec": [matvec_bandwidth(shape["hidden_size"], shape["intermediate_size"]),
+                   matvec_bandwidth(shape["hidden_size"], shape["vocab_size"])],
     }
     return peers.write_result(args.name, result)
 

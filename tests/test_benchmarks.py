@@ -53,6 +53,7 @@ def test_encode_same_embeddings_as_gritlm(bench):
 def test_generate_same_tokens_as_transformers(bench):
     out = bench("generate_speed").main(["--shape", "m5", "--new-tokens", "12", "--repeats", "1"])
     assert out["same_tokens"] is True and out["new_tokens"] == 12
+    assert [m["matrix"] for m in out["matvec"]] == [[64, 192], [64, 32000]]
 
 
 def test_scaling_and_profile_run(bench):
