@@ -20,16 +20,6 @@ from timing import median_seconds
 INSTRUCTION = "Given a question, retrieve passages that answer it"
 
 
-def passages(n, words):
-    """n real Wikipedia passages of about `words` words each."""
-    from grit_jax.data.wiki_demo import articles
-
-    text = " ".join(p for _, paras in articles() for p in paras).split()
-    if len(text) < n * words:
-        raise ValueError(f"only {len(text)} words of text for {n} x {words}")
-    return [" ".join(text[i * words:(i + 1) * words]) for i in range(n)]
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shape", default="m283", choices=sorted(peers.SHAPES))
@@ -46,7 +36,7 @@ def main(argv=None):
 
     from grit_jax.inference import GritLM
 
-    texts = passages(args.texts, args.words)
+    texts = peers.wiki_passages(args.texts, args.words)
     kw = dict(batch_size=args.batch_size, max_length=args.max_length)
     with tempfile.TemporaryDirectory() as tmp:
         peers.save_model(tmp, args.shape)

@@ -47,14 +47,13 @@ def main(argv=None):
     import torch
     from transformers import MistralForCausalLM
 
-    from encode_speed import passages
     from grit_jax.data import formats
     from grit_jax.inference import GritLM
 
     with tempfile.TemporaryDirectory() as tmp:
         peers.save_model(tmp, args.shape)
         ours = GritLM.from_pretrained(tmp)
-        texts = passages(args.batch, args.prompt_words)
+        texts = peers.wiki_passages(args.batch, args.prompt_words)
         prompts = [formats.encode_chat(ours.tokenizer, "Summarise: " + t,
                                        add_generation_prompt=True).ids.tolist() for t in texts]
         n = args.new_tokens

@@ -79,6 +79,16 @@ def matmul_peak(n=2048, repeats=5):
             "peak_flops_per_s": flops / min(jax_s, torch_s)}
 
 
+def wiki_passages(n, words):
+    """n real Wikipedia passages of about `words` words each."""
+    from grit_jax.data.wiki_demo import articles
+
+    text = " ".join(p for _, paras in articles() for p in paras).split()
+    if len(text) < n * words:
+        raise ValueError(f"only {len(text)} words of text for {n} x {words}")
+    return [" ".join(text[i * words:(i + 1) * words]) for i in range(n)]
+
+
 def grit_batch(n_queries, passages_per_query, n_gen, q_len, p_len, g_len, *, instruction=8,
                vocab=32000, seed=0):
     """A GRIT batch in grit_jax's layout (as data/pipeline.py yields it), random token ids.

@@ -2,7 +2,7 @@
 
 ``jax.nn.dot_product_attention`` dispatches to cuDNN on GPU and to fused kernels on TPU, but on
 XLA:CPU it materialises the (batch, heads, T, S) scores and runs the softmax over them at memory
-speed (4-5x slower than PyTorch's SDPA at 512 tokens). ``blocked_attention`` computes one
+speed (4-9x slower than PyTorch's SDPA at 512-4096 tokens). ``blocked_attention`` computes one
 (sequence, key/value head, query block) at a time in a loop whose buffers stay cache-sized and
 are reused, which removes most of that gap (benchmarks/attention_cpu.py).
 """

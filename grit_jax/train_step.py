@@ -87,9 +87,8 @@ def token_ce(params, config: ModelConfig, hidden, ids, chunk: int):
     """Per-token next-token CE (B, T-1) with the LM head applied ``chunk`` tokens at a time.
 
     With several chunks the chunk body is rematerialised, so the full (B, T, vocab) logits
-    never exist at once. Each
-    chunk takes an equal share of every batch shard's own tokens (see shard_chunks), so no device
-    computes logits for another's tokens.
+    never exist at once. Each chunk takes an equal share of every batch shard's own tokens (see
+    shard_chunks), so no device computes logits for another's tokens.
     """
     b, t, e = hidden.shape
     shards = batch_shards()
