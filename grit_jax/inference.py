@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from typing import Mapping, Sequence
 
 import jax
 import numpy as np
 
-from grit_jax.config import CONFIG_FILE, ModelConfig
+from grit_jax.config import ModelConfig
 from grit_jax.data import formats
 from grit_jax.data.tokenizers import Tokenizer, load_tokenizer
 from grit_jax.embedding import embed, embed_with_cache, embedding_attention
@@ -28,27 +27,12 @@ log = logging.getLogger(__name__)
 ENCODE_BUCKETS_PER_OCTAVE = 4
 
 
-def load_model(path: str, *, dtype: str | None = None):
+def load_model(path: str, *, dtype: str | None = None, shardings_for=None):
     """(params, ModelConfig) from a params directory, a training workdir (latest checkpoint) or a
-    Hugging Face directory."""
-    from grit_jax import checkpoint
+    Hugging Face directory (see grit_jax.weights; ``shardings_for(config)``: target shardings)."""
+    from grit_jax import weights
 
-    if checkpoint.is_workdir(path):
-        params, config, _ = checkpoint.load_params_from_workdir(path)
-    elif os.path.exists(os.path.join(path, CONFIG_FILE)):
-        from grit_jax.checkpoint import load_params
-
-        params, config = load_params(path)
-    elif os.path.exists(os.path.join(path, "config.json")):
-        from grit_jax.convert.hf import read_hf
-
-        config, params = read_hf(path)
-    else:
-        raise FileNotFoundError(f"{path}: neither a grit_jax params directory ({CONFIG_FILE}) nor "
-                                f"a Hugging Face model directory (config.json)")
-    if dtype is not None:
-        config = config.replace(dtype=dtype)
-    return params, config
+    return weights.load(path, dtype=dtype, shardings_for=shardings_for)
 
 
 class GritLM:
@@ -88,11 +72,18 @@ class GritLM:
         ``mesh_shape`` (data, fsdp, tensor), e.g. ``(1, -1, 1)``, or a dict over the mesh axes
         (``{"fsdp": -1}``; see ``grit_jax.sharding.make_mesh``): shard over all devices.
         """
-        params, config = load_model(path, dtype=dtype)
-        if mesh_shape is not None:
-            from grit_jax.sharding import make_mesh
+        shardings_for = None
+        if mesh_shape is not None:  # read straight into the mesh's shardings
+            from grit_jax import sharding
+            from grit_jax.model import abstract_params
 
-            kw["mesh"] = make_mesh(mesh_shape)
+            mesh = kw["mesh"] = sharding.make_mesh(mesh_shape)
+
+            def shardings_for(config):
+                boxed = abstract_params(config)
+                sharding.check_divisible(boxed, mesh)
+                return sharding.param_shardings(boxed, mesh)
+        params, config = load_model(path, dtype=dtype, shardings_for=shardings_for)
         return cls(params, config, load_tokenizer(tokenizer or path), **kw)
 
     def _scope(self):

@@ -14,7 +14,8 @@ def contrastive_loss(q_reps: jnp.ndarray, p_reps: jnp.ndarray, temperature: floa
     q_reps (Q, E), p_reps (Q*G, E), both already normalised if the model normalises. One
     direction (query -> passage), mean over queries, as GRIT.
     """
-    q, p = q_reps.astype(jnp.float32), p_reps.astype(jnp.float32)
+    dt = jnp.promote_types(jnp.result_type(q_reps, p_reps), jnp.float32)  # f64 stays f64
+    q, p = q_reps.astype(dt), p_reps.astype(dt)
     group = p.shape[0] // q.shape[0]
     scores = (q @ p.T) / temperature
     target = jnp.arange(q.shape[0]) * group
@@ -23,8 +24,10 @@ def contrastive_loss(q_reps: jnp.ndarray, p_reps: jnp.ndarray, temperature: floa
 
 
 def token_cross_entropy(logits: jnp.ndarray, ids: jnp.ndarray) -> jnp.ndarray:
-    """Per-token CE of predicting ids[:, t+1] from logits[:, t]: shape (B, T-1), float32."""
-    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    """Per-token CE of predicting ids[:, t+1] from logits[:, t]: shape (B, T-1), float32
+    (float64 for float64 logits)."""
+    dt = jnp.promote_types(logits.dtype, jnp.float32)
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(dt), axis=-1)
     return -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
 
 
@@ -38,7 +41,7 @@ def aggregate(ce: jnp.ndarray, mask: jnp.ndarray, how: str = "mixed", sub_batch:
     """
     if how not in AGGREGATIONS:
         raise ValueError(f"generative loss aggregation must be one of {AGGREGATIONS}, got {how!r}")
-    m = mask.astype(jnp.float32)
+    m = mask.astype(jnp.promote_types(ce.dtype, jnp.float32))
     per_sample, count = jnp.sum(ce * m, axis=1), jnp.sum(m, axis=1)
     b = ce.shape[0]
     if how == "token":

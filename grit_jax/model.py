@@ -28,9 +28,9 @@ from typing import NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
-from grit_jax import moe
-from grit_jax.attention import attention
+from grit_jax import attention, moe
 from grit_jax.config import ModelConfig
 
 MODES = ("causal", "bidirectional")
@@ -186,9 +186,9 @@ class Attention(nn.Module):
         wk = _param(self, "k", (e, g, d), ("embed", "kv_heads", "head_dim"), c)
         wv = _param(self, "v", (e, g, d), ("embed", "kv_heads", "head_dim"), c)
         wo = _param(self, "o", (h, d, e), ("heads", "head_dim", "embed"), c)
-        q = jnp.einsum("bte,ehd->bthd", x, wq.astype(dt))
-        k = jnp.einsum("bte,ehd->bthd", x, wk.astype(dt))
-        v = jnp.einsum("bte,ehd->bthd", x, wv.astype(dt))
+        q = checkpoint_name(jnp.einsum("bte,ehd->bthd", x, wq.astype(dt)), "query_proj")
+        k = checkpoint_name(jnp.einsum("bte,ehd->bthd", x, wk.astype(dt)), "key_proj")
+        v = checkpoint_name(jnp.einsum("bte,ehd->bthd", x, wv.astype(dt)), "value_proj")
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         new_kv = None
         if kv is not None:
@@ -197,8 +197,9 @@ class Attention(nn.Module):
             ck, cv = write(ck, k.astype(ck.dtype), offsets), write(cv, v.astype(cv.dtype), offsets)
             new_kv = (ck, cv)
             k, v = ck.astype(dt), cv.astype(dt)
-        out = attention(q, k, v, mask, d ** -0.5, c.attention_impl)
-        return jnp.einsum("bthd,hde->bte", out, wo.astype(dt)), new_kv
+        out = checkpoint_name(attention.attention(q, k, v, mask, d ** -0.5, c.attention_impl),
+                              "context")
+        return checkpoint_name(jnp.einsum("bthd,hde->bte", out, wo.astype(dt)), "out_proj"), new_kv
 
 
 class MLP(nn.Module):
@@ -212,8 +213,9 @@ class MLP(nn.Module):
         gate = _param(self, "gate", (c.hidden_size, c.intermediate_size), ("embed", "mlp"), c)
         up = _param(self, "up", (c.hidden_size, c.intermediate_size), ("embed", "mlp"), c)
         down = _param(self, "down", (c.intermediate_size, c.hidden_size), ("mlp", "embed"), c)
-        hidden = nn.silu(x @ gate.astype(dt)) * (x @ up.astype(dt))
-        return hidden @ down.astype(dt)
+        g = checkpoint_name(x @ gate.astype(dt), "mlp_gate")
+        u = checkpoint_name(x @ up.astype(dt), "mlp_up")
+        return checkpoint_name((nn.silu(g) * u) @ down.astype(dt), "mlp_down")
 
 
 class MoE(nn.Module):
@@ -258,8 +260,23 @@ class Block(nn.Module):
         return x + h, (new_kv, stats)
 
 
-_REMAT = {
-    "full": jax.checkpoint_policies.nothing_saveable,
+# Remat policies (what the backward pass keeps from the forward; the rest is recomputed), named
+# after the activations the layers tag with checkpoint_name: the attention projections
+# (query_proj, key_proj, value_proj, out_proj), the attention output ("context", with the splash
+# kernel's residuals), the MLP's gate/up/down products.
+PROJECTIONS = ("query_proj", "key_proj", "value_proj", "out_proj")
+MLP_DOTS = ("mlp_gate", "mlp_up", "mlp_down")
+_SAVE = jax.checkpoint_policies.save_only_these_names
+_OFFLOAD = partial(jax.checkpoint_policies.save_and_offload_only_these_names,
+                   names_which_can_be_saved=[], offload_src="device", offload_dst="pinned_host")
+REMAT = {
+    "full": jax.checkpoint_policies.nothing_saveable,  # only each layer's input
+    "save_qkv_proj": _SAVE(*PROJECTIONS[:3]),
+    "save_dot_except_mlp": _SAVE(*PROJECTIONS),  # every attention matmul output
+    "minimal": _SAVE(*PROJECTIONS, *MLP_DOTS),  # every matmul output
+    "minimal_with_context": _SAVE(*PROJECTIONS, *MLP_DOTS, "context"),
+    "qkv_proj_offloaded": _OFFLOAD(names_which_can_be_offloaded=list(PROJECTIONS[:3])),
+    "minimal_offloaded": _OFFLOAD(names_which_can_be_offloaded=list(PROJECTIONS + MLP_DOTS)),
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
 }
@@ -279,7 +296,7 @@ class Transformer(nn.Module):
                                   ("embed_vocab", "embed")))
         block = Block
         if c.remat_policy != "none":
-            block = nn.remat(Block, policy=_REMAT[c.remat_policy], prevent_cse=False)
+            block = nn.remat(Block, policy=REMAT[c.remat_policy], prevent_cse=False)
         self.layers = nn.scan(
             block, variable_axes={"params": 0}, split_rngs={"params": True},
             in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
@@ -311,11 +328,19 @@ class Transformer(nn.Module):
             slots = jnp.arange(cache.size, dtype=jnp.int32)[None, :]
             new_lengths = offsets + valid.sum(-1).astype(jnp.int32)
             k_valid, k_pos = slots < new_lengths[:, None], jnp.broadcast_to(slots, (b, cache.size))
+        self_attention = cache is None and positions is None
         if positions is None:
             positions = offsets[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
         if k_pos is None:
             k_pos = positions
-        mask = attention_mask(positions, k_pos, k_valid, mode, c.sliding_window)
+        if attention.resolve(c.attention_impl, t, self_attention=self_attention) in \
+                attention.SPLASH_IMPLS and c.dtype != "float64":
+            if mode not in MODES:
+                raise ValueError(f"attention mode must be one of {MODES}, got {mode!r}")
+            # The kernel builds its masks from these parts (grit_jax.attention.SelfMask).
+            mask = attention.SelfMask(valid, mode, c.sliding_window if mode == "causal" else None)
+        else:
+            mask = attention_mask(positions, k_pos, k_valid, mode, c.sliding_window)
         cos, sin = rope_tables(positions, c)
 
         x = self.embed(tokens).astype(c.jnp_dtype)

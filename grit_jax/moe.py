@@ -48,8 +48,10 @@ class RouterStats(NamedTuple):
 # Router and load balancing (pure functions)
 # ----------------------------------------------------------------------------------------------
 def route(x, router_w, k: int):
-    """(probs (N, E), top-k weights (N, k) renormalised, top-k expert ids (N, k)) in float32."""
-    logits = jnp.dot(x.astype(jnp.float32), router_w.astype(jnp.float32))
+    """(probs (N, E), top-k weights (N, k) renormalised, top-k expert ids (N, k)) in float32
+    (float64 for float64 models)."""
+    dt = jnp.promote_types(x.dtype, jnp.float32)
+    logits = jnp.dot(x.astype(dt), router_w.astype(dt))
     probs = jax.nn.softmax(logits, axis=-1)
     top_w, top_i = jax.lax.top_k(probs, k)
     return probs, top_w / jnp.sum(top_w, axis=-1, keepdims=True), top_i
@@ -57,9 +59,9 @@ def route(x, router_w, k: int):
 
 def router_stats(probs, top_i, valid) -> RouterStats:
     """RouterStats of one layer; padding (valid == 0) is left out, as transformers does."""
-    w = valid.reshape(-1).astype(jnp.float32)
+    w = valid.reshape(-1).astype(probs.dtype)
     n_exp = probs.shape[-1]
-    counts = jnp.sum(jax.nn.one_hot(top_i, n_exp, dtype=jnp.float32) * w[:, None, None], axis=(0, 1))
+    counts = jnp.sum(jax.nn.one_hot(top_i, n_exp, dtype=probs.dtype) * w[:, None, None], axis=(0, 1))
     return RouterStats(counts, jnp.sum(probs * w[:, None], axis=0), jnp.sum(w))
 
 
@@ -93,16 +95,16 @@ def _swiglu(x, gate, up, down):
 def _combine(y_assign, top_w, n, k, dtype):
     """(N*k, D) per-assignment outputs -> (N, D): routing-weighted sum over the k choices in
     float32 (transformers multiplies by the float32 weights too), cast to the compute dtype."""
-    y = y_assign.astype(jnp.float32).reshape(n, k, -1) * top_w[..., None]
+    y = y_assign.astype(top_w.dtype).reshape(n, k, -1) * top_w[..., None]
     return jnp.sum(y, axis=1).astype(dtype)
 
 
 def experts_dense(x, top_w, top_i, gate, up, down):
     """Reference: every local expert on every token; assignments to other experts count 0."""
     n_local = gate.shape[0]
-    comb = jnp.sum(jax.nn.one_hot(top_i, n_local, dtype=jnp.float32) * top_w[..., None], axis=1)
+    comb = jnp.sum(jax.nn.one_hot(top_i, n_local, dtype=top_w.dtype) * top_w[..., None], axis=1)
     y = jax.vmap(_swiglu, in_axes=(None, 0, 0, 0))(x, gate, up, down)  # (E, N, D)
-    return jnp.einsum("end,ne->nd", y.astype(jnp.float32), comb).astype(x.dtype)
+    return jnp.einsum("end,ne->nd", y.astype(top_w.dtype), comb).astype(x.dtype)
 
 
 def _segments(top_i, n_local: int):

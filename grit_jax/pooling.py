@@ -1,4 +1,5 @@
-"""Pooling of hidden states into one embedding per sequence, always in float32."""
+"""Pooling of hidden states into one embedding per sequence, in float32 (float64 for float64
+models) whatever the compute dtype."""
 
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ def pool(hidden: jnp.ndarray, mask: jnp.ndarray, method: str = "mean") -> jnp.nd
     """
     if method not in POOLING_METHODS:
         raise ValueError(f"pooling method must be one of {POOLING_METHODS}, got {method!r}")
-    h = hidden.astype(jnp.float32)
-    m = mask.astype(jnp.float32)
+    dt = jnp.promote_types(hidden.dtype, jnp.float32)  # bf16 -> f32; f64 stays f64
+    h = hidden.astype(dt)
+    m = mask.astype(dt)
     if method == "cls":
         return h[:, 0]
     if method == "lasttoken":

@@ -9,6 +9,7 @@ from typing import Mapping, Sequence
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
@@ -34,35 +35,80 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 )
 
 
-def make_mesh(shape: Sequence[int] | Mapping[str, int] = (1, -1, 1),
-              axes: Sequence[str] = MESH_AXES, devices=None) -> Mesh:
-    """A mesh over devices with the given axis sizes; one -1 takes the remaining devices.
-
-    shape: sizes in ``axes`` order, a mapping axis -> size (missing axes: 1), or for the default
-    axes a 3-sequence (data, fsdp, tensor) meaning expert = 1.
-    """
-    devices = list(jax.devices() if devices is None else devices)
+def _axis_sizes(shape, axes: Sequence[str], what: str) -> list[int]:
+    """Sizes in ``axes`` order from a sequence or a mapping (missing axes: 1); for the default
+    axes a 3-sequence (data, fsdp, tensor) means expert = 1."""
     if isinstance(shape, Mapping):
         unknown = sorted(set(shape) - set(axes))
         if unknown:
-            raise ValueError(f"mesh axes {unknown} unknown (expected some of {tuple(axes)})")
-        shape = [int(shape.get(a, 1)) for a in axes]
-    elif tuple(axes) == MESH_AXES and len(shape) == 3:
-        shape = [shape[0], shape[1], 1, shape[2]]
+            raise ValueError(f"{what} axes {unknown} unknown (expected some of {tuple(axes)})")
+        return [int(shape.get(a, 1)) for a in axes]
     shape = list(shape)
+    if tuple(axes) == MESH_AXES and len(shape) == 3:
+        shape = [shape[0], shape[1], 1, shape[2]]
     if len(shape) != len(axes):
-        raise ValueError(f"mesh shape {shape} does not match axes {tuple(axes)}")
+        raise ValueError(f"{what} shape {shape} does not match axes {tuple(axes)}")
+    return shape
+
+
+def _resolve(shape: list[int], n: int, what: str) -> list[int]:
+    """Fill the one -1 so that the sizes multiply to n."""
     if shape.count(-1) > 1:
-        raise ValueError(f"mesh shape {shape}: at most one -1")
+        raise ValueError(f"{what} shape {shape}: at most one -1")
+    if any(s == 0 or s < -1 for s in shape):
+        raise ValueError(f"{what} shape {shape}: sizes must be positive (or one -1)")
     known = math.prod(s for s in shape if s != -1)
     if -1 in shape:
-        if len(devices) % known:
-            raise ValueError(f"mesh shape {shape}: {len(devices)} devices are not divisible by {known}")
-        shape[shape.index(-1)] = len(devices) // known
-    if math.prod(shape) != len(devices):
-        raise ValueError(f"mesh shape {shape} needs {math.prod(shape)} devices, "
-                         f"{len(devices)} available")
-    return Mesh(np.asarray(devices).reshape(shape), tuple(axes))
+        if n % known:
+            raise ValueError(f"{what} shape {shape}: {n} devices are not divisible by {known}")
+        shape[shape.index(-1)] = n // known
+    if math.prod(shape) != n:
+        raise ValueError(f"{what} shape {shape} needs {math.prod(shape)} devices, {n} available")
+    return shape
+
+
+def num_slices(devices, dcn_requested: bool = False) -> tuple[int, bool]:
+    """(slices, by_process): TPU devices name their slice (``slice_index``); elsewhere, when a
+    DCN layout is asked for, every process counts as a slice (how several CPU processes stand
+    in for a multislice pod in tests)."""
+    if devices[0].platform == "tpu":
+        return len({getattr(d, "slice_index", 0) for d in devices}), False
+    if dcn_requested:
+        return len({d.process_index for d in devices}), True
+    return 1, False
+
+
+def make_mesh(shape: Sequence[int] | Mapping[str, int] = (1, -1, 1),
+              axes: Sequence[str] = MESH_AXES, devices=None,
+              dcn_shape: Sequence[int] | Mapping[str, int] | None = None) -> Mesh:
+    """A mesh over devices: ``shape`` inside each slice (ICI), ``dcn_shape`` across slices.
+
+    shape: sizes in ``axes`` order, a mapping axis -> size (missing axes: 1), or for the default
+    axes a 3-sequence (data, fsdp, tensor) meaning expert = 1; one -1 takes the remaining
+    devices of a slice. dcn_shape: the same for the data-centre network between slices (one -1
+    takes the remaining slices; default: all slices on one -1-free axis is an error, so give
+    e.g. ``{"data": -1}``); the mesh axis sizes are the products. With one slice dcn_shape must
+    resolve to all ones.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    ici = _axis_sizes(shape, axes, "mesh")
+    dcn = _axis_sizes(dcn_shape, axes, "dcn_mesh") if dcn_shape is not None else [1] * len(axes)
+    requested = math.prod(abs(s) for s in dcn) > 1 and -1 not in dcn
+    slices, by_process = num_slices(devices, requested)
+    dcn = _resolve(dcn, slices, "dcn_mesh")
+    if len(devices) % slices:
+        raise ValueError(f"{len(devices)} devices do not split into {slices} equal slices")
+    ici = _resolve(ici, len(devices) // slices, "mesh")
+    if slices == 1:
+        if devices[0].platform == "tpu":  # follow the physical torus (ICI rings)
+            grid = mesh_utils.create_device_mesh(ici, devices, allow_split_physical_axes=True)
+        else:
+            grid = np.asarray(devices).reshape(ici)
+    else:
+        grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices,
+                                                    process_is_granule=by_process,
+                                                    allow_split_physical_axes=True)
+    return Mesh(grid, tuple(axes))
 
 
 def logical_to_spec(logical: Sequence[str | None], rules=LOGICAL_RULES) -> P:

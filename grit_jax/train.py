@@ -1,27 +1,41 @@
 """``python -m grit_jax.train --config configs/tiny.py --workdir DIR``: GRIT training.
 
-One jitted, mesh-partitioned step (contrastive + LM loss), Orbax checkpoints of the train state
-and the data iterator (resume in the same workdir), ``DIR/metrics.jsonl``, a NaN guard and a
-save on SIGTERM (preemption).
+One jitted, mesh-partitioned step (contrastive + LM loss); the train state is created or
+restored straight into its shardings; Orbax checkpoints of the state and the data iterator
+(resume in the same workdir), ``metrics.jsonl`` and TensorBoard events. DIR may be local or a
+``gs://`` bucket path (checkpoints are written there directly). Process 0 writes the shared
+files, the others wait for it. A persistent compilation cache (``DIR/compile_cache`` by default)
+makes restarts skip compilation. Checkpoints every ``checkpoint_every`` steps and every
+``checkpoint_every_minutes``; a SIGTERM on any host (preemption) saves at once on every host and
+stops them at the same step.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
 import sys
+import tempfile
 import time
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 from absl import app, flags, logging
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
+
+from grit_jax import checkpoint, hardware, sharding, storage, trainer, weights
+from grit_jax.config import CONFIG_FILE, ModelConfig
+from grit_jax.data.pipeline import GritBatches, PipelineConfig, global_batch, parse_buckets
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "training config file (get_config())",
                                 lock_config=True)
-flags.DEFINE_string("workdir", None, "checkpoints, metrics and (for the demo) data go here")
+flags.DEFINE_string("workdir", None, "checkpoints, metrics and (for the demo) data go here; a "
+                    "local path or gs://BUCKET/PATH")
 flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
                   "JAX multi-controller runtime: auto = on a TPU VM, or when "
                   "--coordinator_address is given")
@@ -30,8 +44,13 @@ flags.DEFINE_integer("num_processes", None, "number of processes (with --coordin
 flags.DEFINE_integer("process_id", None, "this process's index (with --coordinator_address)")
 flags.DEFINE_integer("heartbeat_timeout", 100,
                      "seconds after which a silent process is declared dead and the others stop")
+flags.DEFINE_string("compilation_cache", "workdir",
+                    "persistent compilation cache: 'workdir' (WORKDIR/compile_cache), 'off', or a "
+                    "directory (local or gs://)")
 
 TPU_DEVICE_FILES = ("/dev/accel0", "/dev/vfio/0")
+DEMO_LENGTHS = {"query": 64, "passage": 128, "generative": 128}
+METRICS_FILE = "metrics.jsonl"
 
 
 def initialize_distributed(mode: str = "auto", coordinator_address: str | None = None,
@@ -63,87 +82,134 @@ class NonFiniteLoss(RuntimeError):
     """A NaN/inf loss: the run stops and that state is not checkpointed."""
 
 
-def validate(config, mesh) -> None:
-    """Fail before compiling on configs that cannot work, naming the field."""
-    from grit_jax import sharding
-
-    problems = []
-    if config.model.get("family") == "mixtral":
-        from grit_jax.moe import resolve_impl
-
-        try:
-            resolve_impl(config.model.get("moe_impl", "auto"), mesh.devices.flat[0].platform)
-        except ValueError as e:
-            problems.append(f"model.{e}")
-    experts = int(config.model.get("num_experts", 0) or 0)
-    if experts and experts % mesh.shape["expert"]:
-        problems.append(f"model.num_experts={experts} is not divisible by mesh.expert="
-                        f"{mesh.shape['expert']} (each device holds whole experts)")
-    for name in ("total_steps", "checkpoint_every", "log_every", "keep_checkpoints"):
-        if int(config[name]) <= 0:
-            problems.append(f"{name}={config[name]} must be > 0")
-    dp = sharding.batch_shards(mesh)
-    for name in ("query_batch", "generative_batch", "group_size"):
-        if int(config.data[name]) <= 0:
-            problems.append(f"data.{name}={config.data[name]} must be > 0")
-        elif name != "group_size" and int(config.data[name]) % dp:
-            problems.append(f"data.{name}={config.data[name]} is not divisible by the "
-                            f"data-parallel size {dp} (mesh data x fsdp x expert)")
-    chunk = int(config.loss.get("grad_cache_chunk", 0))
-    if chunk > 0 and config.loss.mode != "generative":
-        passages = int(config.data.query_batch) * int(config.data.group_size)
-        if chunk % dp:
-            problems.append(f"loss.grad_cache_chunk={chunk} is not a multiple of the data-parallel "
-                            f"size {dp} (mesh data x fsdp): each chunk is split over the devices")
-        elif int(config.data.query_batch) % chunk or passages % chunk:
-            problems.append(f"loss.grad_cache_chunk={chunk} must divide data.query_batch="
-                            f"{config.data.query_batch} and the passages per step ({passages})")
-    if problems:
-        raise ValueError("Invalid config: " + "; ".join(problems))
+def is_lead() -> bool:
+    """Process 0 writes the shared files (config, tokenizer, metrics, TensorBoard)."""
+    return jax.process_index() == 0
 
 
-def _model(config):
-    from grit_jax.config import ModelConfig
-    from grit_jax.inference import load_model
-    from grit_jax.model import init_params
-
-    if config.init_from:
-        params, model_cfg = load_model(config.init_from)
-        overrides = {k: config.model[k] for k in ("dtype", "remat_policy") if k in config.model}
-        return params, model_cfg.replace(**overrides)
-    model_cfg = ModelConfig(**config.model.to_dict())
-    return init_params(model_cfg, seed=config.seed), model_cfg
+def barrier(name: str) -> None:
+    """Every process waits here until all arrive (a no-op for one process)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
 
 
-# bf16 dense peak per chip (vendor figures); MFU is reported against these.
-PEAK_FLOPS = (("TPU v6", 918e12), ("TPU v5p", 459e12), ("TPU v5", 197e12), ("TPU v4", 275e12),
-              ("H200", 989e12), ("H100", 989e12), ("A100", 312e12))
+# ----------------------------------------------------------------------------------------------
+# Compilation cache
+# ----------------------------------------------------------------------------------------------
+class CacheCounter:
+    """Counts persistent compilation cache hits and misses (jax.monitoring events)."""
+
+    def __init__(self):
+        self.hits = self.misses = 0
+        jax.monitoring.register_event_listener(self._event)
+
+    def _event(self, name, **_):
+        if name == "/jax/compilation_cache/cache_hits":
+            self.hits += 1
+        elif name == "/jax/compilation_cache/cache_misses":
+            self.misses += 1
 
 
-def peak_flops(config) -> float | None:
-    """Peak FLOP/s of one device: ``config.peak_flops`` if set, else the table, else None (CPU)."""
-    if config.get("peak_flops"):
-        return float(config.peak_flops)
-    kind = jax.devices()[0].device_kind
-    return next((f for name, f in PEAK_FLOPS if name.lower() in kind.lower()), None)
+def enable_compilation_cache(spec: str, workdir: str) -> str | None:
+    """Turn on JAX's persistent compilation cache (``spec``: 'workdir', 'off' or a directory)."""
+    if spec == "off":
+        return None
+    path = storage.join(workdir, "compile_cache") if spec == "workdir" else storage.normalize(spec)
+    jax.config.update("jax_compilation_cache_dir", path)  # made by JAX at the first compile
+    return path
 
 
-def step_flops(model_cfg, batch) -> float:
-    """Training FLOPs of one batch: 6 x matmul parameters x tokens (for a mixture of experts,
-    the router and the k experts a token uses), the LM head on generative tokens only, and the
-    attention scores (12 x layers x heads x head_dim x length^2)."""
-    c = model_cfg
-    e, d = c.hidden_size, c.resolved_head_dim
-    body = c.num_layers * c.layer_matmul_params(active=True)
-    total = 0.0
-    for prefix in ("query", "passage", "gen"):
-        if f"{prefix}_valid" not in batch:
-            continue
-        lengths = batch[f"{prefix}_valid"].sum(-1).astype(np.float64)
-        total += 6 * body * lengths.sum() + 12 * c.num_layers * c.num_heads * d * (lengths ** 2).sum()
-        if prefix == "gen":
-            total += 6 * e * c.vocab_size * lengths.sum()
-    return total
+# ----------------------------------------------------------------------------------------------
+# The workdir: data, model config, tokenizer
+# ----------------------------------------------------------------------------------------------
+def resolve_data_dir(config, workdir: str) -> str:
+    """A local directory holding the built dataset.
+
+    ``config.data.data_dir``: a local path (or a read-only bucket mount), a ``gs://`` path
+    (copied once to this host's disk: array_record files are read locally), or "demo" (the
+    Wikipedia set, built on first use: under a local workdir by process 0, else on each host).
+    """
+    data_dir = config.data.data_dir
+    if data_dir == "demo":
+        from grit_jax.data import wiki_demo
+
+        if storage.is_remote(workdir):
+            root = os.path.join(tempfile.gettempdir(), f"grit_jax_demo_data.{os.getpid()}")
+            wiki_demo.make_demo_data(root, max_lengths=DEMO_LENGTHS)
+            return os.path.join(root, "train")
+        root = os.path.join(workdir, "data")
+        if is_lead() and not os.path.isdir(os.path.join(root, "train")):
+            wiki_demo.make_demo_data(root, max_lengths=DEMO_LENGTHS)
+        barrier("grit_jax demo data")
+        return os.path.join(root, "train")
+    if storage.is_remote(data_dir):
+        return fetch_data(data_dir)
+    return data_dir
+
+
+def fetch_data(url: str) -> str:
+    """Copy a built dataset from object storage to this host's disk once; its local path."""
+    import hashlib
+
+    cache = os.path.join(os.path.expanduser("~"), ".cache", "grit_jax", "data",
+                         hashlib.sha1(url.encode()).hexdigest()[:16])
+    if os.path.exists(os.path.join(cache, ".complete")):
+        return cache
+    if not storage.isdir(url):
+        raise ValueError(f"data.data_dir={url}: no such directory in the bucket")
+    os.makedirs(os.path.dirname(cache), exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".staging.", dir=os.path.dirname(cache))
+    n = storage.copy_tree(url, staging)
+    open(os.path.join(staging, ".complete"), "w").close()
+    try:
+        os.rename(staging, cache)  # another process on this host may have won the race
+    except OSError:
+        import shutil
+
+        shutil.rmtree(staging, ignore_errors=True)
+    print(f"copied {n} data files from {url} to {cache}", flush=True)
+    return cache
+
+
+IDENTITY_IGNORED = set(trainer.EXECUTION_FIELDS)
+
+
+def config_differences(a: ModelConfig, b: ModelConfig) -> list[str]:
+    """Fields (other than execution knobs) in which two model configs differ."""
+    da, db = a.to_dict(), b.to_dict()
+    return [f"{k}: {da[k]!r} vs {db[k]!r}" for k in sorted(da)
+            if k not in IDENTITY_IGNORED and da[k] != db[k]]
+
+
+def run_model_config(config, workdir: str, resuming: bool) -> ModelConfig:
+    """The model of this run, checked against the workdir's before anything is written."""
+    path = storage.join(workdir, CONFIG_FILE)
+    stored = ModelConfig.load(workdir) if storage.exists(path) else None
+    try:
+        wanted = trainer.model_config(config)
+    except FileNotFoundError:
+        if not (resuming and stored is not None):  # a resumed run does not need init_from
+            raise
+        wanted = stored.replace(**{k: config.model[k] for k in trainer.EXECUTION_FIELDS
+                                   if k in config.model})
+    if stored is not None:
+        diff = config_differences(stored, wanted)
+        if diff:
+            raise ValueError(f"{path}: this workdir holds a different model ({'; '.join(diff[:6])} "
+                             f"(stored vs this run)); use a new --workdir, or the config it was "
+                             f"trained with")
+    return wanted
+
+
+def write_workdir_files(config, workdir: str, model_cfg: ModelConfig, meta: dict) -> None:
+    """Process 0 writes grit_config.json and the data's tokenizer if absent (never over
+    earlier work); every process waits until they exist."""
+    if is_lead():
+        storage.makedirs(workdir)
+        if not storage.exists(storage.join(workdir, CONFIG_FILE)):
+            model_cfg.save(workdir)
+        _save_tokenizer(config, meta, workdir)
+    barrier("grit_jax workdir files")
 
 
 def _save_tokenizer(config, meta, workdir):
@@ -151,8 +217,11 @@ def _save_tokenizer(config, meta, workdir):
     from grit_jax.data.dataset import tokenizer_fingerprint
     from grit_jax.data.tokenizers import default_tokenizer, load_tokenizer
 
+    if any(storage.exists(storage.join(workdir, f))
+           for f in ("tokenizer.model", "tokenizer.json")):
+        return
     candidates = [default_tokenizer]
-    if config.init_from:
+    if config.init_from and not storage.is_remote(config.init_from):
         candidates.insert(0, lambda: load_tokenizer(config.init_from))
     for make in candidates:
         try:
@@ -160,185 +229,266 @@ def _save_tokenizer(config, meta, workdir):
         except (FileNotFoundError, ValueError):
             continue
         if tokenizer_fingerprint(tok)["sha256"] == meta["tokenizer"]["sha256"]:
-            tok.save(workdir)
+            with tempfile.TemporaryDirectory() as tmp:
+                for f in tok.save(tmp):
+                    storage.copy_file(f, storage.join(workdir, os.path.basename(f)))
             return
     logging.warning("the data's tokenizer (%s) was not found beside the model; pass --tokenizer "
                     "when exporting", meta["tokenizer"]["file"])
 
 
-DEMO_LENGTHS = {"query": 64, "passage": 128, "generative": 128}
+# ----------------------------------------------------------------------------------------------
+# Metrics: metrics.jsonl, TensorBoard, the progress line (process 0)
+# ----------------------------------------------------------------------------------------------
+class MetricsWriter:
+    """Rows to ``metrics.jsonl`` and TensorBoard. Object stores have no append: there the
+    file is rewritten whole, at most every ``sync_secs`` and at every flush(force=True)."""
+
+    def __init__(self, workdir: str, enabled: bool, sync_secs: float = 30.0):
+        self.enabled, self.path = enabled, storage.join(workdir, METRICS_FILE)
+        self.remote, self.sync_secs = storage.is_remote(workdir), sync_secs
+        self.lines: list[str] = []
+        self._synced = time.monotonic()
+        self._file = self._tb = None
+        if not enabled:
+            return
+        if self.remote:
+            if storage.exists(self.path):  # a resumed run continues the file
+                self.lines = storage.read_text(self.path).splitlines(keepends=True)
+        else:
+            self._file = open(self.path, "a", encoding="utf-8")
+        from tensorboardX import SummaryWriter
+
+        self._tb = SummaryWriter(storage.join(workdir, "tensorboard"),
+                                 flush_secs=sync_secs if self.remote else 120)
+
+    def write(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        line = json.dumps(row) + "\n"
+        if self.remote:
+            self.lines.append(line)
+        else:
+            self._file.write(line)
+            self._file.flush()
+        for k, v in row.items():
+            if k != "step" and v is not None:
+                self._tb.add_scalar(f"train/{k}", v, row["step"])
+        self.flush()
+
+    def flush(self, force: bool = False) -> None:
+        if not self.enabled:
+            return
+        if not self.remote:
+            self._tb.flush()
+        elif force or time.monotonic() - self._synced >= self.sync_secs:
+            storage.write_text(self.path, "".join(self.lines))
+            self._tb.flush()
+            self._synced = time.monotonic()
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self.flush(force=True)
+        self._tb.close()
+        if self._file is not None:
+            self._file.close()
 
 
-def resolve_data_dir(config, workdir):
-    """config.data.data_dir, or for "demo" the Wikipedia set built under workdir on first use."""
-    if config.data.data_dir != "demo":
-        return config.data.data_dir
-    from grit_jax.data import wiki_demo
+# ----------------------------------------------------------------------------------------------
+# Setup
+# ----------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Run:
+    """Everything the loop needs, made by setup()."""
 
-    root = os.path.join(workdir, "data")
-    if not os.path.isdir(os.path.join(root, "train")):
-        wiki_demo.make_demo_data(root, max_lengths=DEMO_LENGTHS)
-    return os.path.join(root, "train")
+    config: object
+    workdir: str
+    mesh: jax.sharding.Mesh
+    model_cfg: ModelConfig
+    loss_cfg: object
+    state: dict
+    state_sh: dict
+    data: GritBatches
+    iterator: object
+    manager: ocp.CheckpointManager
+    step_fn: object
+    start: int
+    origin: str  # where the state came from: resumed / init_from / random
 
 
-def train(config, workdir: str) -> list[dict]:
-    """Train (or resume) in workdir; returns the logged metrics of this invocation."""
-    import orbax.checkpoint as ocp
-    from jax.experimental import multihost_utils
-    from tqdm import tqdm
+def checkpoint_manager(config, workdir: str) -> ocp.CheckpointManager:
+    """Orbax manager of WORKDIR/checkpoints (state + data iterator); on gs:// Orbax commits a
+    step with a marker file instead of renaming a directory."""
+    return ocp.CheckpointManager(
+        storage.join(workdir, "checkpoints"), item_names=("state", "data"),
+        options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints,
+                                             enable_async_checkpointing=True, create=True))
 
-    from grit_jax import sharding
-    from grit_jax.data.pipeline import GritBatches, PipelineConfig, global_batch
-    from grit_jax.train_step import (LossConfig, init_state, jit_train_step, make_optimizer,
-                                     state_shardings)
 
-    # ----------------------------------------------------------------------------------------
-    # Config, mesh, model, data
-    # ----------------------------------------------------------------------------------------
-    mesh = sharding.make_mesh(config.mesh.to_dict())
-    validate(config, mesh)
-    os.makedirs(workdir, exist_ok=True)
-    lc = LossConfig(**config.loss.to_dict())
-    params, model_cfg = _model(config)
-    tx, schedule = make_optimizer(config.optim.lr, config.total_steps,
-                                  config.optim.warmup_ratio, config.optim.weight_decay,
-                                  config.optim.b1, config.optim.b2, clip_norm=config.optim.clip_norm)
-    state_sh = state_shardings(model_cfg, tx, mesh)
+def setup(config, workdir: str) -> Run:
+    """Mesh, model, data, sharded train state (restored, from init_from, or random) and the
+    compiled step. Nothing is written until the config has been checked against the workdir."""
+    from grit_jax.train_step import jit_train_step
+
+    workdir = storage.normalize(workdir)
+    if not storage.is_remote(workdir) and os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ValueError(f"--workdir={workdir} is a file, not a directory")
+    mesh = trainer.mesh(config)
+    resuming = checkpoint.latest_step(workdir) is not None
+    model_cfg = run_model_config(config, workdir, resuming)
+    trainer.validate(config, mesh, model_cfg)
+    lc = trainer.loss_config(config)
+    tx, schedule = trainer.optimizer(config)
+    state_sh = trainer.shardings(model_cfg, tx, mesh)
     data = GritBatches(PipelineConfig(
         resolve_data_dir(config, workdir), query_batch=config.data.query_batch,
         generative_batch=config.data.generative_batch, group_size=config.data.group_size,
         mode=lc.mode, seed=config.seed, num_threads=config.data.num_threads,
+        buckets=parse_buckets(config.data.get("buckets")),
         num_epochs=config.total_steps))  # an upper bound: the dataset is indexed lazily
     if data.meta["tokenizer"]["vocab_size"] > model_cfg.vocab_size:
         raise ValueError(f"the data was tokenised with {data.meta['tokenizer']['vocab_size']} "
                          f"tokens, the model has vocab_size={model_cfg.vocab_size}")
-    model_cfg.save(workdir)
-    _save_tokenizer(config, data.meta, workdir)
-    n_params = model_cfg.num_params()
-    logging.info("mesh %s, %.1fM parameters, %s", dict(mesh.shape), n_params / 1e6, data.summary())
-    print(f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.default_backend()} devices; "
-          f"{n_params / 1e6:.1f}M parameters; {data.summary()}", flush=True)
+    write_workdir_files(config, workdir, model_cfg, data.meta)
 
-    # ----------------------------------------------------------------------------------------
-    # State: fresh or restored
-    # ----------------------------------------------------------------------------------------
-    manager = ocp.CheckpointManager(
-        os.path.abspath(os.path.join(workdir, "checkpoints")),
-        item_names=("state", "data"),
-        options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints,
-                                             enable_async_checkpointing=True))
+    manager = checkpoint_manager(config, workdir)
     iterator = data.iterator()
     latest = manager.latest_step()
-    if latest is None:
-        state = jax.device_put(init_state(params, tx), state_sh)
-    else:
-        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                jax.eval_shape(lambda p: init_state(p, tx), params), state_sh)
+    if latest is not None:  # resume: the initial weights are not read at all
         restored = manager.restore(latest, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
-        state = restored["state"]
+            state=ocp.args.StandardRestore(trainer.abstract_state(model_cfg, tx, state_sh)),
+            data=ocp.args.JsonRestore()))
+        state, origin = restored["state"], f"resumed from step {latest}"
         iterator.set_state(restored["data"])
-        print(f"resumed from step {latest}", flush=True)
-    del params
-    per_device = sum(leaf.addressable_shards[0].data.nbytes for leaf in jax.tree.leaves(state))
-    stats = jax.local_devices()[0].memory_stats() or {}
-    print(f"train state: {per_device / 2**20:.1f} MiB per device"
-          + (f"; device memory in use {stats['bytes_in_use'] / 2**30:.2f} of "
-             f"{stats.get('bytes_limit', 0) / 2**30:.2f} GiB" if "bytes_in_use" in stats else ""),
-          flush=True)
-    peak = peak_flops(config)
-    print(f"MFU against {peak / 1e12:.0f} TFLOP/s per device" if peak else
-          f"MFU not reported: no peak FLOP/s known for {jax.devices()[0].device_kind} "
-          f"(set --config.peak_flops)", flush=True)
+    elif config.init_from:
+        params = weights.load_params(config.init_from, model_cfg, state_sh["params"])
+        state = trainer.state_from_params(params, tx, mesh, state_sh)
+        origin = f"initialised from {config.init_from}"
+    else:
+        state = trainer.random_state(model_cfg, tx, mesh, state_sh, config.seed)
+        origin = f"random init (seed {config.seed})"
     step_fn = jit_train_step(model_cfg, lc, tx, schedule, mesh, state_sh)
-    from tensorboardX import SummaryWriter
+    return Run(config, workdir, mesh, model_cfg, lc, state, state_sh, data, iterator, manager,
+               step_fn, int(jax.device_get(state["step"])), origin)
 
-    writer = SummaryWriter(os.path.join(workdir, "tensorboard")) if jax.process_index() == 0 else None
-    batch_sh = sharding.batch_sharding(mesh)
 
-    def save(step):
-        manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(iterator.get_state())))
+def describe(run: Run) -> str:
+    """The start-up lines: mesh, model, data, state placement, MFU reference."""
+    per_device = sum(leaf.addressable_shards[0].data.nbytes for leaf in jax.tree.leaves(run.state))
+    kind = jax.devices()[0].device_kind
+    peak = hardware.peak_flops(kind, run.config.get("peak_flops", 0.0))
+    return "\n".join([
+        f"mesh {dict(run.mesh.shape)} on {jax.device_count()} {jax.default_backend()} devices "
+        f"({jax.process_count()} process{'es' if jax.process_count() > 1 else ''}); "
+        f"{run.model_cfg.num_params() / 1e6:.1f}M parameters; {run.data.summary()}",
+        f"train state {run.origin}: {per_device / 2**20:.1f} MiB per device",
+        f"MFU against {peak / 1e12:.0f} TFLOP/s per device" if peak else
+        f"MFU not reported: no peak FLOP/s known for {kind!r} (set --config.peak_flops)"])
 
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------
+def train(config, workdir: str) -> list[dict]:
+    """Train (or resume) in workdir; returns the logged metrics of this invocation."""
+    from tqdm import tqdm
+
+    run = setup(config, workdir)
+    lead = is_lead()
+    if lead:
+        print(describe(run), flush=True)
+    peak = hardware.peak_flops(jax.devices()[0].device_kind, config.get("peak_flops", 0.0))
+    batch_sh = sharding.batch_sharding(run.mesh)
+    writer = MetricsWriter(run.workdir, enabled=lead)
+    cache = CacheCounter()
     stop = {"signal": None}
     previous = signal.signal(signal.SIGTERM, lambda s, f: stop.update(signal=s))
+    every_s = 60.0 * float(config.get("checkpoint_every_minutes", 0) or 0)
+    state, programs, logged = run.state, set(), []
+    t_log = t_save = time.monotonic()
+    tokens, flops = 0, 0.0
 
-    # ----------------------------------------------------------------------------------------
-    # Loop
-    # ----------------------------------------------------------------------------------------
-    start = int(jax.device_get(state["step"]))
-    logged, t_last, tokens, flops = [], time.perf_counter(), 0, 0.0
-    metrics_path = os.path.join(workdir, "metrics.jsonl")
-    lead = jax.process_index() == 0  # metrics, TensorBoard and progress come from process 0
+    def save(step, wait=False):
+        run.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(run.iterator.get_state())),
+            force=True)
+        if wait:
+            run.manager.wait_until_finished()
+        writer.flush(force=True)
+
     try:
-        with open(metrics_path if lead else os.devnull, "a", encoding="utf-8") as mf:
-            for step in tqdm(range(start, config.total_steps), initial=start,
-                             total=config.total_steps, desc="train",
-                             disable=None if lead else True):
-                local = next(iterator)
-                tokens += sum(int(v.sum()) for k, v in local.items() if k.endswith("_valid"))
-                flops += step_flops(model_cfg, local)
-                state, metrics = step_fn(state, global_batch(local, batch_sh, data.pad_id))
-                m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                bad = [k for k in ("loss_rep", "loss_gen", "loss") if not np.isfinite(m[k])]
-                if bad:
-                    raise NonFiniteLoss(f"step {step + 1}: {', '.join(bad)} is {m[bad[0]]} "
-                                        f"(not finite); stopping without checkpointing this state")
-                done = step + 1
-                if done % config.log_every == 0 or done == config.total_steps:
-                    dt = time.perf_counter() - t_last
-                    # Local tokens/FLOPs x processes: every process reads an equal share.
-                    row = {"step": done, **m, "tokens_per_s": tokens * jax.process_count() / dt,
-                           "mfu": (flops * jax.process_count() / dt / (peak * jax.device_count())
-                                   if peak else None)}
-                    mf.write(json.dumps(row) + "\n")
-                    mf.flush()
-                    if writer is not None:
-                        for k, v in row.items():
-                            if k != "step" and v is not None:
-                                writer.add_scalar(f"train/{k}", v, done)
-                        writer.flush()
-                    logged.append(row)
-                    if lead:
-                        aux = f", router {m['loss_aux']:.3f}" if "loss_aux" in m else ""
-                        tqdm.write(f"step {done}: loss {m['loss']:.4f} (rep {m['loss_rep']:.4f}, gen "
-                                   f"{m['loss_gen']:.4f}{aux}) lr {m['lr']:.2e} grad_norm "
-                                   f"{m['grad_norm']:.3f} {row['tokens_per_s']:.0f} tok/s")
-                    t_last, tokens, flops = time.perf_counter(), 0, 0.0
-                # A preempted host stops every host at the same step: they agree on the flag.
-                stopping = bool(stop["signal"])
-                if jax.process_count() > 1:
-                    stopping = bool(np.asarray(multihost_utils.process_allgather(
-                        np.int32(stopping))).any())
-                if done % config.checkpoint_every == 0 or done == config.total_steps or stopping:
-                    save(done)
-                if stopping:
+        for step in tqdm(range(run.start, config.total_steps), initial=run.start,
+                         total=config.total_steps, desc="train", disable=None if lead else True):
+            local = next(run.iterator)
+            tokens += sum(int(v.sum()) for k, v in local.items() if k.endswith("_valid"))
+            flops += trainer.step_flops(run.model_cfg, local, run.loss_cfg)
+            batch = global_batch(local, batch_sh, run.data.pad_id)
+            shapes = tuple(sorted((k, v.shape) for k, v in batch.items() if k.endswith("_ids")))
+            t0, hits = time.monotonic(), cache.hits
+            state, metrics = run.step_fn(state, batch)
+            m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            if shapes not in programs:
+                programs.add(shapes)
+                if lead:
+                    how = "from the persistent cache" if cache.hits > hits else "compiled"
+                    tqdm.write(f"step program {len(programs)} ({how}, {time.monotonic() - t0:.1f}s"
+                               f" with its first step): " + ", ".join(
+                                   f"{k[:-4]} {s[0]}x{s[1]}" for k, s in shapes))
+            bad = [k for k in ("loss_rep", "loss_gen", "loss") if not np.isfinite(m[k])]
+            if bad:
+                raise NonFiniteLoss(f"step {step + 1}: {', '.join(bad)} is {m[bad[0]]} "
+                                    f"(not finite); stopping without checkpointing this state")
+            done = step + 1
+            if done % config.log_every == 0 or done == config.total_steps:
+                dt = time.monotonic() - t_log
+                # Local tokens/FLOPs x processes: every process reads an equal share.
+                row = {"step": done, **m, "tokens_per_s": tokens * jax.process_count() / dt,
+                       "mfu": (flops * jax.process_count() / dt / (peak * jax.device_count())
+                               if peak else None), "step_programs": len(programs)}
+                writer.write(row)
+                logged.append(row)
+                if lead:
+                    aux = f", router {m['loss_aux']:.3f}" if "loss_aux" in m else ""
+                    tqdm.write(f"step {done}: loss {m['loss']:.4f} (rep {m['loss_rep']:.4f}, gen "
+                               f"{m['loss_gen']:.4f}{aux}) lr {m['lr']:.2e} grad_norm "
+                               f"{m['grad_norm']:.3f} {row['tokens_per_s']:.0f} tok/s")
+                t_log, tokens, flops = time.monotonic(), 0, 0.0
+            # Every host agrees on stopping (a SIGTERM on any one) and on time-based saves.
+            flags_ = np.asarray([bool(stop["signal"]), every_s > 0 and
+                                 time.monotonic() - t_save >= every_s], np.int32)
+            if jax.process_count() > 1:
+                flags_ = np.asarray(multihost_utils.process_allgather(flags_)).max(axis=0)
+            stopping, timed = bool(flags_[0]), bool(flags_[1])
+            if (done % config.checkpoint_every == 0 or done == config.total_steps or stopping
+                    or timed):
+                save(done, wait=stopping)
+                t_save = time.monotonic()
+            if stopping:
+                if lead:
                     print(f"signal {stop['signal'] or 'on another process'}: saved step {done}, "
                           f"exiting", flush=True)
-                    break
+                break
     finally:
-        if writer is not None:
-            writer.close()
-        manager.wait_until_finished()
-        manager.close()
+        writer.close()
+        run.manager.wait_until_finished()
+        run.manager.close()
         signal.signal(signal.SIGTERM, previous)
     return logged
 
 
 def main(argv):
     del argv
+    if FLAGS.config is None:
+        raise app.UsageError("--config is required, e.g. --config configs/tiny.py")
     if FLAGS.workdir is None:
-        raise app.UsageError("--workdir is required")
-    if "://" in FLAGS.workdir:  # data (array_record), metrics and TensorBoard use local file I/O
-        raise app.UsageError(
-            f"--workdir={FLAGS.workdir}: object-store URLs are not supported; mount the bucket "
-            f"(launch/tpu.py setup --mount-bucket BUCKET mounts gs://BUCKET at /gcs/BUCKET) and "
-            f"pass the mounted path, e.g. --workdir=/gcs/BUCKET/run")
+        raise app.UsageError("--workdir is required (a local directory or gs://BUCKET/PATH)")
     try:
         initialize_distributed(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes,
                                FLAGS.process_id, FLAGS.heartbeat_timeout)
+        enable_compilation_cache(FLAGS.compilation_cache, storage.normalize(FLAGS.workdir))
         train(FLAGS.config, FLAGS.workdir)
-    except (ValueError, NonFiniteLoss) as e:
+    except (ValueError, FileNotFoundError, NonFiniteLoss) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

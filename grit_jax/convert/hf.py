@@ -173,43 +173,78 @@ def config_to_hf(c: ModelConfig, torch_dtype: str = "float32") -> dict:
 # ----------------------------------------------------------------------------------------------
 # Tensor name mapping
 # ----------------------------------------------------------------------------------------------
-# (HF name pattern, grit path, HF -> grit, grit -> HF); {i} is the layer index, {j} the expert.
-def _layouts(c: ModelConfig):
-    e, d, h, g = c.hidden_size, c.resolved_head_dim, c.num_heads, c.num_kv_heads
+# How an HF tensor maps to its slot of a grit array: "same", "t" (transposed), "qkv" (HF rows
+# (heads, head_dim) x embed -> grit (embed, heads, head_dim)), "o" (HF embed x (heads, head_dim)
+# -> grit (heads, head_dim, embed)).
+def _transforms(kind: str, c: ModelConfig, heads: int = 0):
+    """(HF -> grit, grit -> HF) of a layout kind."""
+    e, d = c.hidden_size, c.resolved_head_dim
+    if kind == "qkv":
+        return (lambda w: w.T.reshape(e, heads, d)), (lambda w: w.reshape(e, heads * d).T)
+    if kind == "o":
+        return (lambda w: w.T.reshape(heads, d, e)), (lambda w: w.reshape(heads * d, e).T)
+    if kind == "t":
+        return (lambda w: w.T), (lambda w: w.T)
+    return (lambda w: w), (lambda w: w)
 
-    def qkv(n):
-        return (lambda w: w.T.reshape(e, n, d)), (lambda w: w.reshape(e, n * d).T)
 
-    o = (lambda w: w.T.reshape(h, d, e)), (lambda w: w.reshape(h * d, e).T)
-    t = (lambda w: w.T), (lambda w: w.T)
-    same = (lambda w: w), (lambda w: w)
+def read_block(tensor, kind: str, index: tuple, head_dim: int) -> np.ndarray:
+    """``grit_slot[index]`` read from an HF tensor (anything sliceable with ``[rows, cols]``, e.g.
+    a safetensors slice, so only those elements are read); index holds one slice per grit dim."""
+    if kind == "same":
+        return np.asarray(tensor[index])
+    if kind == "t":
+        return np.asarray(tensor[index[1], index[0]]).T
+    if kind == "qkv":  # grit (embed, heads, head_dim) <- HF ((heads, head_dim), embed)
+        e_sl, h_sl, d_sl = index
+        rows = slice(h_sl.start * head_dim, h_sl.stop * head_dim)
+        w = np.asarray(tensor[rows, e_sl]).T
+        return w.reshape(w.shape[0], -1, head_dim)[:, :, d_sl]
+    if kind == "o":  # grit (heads, head_dim, embed) <- HF (embed, (heads, head_dim))
+        h_sl, d_sl, e_sl = index
+        rows = slice(h_sl.start * head_dim, h_sl.stop * head_dim)
+        w = np.asarray(tensor[e_sl, rows]).T
+        return w.reshape(-1, head_dim, w.shape[-1])[:, d_sl, :]
+    raise ValueError(f"unknown layout kind {kind!r}")
+
+
+# (HF name pattern, grit path, layout kind, heads); {i} is the layer index, {j} the expert.
+def _layout_rows(c: ModelConfig):
+    h, g = c.num_heads, c.num_kv_heads
     rows = [
-        ("model.embed_tokens.weight", ("embed", "embedding"), *same),
-        ("model.norm.weight", ("final_norm", "scale"), *same),
-        ("model.layers.{i}.input_layernorm.weight", ("layers", "attn_norm", "scale"), *same),
-        ("model.layers.{i}.post_attention_layernorm.weight", ("layers", "mlp_norm", "scale"), *same),
-        ("model.layers.{i}.self_attn.q_proj.weight", ("layers", "attn", "q"), *qkv(h)),
-        ("model.layers.{i}.self_attn.k_proj.weight", ("layers", "attn", "k"), *qkv(g)),
-        ("model.layers.{i}.self_attn.v_proj.weight", ("layers", "attn", "v"), *qkv(g)),
-        ("model.layers.{i}.self_attn.o_proj.weight", ("layers", "attn", "o"), *o),
+        ("model.embed_tokens.weight", ("embed", "embedding"), "same", 0),
+        ("model.norm.weight", ("final_norm", "scale"), "same", 0),
+        ("model.layers.{i}.input_layernorm.weight", ("layers", "attn_norm", "scale"), "same", 0),
+        ("model.layers.{i}.post_attention_layernorm.weight", ("layers", "mlp_norm", "scale"),
+         "same", 0),
+        ("model.layers.{i}.self_attn.q_proj.weight", ("layers", "attn", "q"), "qkv", h),
+        ("model.layers.{i}.self_attn.k_proj.weight", ("layers", "attn", "k"), "qkv", g),
+        ("model.layers.{i}.self_attn.v_proj.weight", ("layers", "attn", "v"), "qkv", g),
+        ("model.layers.{i}.self_attn.o_proj.weight", ("layers", "attn", "o"), "o", h),
     ]
     if c.is_moe:
         moe = "model.layers.{i}.block_sparse_moe."
         rows += [
-            (moe + "gate.weight", ("layers", "moe", "router"), *t),
-            (moe + "experts.{j}.w1.weight", ("layers", "moe", "gate"), *t),
-            (moe + "experts.{j}.w3.weight", ("layers", "moe", "up"), *t),
-            (moe + "experts.{j}.w2.weight", ("layers", "moe", "down"), *t),
+            (moe + "gate.weight", ("layers", "moe", "router"), "t", 0),
+            (moe + "experts.{j}.w1.weight", ("layers", "moe", "gate"), "t", 0),
+            (moe + "experts.{j}.w3.weight", ("layers", "moe", "up"), "t", 0),
+            (moe + "experts.{j}.w2.weight", ("layers", "moe", "down"), "t", 0),
         ]
     else:
         rows += [
-            ("model.layers.{i}.mlp.gate_proj.weight", ("layers", "mlp", "gate"), *t),
-            ("model.layers.{i}.mlp.up_proj.weight", ("layers", "mlp", "up"), *t),
-            ("model.layers.{i}.mlp.down_proj.weight", ("layers", "mlp", "down"), *t),
+            ("model.layers.{i}.mlp.gate_proj.weight", ("layers", "mlp", "gate"), "t", 0),
+            ("model.layers.{i}.mlp.up_proj.weight", ("layers", "mlp", "up"), "t", 0),
+            ("model.layers.{i}.mlp.down_proj.weight", ("layers", "mlp", "down"), "t", 0),
         ]
     if not c.tie_word_embeddings:
-        rows.append(("lm_head.weight", ("lm_head", "kernel"), *t))
+        rows.append(("lm_head.weight", ("lm_head", "kernel"), "t", 0))
     return rows
+
+
+def _layouts(c: ModelConfig):
+    """(HF name pattern, grit path, HF -> grit, grit -> HF) of every tensor kind."""
+    return [(pattern, path, *_transforms(kind, c, heads))
+            for pattern, path, kind, heads in _layout_rows(c)]
 
 
 TRANSPOSED = ("gate_proj.weight", "up_proj.weight", "down_proj.weight", "lm_head.weight",
@@ -232,20 +267,27 @@ def _hf_shape(c: ModelConfig, name: str, grit_shape) -> tuple:
 Index = int | tuple[int, int] | None
 
 
-def hf_tensor_names(c: ModelConfig) -> Iterator[tuple[str, tuple, Index, Callable, Callable]]:
-    """Every HF tensor of the model: (name, grit path, index, to_grit, to_hf); the tensor is
+def hf_tensor_slots(c: ModelConfig) -> Iterator[tuple[str, tuple, Index, str]]:
+    """Every HF tensor of the model: (name, grit path, index, layout kind); the tensor is
     ``array[index]`` of the grit array at path: index is None (the whole array), the layer, or
     (layer, expert) for Mixtral's per-expert tensors."""
-    for pattern, path, to_grit, to_hf in _layouts(c):
+    for pattern, path, kind, _ in _layout_rows(c):
         if "{j}" in pattern:
             for i in range(c.num_layers):
                 for j in range(c.num_experts):
-                    yield pattern.format(i=i, j=j), path, (i, j), to_grit, to_hf
+                    yield pattern.format(i=i, j=j), path, (i, j), kind
         elif "{i}" in pattern:
             for i in range(c.num_layers):
-                yield pattern.format(i=i), path, i, to_grit, to_hf
+                yield pattern.format(i=i), path, i, kind
         else:
-            yield pattern, path, None, to_grit, to_hf
+            yield pattern, path, None, kind
+
+
+def hf_tensor_names(c: ModelConfig) -> Iterator[tuple[str, tuple, Index, Callable, Callable]]:
+    """hf_tensor_slots with each kind's (HF -> grit, grit -> HF) transforms."""
+    heads = {path: h for _, path, _, h in _layout_rows(c)}
+    for name, path, index, kind in hf_tensor_slots(c):
+        yield (name, path, index, *_transforms(kind, c, heads[path]))
 
 
 def slot_shape(shape: tuple, index: Index) -> tuple:
@@ -338,18 +380,23 @@ class StackedParams:
         return flax.traverse_util.unflatten_dict(self.arrays)
 
 
-def read_hf(hf_dir: str, *, param_dtype: str = "float32", **config_overrides):
-    """(ModelConfig, params as a nested dict of jax arrays) from a Hugging Face directory."""
-    from safetensors import safe_open
-
+def read_hf_config(hf_dir: str, **overrides) -> ModelConfig:
+    """The ModelConfig of a Hugging Face directory (its config.json), without any weights."""
     cfg_path = os.path.join(hf_dir, "config.json")
     if not os.path.exists(cfg_path):
         raise FileNotFoundError(f"{cfg_path}: missing (is {hf_dir} a Hugging Face model directory?)")
     with open(cfg_path, encoding="utf-8") as f:
-        hf_cfg = json.load(f)
-    config = config_from_hf(hf_cfg, cfg_path, param_dtype=param_dtype, dtype=param_dtype)
-    stacked = StackedParams(config)
-    expected = stacked.expected
+        try:
+            hf_cfg = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
+    return config_from_hf(hf_cfg, cfg_path, **overrides)
+
+
+def checked_files(hf_dir: str, config: ModelConfig) -> dict[str, str]:
+    """Every HF tensor the config needs -> the safetensors file holding it; unexpected or missing
+    tensors are errors naming them."""
+    expected = {name for name, *_ in hf_tensor_slots(config)}
     files = _safetensors_files(hf_dir)
     if config.is_moe:
         refuse_fused_experts(files)
@@ -362,8 +409,20 @@ def read_hf(hf_dir: str, *, param_dtype: str = "float32", **config_overrides):
     if missing:
         raise ValueError(f"{hf_dir}: missing tensor(s) {missing[:8]}"
                          f"{' ...' if len(missing) > 8 else ''} (checkpoint incomplete?)")
+    return {n: files[n] for n in expected}
+
+
+def read_hf(hf_dir: str, *, param_dtype: str = "float32", **config_overrides):
+    """(ModelConfig, params as a nested dict of jax arrays) from a Hugging Face directory, whole
+    in this process's memory (conversion; training and inference read shards: grit_jax.weights)."""
+    from safetensors import safe_open
+
+    config = read_hf_config(hf_dir, param_dtype=param_dtype, dtype=param_dtype,
+                            **config_overrides)
+    stacked = StackedParams(config)
+    files = checked_files(hf_dir, config)
     by_file: dict[str, list[str]] = {}
-    for name in expected:
+    for name in stacked.expected:
         by_file.setdefault(files[name], []).append(name)
     for path_, names in by_file.items():
         with safe_open(path_, framework="numpy") as f:

@@ -37,6 +37,9 @@ class PipelineConfig:
     seed: int = 0
     num_epochs: int = 1  # length of the step-indexed dataset, in embedding epochs
     smallest_bucket: int = 16  # buckets: powers of two from here up to each max length
+    # Declared padded lengths per kind ("query", "passage", "generative"), replacing the powers
+    # of two: a small fixed set of shapes (one compiled step program per combination).
+    buckets: tuple[tuple[str, tuple[int, ...]], ...] = ()
     num_threads: int = 2  # grain prefetch threads (measured: see benchmarks/data_pipeline.py)
     prefetch: int = 8
 
@@ -65,8 +68,21 @@ class GritBatches:
         self.gen_names = kinds[records.GENERATIVE] if cfg.mode != "embedding" else []
         self.sources = {n: builder.as_data_source(n) for n in self.emb_names + self.gen_names}
         lengths = self.meta["max_lengths"]
-        self.buckets = {k: formats.length_buckets(v, cfg.smallest_bucket)
-                        for k, v in lengths.items()}
+        declared = dict(cfg.buckets)
+        unknown = sorted(set(declared) - set(lengths))
+        if unknown:
+            raise ValueError(f"data.buckets: unknown kind(s) {unknown} (expected some of "
+                             f"{sorted(lengths)})")
+        self.buckets = {}
+        for kind, longest in lengths.items():
+            if declared.get(kind):
+                if max(declared[kind]) < longest:
+                    raise ValueError(f"data.buckets.{kind}={','.join(map(str, declared[kind]))}: "
+                                     f"the largest is below the dataset's max {kind} length "
+                                     f"{longest} ({cfg.data_dir})")
+                self.buckets[kind] = sorted(declared[kind])
+            else:
+                self.buckets[kind] = formats.length_buckets(longest, cfg.smallest_bucket)
         self._validate()
         self.emb_steps, self.emb_dropped = self._steps(self.emb_names, cfg.query_batch, True)
         self.gen_steps, self.gen_dropped = self._steps(self.gen_names, cfg.generative_batch, False)
@@ -203,6 +219,24 @@ class GritBatches:
                          f"steps/epoch of {self.cfg.generative_batch}, {self.gen_dropped} left out "
                          f"per epoch")
         return "; ".join(parts)
+
+
+def parse_buckets(spec) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """PipelineConfig.buckets from ``config.data.buckets`` ({kind: "256,512"}; "" or absent:
+    the default powers of two)."""
+    out = []
+    for kind, text in sorted(dict(spec or {}).items()):
+        if not str(text).strip():
+            continue
+        try:
+            sizes = tuple(int(x) for x in str(text).split(","))
+        except ValueError:
+            raise ValueError(f"data.buckets.{kind}={text!r}: comma-separated lengths expected, "
+                             f"e.g. '512,1024,2048'") from None
+        if min(sizes) <= 0:
+            raise ValueError(f"data.buckets.{kind}={text!r}: lengths must be positive")
+        out.append((kind, sizes))
+    return tuple(out)
 
 
 def pad_to(local: dict[str, np.ndarray], lengths: dict[str, int], pad_id: int) -> dict:

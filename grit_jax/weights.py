@@ -1,0 +1,155 @@
+"""Model weights from any source, read straight into their target shardings.
+
+Sources: a training workdir (its newest checkpoint, parameters only), a grit_jax params
+directory (Orbax + ``grit_config.json``), or a Hugging Face directory (``config.json`` + one or
+several safetensors files). Every process reads only the shards its own devices hold: Orbax
+restores each array with its target sharding (TensorStore reads the chunks behind them), and
+safetensors tensors are sliced before they are read (``jax.make_array_from_callback``). Nothing
+is ever assembled whole on one device or one host, so the same code loads a 7B model onto a
+laptop CPU and onto every host of a pod.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+
+import flax.linen as nn
+import jax
+import numpy as np
+from flax import traverse_util
+
+from grit_jax import checkpoint, storage
+from grit_jax.config import CONFIG_FILE, ModelConfig
+from grit_jax.model import abstract_params
+
+SOURCES = ("workdir", "params", "hf")
+
+
+def source_kind(path: str) -> str:
+    """Which kind of weights directory path is (see SOURCES); a clear error otherwise."""
+    if checkpoint.is_workdir(path):
+        return "workdir"
+    if storage.exists(storage.join(path, CONFIG_FILE)):
+        return "params"
+    if storage.exists(storage.join(path, "config.json")):
+        if storage.is_remote(path):
+            raise ValueError(f"{path}: Hugging Face directories are read from local disk "
+                             f"(safetensors are memory-mapped); copy it to the host or mount it")
+        return "hf"
+    raise FileNotFoundError(f"{path}: neither a training workdir (checkpoints/), a grit_jax params "
+                            f"directory ({CONFIG_FILE}) nor a Hugging Face model directory "
+                            f"(config.json)")
+
+
+def read_config(path: str) -> ModelConfig:
+    """The ModelConfig stored with the weights at path (nothing else is read)."""
+    if source_kind(path) == "hf":
+        from grit_jax.convert.hf import read_hf_config
+
+        return read_hf_config(path)
+    return ModelConfig.load(path)
+
+
+def abstract(config: ModelConfig, shardings=None):
+    """ShapeDtypeStructs of the (unboxed) parameters, with shardings if given."""
+    shapes = nn.unbox(abstract_params(config))
+    if shardings is None:
+        return shapes
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        shapes, shardings)
+
+
+def load_params(path: str, config: ModelConfig, shardings, *, step: int | None = None):
+    """Parameters of ``config``'s shapes and param_dtype from path, placed with ``shardings``
+    (a tree like the parameters). ``step``: a workdir checkpoint other than the newest."""
+    kind = source_kind(path)
+    target = abstract(config, shardings)
+    if kind == "workdir":
+        return checkpoint.restore_workdir_params(path, target, step)
+    if kind == "params":
+        return checkpoint.restore_params(path, target)
+    return read_hf_sharded(path, config, target)
+
+
+def load(path: str, *, dtype: str | None = None, param_dtype: str | None = None,
+         shardings_for=None):
+    """(params, ModelConfig) from path. ``shardings_for(config)`` gives the target shardings
+    (default: everything on the first device); ``dtype``/``param_dtype`` override the stored
+    compute and parameter dtypes (parameters are cast while they are read)."""
+    config = read_config(path)
+    changes = {k: v for k, v in (("dtype", dtype), ("param_dtype", param_dtype)) if v}
+    if source_kind(path) == "hf" and not param_dtype:
+        changes.setdefault("param_dtype", config.param_dtype)
+    config = config.replace(**changes) if changes else config
+    if shardings_for is None:
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        shardings = jax.tree.map(lambda _: device, abstract(config))
+    else:
+        shardings = shardings_for(config)
+    return load_params(path, config, shardings), config
+
+
+def read_hf_sharded(hf_dir: str, config: ModelConfig, target):
+    """Parameters from a Hugging Face directory, each device's shard read on its own: for every
+    grit array, the callback reads exactly its slice of each HF tensor (per layer, per expert)."""
+    from safetensors import safe_open
+
+    from grit_jax.convert.hf import checked_files, hf_tensor_slots
+
+    files = checked_files(hf_dir, config)
+    slots: dict[tuple, list] = {}
+    for name, path, index, kind in hf_tensor_slots(config):
+        slots.setdefault(path, []).append((name, index, kind))
+    flat_target = traverse_util.flatten_dict(target)
+    out = {}
+    with contextlib.ExitStack() as stack:
+        handles = {f: stack.enter_context(safe_open(f, framework="numpy"))
+                   for f in sorted(set(files.values()))}
+
+        def tensor(name):
+            try:
+                return handles[files[name]].get_slice(name)
+            except Exception as e:  # a tensor listed in the index but absent from its file
+                raise ValueError(f"{files[name]}: cannot read tensor {name}: {e}") from None
+
+        for path, want in flat_target.items():
+            out[path] = _sharded_array(want, slots[path], tensor, config)
+    return traverse_util.unflatten_dict(out)
+
+
+def _sharded_array(want, slots, tensor, config: ModelConfig):
+    """One grit array assembled per device from its HF tensors (see read_hf_sharded)."""
+    from grit_jax.convert.hf import _hf_shape, read_block, slot_shape
+
+    dtype = np.dtype(want.dtype)
+    for name, index, _ in slots:  # shapes first: a wrong checkpoint fails before any read
+        expect = _hf_shape(config, name, slot_shape(want.shape, index))
+        got = tuple(tensor(name).get_shape())
+        if got != expect:
+            raise ValueError(f"tensor {name} has shape {got}, expected {expect}")
+    by_index = {index: (name, kind) for name, index, kind in slots}
+    lead = 0 if None in by_index else (2 if isinstance(slots[0][1], tuple) else 1)
+    d = config.resolved_head_dim
+    cache: dict[tuple, np.ndarray] = {}
+
+    def block(index):
+        index = tuple(slice(*s.indices(n)) for s, n in zip(index, want.shape))
+        key = tuple((s.start, s.stop) for s in index)
+        if key in cache:  # replicated dimensions ask for the same block on several devices
+            return cache[key]
+        rest = index[lead:]
+        if lead == 0:
+            name, kind = by_index[None]
+            arr = read_block(tensor(name), kind, rest, d)
+        else:
+            ranges = [range(s.start, s.stop) for s in index[:lead]]
+            parts = []
+            for ij in itertools.product(*ranges):  # the layers (and experts) of this block
+                name, kind = by_index[ij if lead == 2 else ij[0]]
+                parts.append(read_block(tensor(name), kind, rest, d))
+            arr = np.stack(parts).reshape(tuple(map(len, ranges)) + parts[0].shape)
+        cache[key] = arr = np.ascontiguousarray(arr.astype(dtype, copy=False))
+        return arr
+
+    return jax.make_array_from_callback(want.shape, want.sharding, block)
