@@ -1,56 +1,87 @@
 """Ahead-of-time compilation of the real GRIT train step for a TPU topology, from a CPU box.
 
-    python -m grit_jax.aot --config configs/gritlm_7b.py --topology v5p:4x4x4 [--json out.json]
+    python -m grit_jax.aot --config configs/gritlm_7b.py --topology v5p:4x4x4 [--slices 2]
+        [--json out.json] [--config.model.remat_policy=minimal ...]
 
-libtpu (``pip install 'grit_jax[tpu]'``, or any libtpu.so named by ``TPU_LIBRARY_PATH``)
-describes the topology's chips without any TPU (one process at a time: libtpu locks); the
-train step (GradCache, mixed LM loss, optimizer, donation: exactly what ``grit_jax.train`` runs)
-is lowered with abstract, sharded inputs on the config's mesh and compiled by the TPU compiler.
-Reported per chip: argument, output, temporary and total memory against the chip's HBM; the
-compiled program's matmul FLOPs, HBM traffic and collective bytes with every loop counted by its
-trip count (``grit_jax.hlo_cost``; XLA's own cost analysis counts a loop body once); the step
-time those imply on the chip's roofline, and the model-FLOPs utilisation it implies. Exits 1 with
-advice when the step does not fit; 2 on a bad config or topology.
+libtpu (installed by ``make venv`` into .venv/libtpu and found there, or ``pip install
+'grit_jax[tpu]'``, or any libtpu.so named by ``TPU_LIBRARY_PATH``) describes the topology's
+chips without any TPU; the train step (GradCache, mixed LM loss, optimizer, donation: exactly
+what ``grit_jax.train`` runs, with the target's kernels: splash attention, megablox experts) is
+lowered with abstract, sharded inputs on the config's mesh and compiled by the TPU compiler, and
+so are the setup programs (the sharded random init, and the optimizer-state init around
+restored weights). Reported per chip: memory of the step and of setup against the chip's HBM
+(and the headroom left); the compiled program's matmul FLOPs, HBM traffic and collective bytes
+with every loop counted by its trip count (``grit_jax.hlo_cost``), split into ICI and
+cross-slice (DCN) traffic; the step time those imply on the chip's roofline, and the MFU it
+implies. Exits 1 with advice when the step does not fit; 2 on a bad config or topology.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import re
 import sys
+
+GIB = 2 ** 30
+HEADROOM = 0.10  # a step "fits" a chip with at least this share of its HBM left over
+
+
+def find_libtpu() -> str | None:
+    """libtpu for compiling: TPU_LIBRARY_PATH, the ``libtpu`` package, or the copy ``make venv``
+    puts beside this environment (.venv/libtpu, outside site-packages so that ordinary JAX
+    processes never probe for a TPU). Sets TPU_LIBRARY_PATH for the last; None if none."""
+    if os.environ.get("TPU_LIBRARY_PATH") or importlib.util.find_spec("libtpu") is not None:
+        return os.environ.get("TPU_LIBRARY_PATH", "libtpu package")
+    local = os.path.join(sys.prefix, "libtpu", "libtpu", "libtpu.so")
+    if os.path.exists(local):
+        os.environ["TPU_LIBRARY_PATH"] = local
+        return local
+    return None
+
+
+find_libtpu()  # before jax loads its backends
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
+from ml_collections import config_flags
 
-from grit_jax import attention, hardware, hlo_cost, train  # train defines --config (the same config files as training)
+from grit_jax import attention, hardware, hlo_cost, sharding, trainer
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("topology", None, "TPU topology, e.g. v5p:4x4x4, v4:4x4x4, v5e:4x4, v6e:4x4")
+if "config" not in FLAGS:  # the same config files as training
+    config_flags.DEFINE_config_file("config", None, "training config file (get_config())",
+                                    lock_config=True)
+flags.DEFINE_string("topology", None, "TPU topology, e.g. v5p:4x4x4, v4:4x4x4, v5e:16x16, v6e:8x8")
+flags.DEFINE_integer("slices", 1, "number of slices (multislice over the data-centre network)")
 flags.DEFINE_string("lengths", "256,2048,2048",
                     "query, passage and generative sequence lengths of the compiled step")
 flags.DEFINE_string("json", None, "also write the report to this file")
+flags.DEFINE_string("hlo", None, "also write the compiled step's optimized HLO text to this file")
 
-GIB = 2 ** 30
 
-
-def topology_devices(name: str):
-    """The (abstract) devices of a TPU topology; a clear error without libtpu."""
+def topology_devices(name: str, slices: int = 1):
+    """The (abstract) devices of a TPU topology; a clear error without libtpu. Call before
+    anything else initialises JAX's backends (libtpu is registered then)."""
     from jax.experimental import topologies
 
+    if find_libtpu() is None:
+        raise ValueError("libtpu is not installed: make venv installs it into .venv/libtpu; "
+                         "or pip install 'grit_jax[tpu]'; or set TPU_LIBRARY_PATH")
     try:
-        topo = topologies.get_topology_desc(platform="tpu", topology_name=name)
-    except Exception as e:  # libtpu missing, or an unknown topology name
-        raise ValueError(f"cannot describe TPU topology {name!r}: {e} (install libtpu with "
-                         f"pip install 'grit_jax[tpu]'; names look like v5p:4x4x4)") from e
+        topo = topologies.get_topology_desc(platform="tpu", topology_name=name,
+                                            num_slices=slices)
+    except Exception as e:  # an unknown topology name
+        raise ValueError(f"cannot describe TPU topology {name!r}: {e} (names look like "
+                         f"v5p:4x4x4, v5e:16x16, v6e:8x8)") from e
     return list(topo.devices)
 
 
 def abstract_batch(config, lengths, mesh):
     """ShapeDtypeStructs of one global batch, sharded as the trainer shards it."""
-    from grit_jax import sharding
-
     q_len, p_len, g_len = lengths
     sh = sharding.batch_sharding(mesh)
     mode = config.loss.mode
@@ -69,92 +100,130 @@ def abstract_batch(config, lengths, mesh):
     return batch
 
 
-def compile_step(config, topology: str, lengths=(256, 2048, 2048)):
-    """Compile the train step for the topology; returns (compiled, report dict)."""
-    from grit_jax import sharding
+def target_model(config, platform: str):
+    """config.model (init_from only supplies values at run time) with ``auto`` kernels pinned
+    for the target platform (the tracing host is a CPU)."""
     from grit_jax.config import ModelConfig
-    from grit_jax.model import abstract_params
-    from grit_jax.train_step import (LossConfig, init_state, jit_train_step, make_optimizer,
-                                     state_shardings)
 
-    devices = topology_devices(topology)
-    mesh = sharding.make_mesh(config.mesh.to_dict(), devices=devices)
-    train.validate(config, mesh)
-    model_cfg = ModelConfig(**config.model.to_dict())  # init_from only supplies values
-    if model_cfg.is_moe:  # the kernel for the target chips, not for this host
+    model_cfg = ModelConfig(**config.model.to_dict())
+    if model_cfg.is_moe:
         from grit_jax.moe import resolve_impl
 
-        model_cfg = model_cfg.replace(moe_impl=resolve_impl(model_cfg.moe_impl, devices[0].platform))
-    # Traced on this CPU host for TPUs: pin the attention kernel for the target, not the host.
-    model_cfg = model_cfg.replace(
-        attention_impl=attention.for_platform(model_cfg.attention_impl, devices[0].platform))
-    lc = LossConfig(**config.loss.to_dict())
-    tx, schedule = make_optimizer(config.optim.lr, config.total_steps, config.optim.warmup_ratio,
-                                  config.optim.weight_decay, config.optim.b1, config.optim.b2,
-                                  clip_norm=config.optim.clip_norm)
-    state_sh = state_shardings(model_cfg, tx, mesh)
-    import flax.linen as nn
+        model_cfg = model_cfg.replace(moe_impl=resolve_impl(model_cfg.moe_impl, platform))
+    return model_cfg.replace(attention_impl=attention.for_platform(model_cfg.attention_impl,
+                                                                   platform))
 
-    params = nn.unbox(abstract_params(model_cfg))
-    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                         jax.eval_shape(lambda p: init_state(p, tx), params), state_sh)
+
+def _memory(compiled) -> dict:
+    mem = compiled.memory_analysis()
+    total = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+             + mem.temp_size_in_bytes + mem.generated_code_size_in_bytes)
+    return {"arguments": mem.argument_size_in_bytes / GIB, "outputs": mem.output_size_in_bytes / GIB,
+            "aliased": mem.alias_size_in_bytes / GIB, "temporaries": mem.temp_size_in_bytes / GIB,
+            "host_temporaries": getattr(mem, "host_temp_size_in_bytes", 0) / GIB,
+            "total": total / GIB}
+
+
+def _oom(e, base, devices):
+    """A report for a program the TPU compiler refused as too large for HBM."""
+    if "RESOURCE_EXHAUSTED" not in str(e):
+        raise e
+    message = str(e).splitlines()[0]
+    found = re.search(r"\(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)", message)
+    return dict(base, chips=None, devices=len(devices), device_kind=devices[0].device_kind,
+                fits=False, compiler_error=message,
+                needed_gib=float(found.group(1)) if found else None,
+                hbm_gib=float(found.group(2)) if found else None)
+
+
+def compile_setup(model_cfg, tx, mesh, state_sh) -> dict:
+    """Per-device memory (GiB) of the setup programs: the sharded random init, and the
+    optimizer-state init around weights restored into their shardings."""
+    key = jax.ShapeDtypeStruct((2,), jnp.uint32)
+    params = trainer.abstract_state(model_cfg, tx, state_sh)["params"]
+    out = {}
+    with sharding.activate(mesh):
+        init = trainer.init_program(model_cfg, tx, mesh, state_sh).lower(key).compile()
+        out["random_init"] = _memory(init)["total"]
+        from grit_jax.train_step import init_state
+
+        opt = jax.jit(lambda p: init_state(p, tx), in_shardings=(state_sh["params"],),
+                      out_shardings=state_sh, donate_argnums=(0,)).lower(params).compile()
+        out["restore_and_opt_init"] = _memory(opt)["total"]
+    return out
+
+
+def compile_step(config, topology: str, lengths=(256, 2048, 2048), slices: int = 1):
+    """Compile the train step (and setup) for the topology; returns (compiled, report dict)."""
+    from grit_jax.train_step import jit_train_step
+
+    devices = topology_devices(topology, slices)
+    mesh = trainer.mesh(config, devices)
+    model_cfg = target_model(config, devices[0].platform)
+    trainer.validate(config, mesh, model_cfg)
+    lc = trainer.loss_config(config)
+    tx, schedule = trainer.optimizer(config)
+    state_sh = trainer.shardings(model_cfg, tx, mesh)
+    state = trainer.abstract_state(model_cfg, tx, state_sh)
     batch = abstract_batch(config, lengths, mesh)
     step = jit_train_step(model_cfg, lc, tx, schedule, mesh, state_sh)
-    base = {"topology": topology, "mesh": dict(mesh.shape), "params": model_cfg.num_params(),
-            "active_params": model_cfg.num_params(active=True),
+    base = {"topology": topology, "slices": slices, "mesh": dict(mesh.shape),
+            "params": model_cfg.num_params(), "active_params": model_cfg.num_params(active=True),
             "dtype": model_cfg.dtype, "remat_policy": model_cfg.remat_policy,
-            "grad_cache_chunk": lc.grad_cache_chunk,
+            "attention_impl": model_cfg.attention_impl, "grad_cache_chunk": lc.grad_cache_chunk,
+            "logits_chunk": lc.logits_chunk,
             "batch": {k: list(v.shape) for k, v in batch.items() if k.endswith("_ids")}}
     with sharding.activate(mesh):
         lowered = step.jitted.lower(state, batch)
     try:
         compiled = lowered.compile()
     except jax.errors.JaxRuntimeError as e:  # the TPU compiler refuses programs beyond HBM
-        if "RESOURCE_EXHAUSTED" not in str(e):
-            raise
-        message = str(e).splitlines()[0]
-        found = re.search(r"\(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)", message)
-        return None, dict(base, chips=None, devices=len(devices),
-                          device_kind=devices[0].device_kind, fits=False, compiler_error=message,
-                          needed_gib=float(found.group(1)) if found else None,
-                          hbm_gib=float(found.group(2)) if found else None)
+        return None, _oom(e, base, devices)
 
-    mem = compiled.memory_analysis()
     xla = compiled.cost_analysis()
     xla = xla[0] if isinstance(xla, (list, tuple)) else xla
     kind = devices[0].device_kind
     # Some topologies list each TensorCore as a device (v4 without megacore): split the chip.
-    chips = len({tuple(d.coords) for d in devices}) if hasattr(devices[0], "coords") else len(devices)
+    chips = len({(getattr(d, "slice_index", 0), tuple(d.coords)) for d in devices}) \
+        if hasattr(devices[0], "coords") else len(devices)
     per_chip = max(1, len(devices) // chips)
-    spec = hardware.require_chip(kind)
-    hbm, peak, hbm_bw, ici_bw = (x / per_chip for x in (spec.hbm_bytes, spec.peak_flops,
-                                                         spec.hbm_bw, spec.ici_bw))
-    total = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
-             + mem.temp_size_in_bytes + mem.generated_code_size_in_bytes)
+    chip = hardware.require_chip(kind)
+    hbm, peak, hbm_bw, ici_bw = (x / per_chip for x in (chip.hbm_bytes, chip.peak_flops,
+                                                         chip.hbm_bw, chip.ici_bw))
+    dcn_bw = chip.dcn_bw / per_chip if chip.dcn_bw else None  # no published figure: no time
+    memory = dict(_memory(compiled), hbm=hbm / GIB)
+    setup = compile_setup(model_cfg, tx, mesh, state_sh)
     full = {k: np.ones(v.shape, bool) for k, v in batch.items() if k.endswith("_valid")}
-    model_flops = train.step_flops(model_cfg, full)
+    model_flops = trainer.step_flops(model_cfg, full, lc)
     n = len(devices)
+    slice_of = [getattr(d, "slice_index", 0) for d in mesh.devices.flat] if slices > 1 else None
     cost = hlo_cost.analyze(compiled.as_text(), devices=n, peak_flops=peak, hbm_bw=hbm_bw,
-                            ici_bw=ici_bw)
-    overlapped = max(cost["roofline_s"], cost["collective_s"])
-    serial = cost["roofline_s"] + cost["collective_s"]
+                            ici_bw=ici_bw, dcn_bw=dcn_bw, slice_of=slice_of)
+    dcn_s = cost["dcn_s"] or 0.0
+    overlapped = max(cost["roofline_s"], cost["collective_s"], dcn_s)
+    serial = cost["roofline_s"] + cost["collective_s"] + dcn_s
+    param_bytes = sum(np.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize
+                      for a in jax.tree.leaves(state["params"]))  # one device's shard
     report = {
         **base, "chips": chips, "devices": n, "device_kind": kind,
-        "per_device_gib": {"arguments": mem.argument_size_in_bytes / GIB,
-                           "outputs": mem.output_size_in_bytes / GIB,
-                           "aliased": mem.alias_size_in_bytes / GIB,
-                           "temporaries": mem.temp_size_in_bytes / GIB,
-                           "total": total / GIB, "hbm": hbm / GIB},
-        "fits": total <= hbm,
+        "per_device_gib": memory, "setup_per_device_gib": setup,
+        "headroom": 1 - memory["total"] / memory["hbm"],
+        "fits": memory["total"] <= (1 - HEADROOM) * memory["hbm"]
+                and max(setup.values()) <= memory["hbm"],
         "model_flops_per_step": model_flops,
         "peak_flops_per_device": peak, "hbm_bytes_per_s": hbm_bw, "ici_bytes_per_s": ici_bw,
+        "dcn_bytes_per_s": dcn_bw,
         # Step time at 100% of peak on the model's FLOPs: a lower bound for any real step.
         "roofline_step_s": model_flops / n / peak,
         # The compiled program, loops counted by their trip counts (grit_jax.hlo_cost).
-        "hlo": {k: cost[k] for k in ("flops", "bytes", "collective_bytes", "compute_s",
-                                     "memory_s", "roofline_s", "collective_s", "loops",
-                                     "loop_trips", "unresolved_loops", "kernel_flops")},
+        "hlo": {k: cost[k] for k in ("flops", "bytes", "collective_bytes", "dcn_bytes",
+                                     "compute_s", "memory_s", "roofline_s", "collective_s",
+                                     "dcn_s", "loops", "loop_trips", "unresolved_loops",
+                                     "kernel_flops", "kernel_flops_by_source", "dcn_collectives")},
         "hlo_flops_over_model": cost["flops"] / (model_flops / n),
+        # DCN bytes per device per step over its shard of the parameters: ~1 when the gradients
+        # cross the slices once per step (a ring all-reduce over 2 slices sends the shard once).
+        "dcn_bytes_over_params": cost["dcn_bytes"] / param_bytes if slices > 1 else None,
         "estimated_step_s": {"overlapped": overlapped, "serial": serial},
         "implied_mfu": {"overlapped": model_flops / n / overlapped / peak,
                         "serial": model_flops / n / serial / peak},
@@ -169,11 +238,12 @@ def advice(report, config) -> list[str]:
     """Knobs that lower per-chip memory, for a step that does not fit."""
     tips = []
     mesh = report["mesh"]
-    if mesh["data"] > 1:
+    if mesh["data"] > 1 and report.get("slices", 1) == 1:
         tips.append(f"move data parallelism into fsdp (mesh data={mesh['data']} -> 1, fsdp x "
                     f"{mesh['data']}): parameters and optimizer state shard further")
     if report["remat_policy"] != "full":
-        tips.append(f"--config.model.remat_policy=full (now {report['remat_policy']!r})")
+        tips.append(f"--config.model.remat_policy=full, or an offloading one (now "
+                    f"{report['remat_policy']!r})")
     chunk = report["grad_cache_chunk"]
     if config.loss.mode != "generative":
         tips.append(f"a smaller --config.loss.grad_cache_chunk (now {chunk or 'off'}: "
@@ -188,28 +258,44 @@ def advice(report, config) -> list[str]:
 def format_report(r) -> str:
     if "compiler_error" in r:
         return (f"{r['topology']}: {r['devices']} x {r['device_kind']}, mesh {r['mesh']}, "
-                f"{r['params'] / 1e9:.2f}B params, batch {r['batch']}\nDOES NOT FIT: the TPU "
-                f"compiler says: {r['compiler_error']}")
+                f"{r['params'] / 1e9:.2f}B params, remat {r['remat_policy']}, batch {r['batch']}"
+                f"\nDOES NOT FIT: the TPU compiler says: {r['compiler_error']}")
     m, h, e, u = r["per_device_gib"], r["hlo"], r["estimated_step_s"], r["implied_mfu"]
+    s = r["setup_per_device_gib"]
+    verdict = ("fits" if r["fits"] else
+               f"DOES NOT FIT (needs {HEADROOM:.0%} headroom)" if m["total"] <= m["hbm"]
+               else "DOES NOT FIT")
     lines = [
-        f"{r['topology']}: {r['chips']} chips ({r['devices']} devices) x {r['device_kind']}, "
-        f"mesh {r['mesh']}, "
-        f"{r['params'] / 1e9:.2f}B params"
+        f"{r['topology']}" + (f" x {r['slices']} slices" if r.get("slices", 1) > 1 else "")
+        + f": {r['chips']} chips ({r['devices']} devices) x {r['device_kind']}, "
+        f"mesh {r['mesh']}, {r['params'] / 1e9:.2f}B params"
         + (f" ({r['active_params'] / 1e9:.2f}B active per token)"
            if r.get("active_params", r["params"]) != r["params"] else "")
-        + f", {r['dtype']} compute, remat {r['remat_policy']}, "
-        f"GradCache chunk {r['grad_cache_chunk']}",
+        + f", {r['dtype']} compute, remat {r['remat_policy']}, attention {r['attention_impl']}, "
+        f"GradCache chunk {r['grad_cache_chunk']}, LM-head chunk {r['logits_chunk']}",
         f"batch {r['batch']}",
         f"per device: arguments {m['arguments']:.2f} GiB, outputs {m['outputs']:.2f} GiB "
-        f"(aliased {m['aliased']:.2f}), temporaries {m['temporaries']:.2f} GiB; total "
-        f"{m['total']:.2f} of {m['hbm']:.0f} GiB HBM -> {'fits' if r['fits'] else 'DOES NOT FIT'}",
+        f"(aliased {m['aliased']:.2f}), temporaries {m['temporaries']:.2f} GiB"
+        + (f", host (offloaded) {m['host_temporaries']:.2f} GiB" if m["host_temporaries"] else "")
+        + f"; total {m['total']:.2f} of {m['hbm']:.0f} GiB HBM ({r['headroom']:.0%} free) "
+        f"-> {verdict}",
+        f"setup per device: random init {s['random_init']:.2f} GiB, restore + optimizer init "
+        f"{s['restore_and_opt_init']:.2f} GiB",
         f"compiled program per device (loops x trip counts): {h['flops']:.3e} matmul FLOPs "
         f"({r['hlo_flops_over_model']:.2f}x the model's {r['model_flops_per_step'] / r['devices']:.3e}: "
         f"remat and GradCache or split_emb recompute), {h['bytes'] / 1e12:.2f} TB HBM traffic, "
-        f"{h['collective_bytes'] / 1e9:.1f} GB sent over ICI; {h['loops']} loops, trips "
-        f"{h['loop_trips']}{'' if not h['unresolved_loops'] else ', %d unresolved (counted once)' % h['unresolved_loops']}",
+        f"{h['collective_bytes'] / 1e9:.1f} GB sent over ICI"
+        + (f", {h['dcn_bytes'] / 1e9:.2f} GB over DCN ({r['dcn_bytes_over_params']:.2f}x the "
+           f"parameter shard)" if r.get("slices", 1) > 1 else "")
+        + f"; {h['loops']} loops, trips {h['loop_trips']}"
+        + ('' if not h['unresolved_loops'] else f", {h['unresolved_loops']} unresolved (counted once)"),
+        "kernels: " + (", ".join(f"{k} {v:.3e} FLOPs" for k, v in
+                                 sorted(h["kernel_flops_by_source"].items())) or "none"),
         f"time per step: compute {h['compute_s']:.3g} s, HBM {h['memory_s']:.3g} s, per-op roofline "
-        f"{h['roofline_s']:.3g} s, collectives {h['collective_s']:.3g} s",
+        f"{h['roofline_s']:.3g} s, ICI collectives {h['collective_s']:.3g} s"
+        + (f", DCN {h['dcn_s']:.3g} s" if r.get("slices", 1) > 1 and h["dcn_s"] is not None
+           else ", DCN time unknown (no published DCN bandwidth)" if r.get("slices", 1) > 1
+           else ""),
         f"estimated step time {e['overlapped']:.3g} s with collectives overlapped "
         f"({e['serial']:.3g} s without) -> implied MFU {100 * u['overlapped']:.1f}% "
         f"({100 * u['serial']:.1f}%) of {r['peak_flops_per_device'] / 1e12:.0f} TFLOP/s per device",
@@ -221,13 +307,19 @@ def format_report(r) -> str:
 def main(argv) -> int:
     del argv
     if FLAGS.config is None or FLAGS.topology is None:
-        print("error: --config and --topology are required", file=sys.stderr)
+        print("error: --config and --topology are required, e.g. --config configs/gritlm_7b.py "
+              "--topology v5p:4x4x4", file=sys.stderr)
         return 2
     try:
         lengths = tuple(int(x) for x in FLAGS.lengths.split(","))
         if len(lengths) != 3 or min(lengths) <= 0:
-            raise ValueError(f"--lengths={FLAGS.lengths!r}: three positive integers expected")
-        _, report = compile_step(FLAGS.config, FLAGS.topology, lengths)
+            raise ValueError
+    except ValueError:
+        print(f"error: --lengths={FLAGS.lengths!r}: three positive integers expected "
+              f"(query, passage, generative)", file=sys.stderr)
+        return 2
+    try:
+        compiled, report = compile_step(FLAGS.config, FLAGS.topology, lengths, FLAGS.slices)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -235,6 +327,9 @@ def main(argv) -> int:
     if FLAGS.json:
         with open(FLAGS.json, "w") as f:
             json.dump(report, f, indent=1)
+    if FLAGS.hlo and compiled is not None:
+        with open(FLAGS.hlo, "w") as f:
+            f.write(compiled.as_text())
     if not report["fits"]:
         print("does not fit; knobs that help:\n  - " + "\n  - ".join(advice(report, FLAGS.config)))
         return 1

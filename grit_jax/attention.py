@@ -152,7 +152,7 @@ def splash_attention(q, k, v, mask: SelfMask, scale: float, interpret: bool = Fa
     """
     from jax.sharding import PartitionSpec as P
 
-    from grit_jax.sharding import BATCH_AXES
+    from grit_jax.sharding import batch_axes
 
     b, t, h, _ = q.shape
     g = k.shape[2]
@@ -179,7 +179,7 @@ def splash_attention(q, k, v, mask: SelfMask, scale: float, interpret: bool = Fa
         with jax.named_scope(scope):
             out = local(q, k, v, seg)
     else:
-        axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+        axes = tuple(a for a in batch_axes() if a in mesh.axis_names)
         rows = axes if b % math.prod(mesh.shape[a] for a in axes) == 0 else None
         tp = mesh.shape.get("tensor", 1)
         heads = "tensor" if tp > 1 and h % tp == 0 and g % tp == 0 else None

@@ -13,9 +13,9 @@ FAMILIES = ("mistral", "llama", "mixtral")  # mixtral: the MLP is a routed mixtu
 MOE_IMPLS = ("auto", "tiled", "ragged", "megablox", "dense")  # see grit_jax.moe
 ATTENTION_IMPLS = ("auto", "xla", "blocked", "splash", "splash_interpret")  # see grit_jax.attention
 # see grit_jax.model.REMAT: full saves nothing; minimal every matmul output; offloaded: to host
-REMAT_POLICIES = ("none", "full", "save_qkv_proj", "save_dot_except_mlp", "minimal",
-                  "minimal_with_context", "qkv_proj_offloaded", "minimal_offloaded", "dots",
-                  "dots_no_batch")
+REMAT_POLICIES = ("none", "full", "save_qkv_proj", "save_dot_except_mlp",
+                  "save_dot_except_mlpwi", "minimal", "minimal_with_context", "qkv_proj_offloaded",
+                  "minimal_offloaded", "dots", "dots_no_batch")
 DTYPES = ("float32", "bfloat16", "float16", "float64")  # float64: JAX_ENABLE_X64=1 (parity checks)
 CONFIG_FILE = "grit_config.json"
 

@@ -244,15 +244,19 @@ def visible_blocks(t: int, s: int, bq: int, bkv: int, mode: str, window: int | N
 
 
 def splash_flops(instr: Instr, comp: Computation) -> float:
-    """FLOPs of one splash kernel call from its q (H, T, D) and k (G, S, D) operands, the block
+    """FLOPs of one splash kernel call from its q ([B,] H, T, D) and k ([B,] G, S, D) operands, the block
     sizes in its metadata and the mask named in its scope (bidirectional if none is named)."""
-    phase = next((p for p in ("dkv", "dq", "fwd") if f"_{p}" in instr.name + instr.attrs), "fwd")
+    kernel = re.search(r"splash_m[hq]a_(fwd|dq|dkv)", instr.name) or re.search(
+        r"op_name=\"[^\"]*splash_m[hq]a_(fwd|dq|dkv)", instr.attrs)
+    phase = kernel.group(1) if kernel else "fwd"
     arrays = [_dims(comp, o, instr) for o in instr.operands if _operand_type(comp, o)]
     floats = [d for o, d in zip(instr.operands, arrays)
-              if len(d) == 3 and shapes(_operand_type(comp, o))[0][0] in ("f32", "bf16", "f16")]
+              if len(d) >= 3 and shapes(_operand_type(comp, o))[0][0] in ("f32", "bf16", "f16")]
     if len(floats) < 2:
         return 0.0
-    (h, t, d), (_, s, _) = floats[0], floats[1]
+    # q (..., H, T, D), k (..., G, S, D); leading dims: a batch vmapped into the kernel's grid.
+    (h, t, d), s = floats[0][-3:], floats[1][-2]
+    batch = math.prod(floats[0][:-3])
     text = instr.attrs.replace('\\"', '"')
     sizes = dict(re.findall(r'"(block_\w+)":\s*(\d+)', text))
     key = {"fwd": ("block_q", "block_kv"), "dq": ("block_q_dq", "block_kv_dq"),
@@ -262,7 +266,7 @@ def splash_flops(instr: Instr, comp: Computation) -> float:
     mode, window = (m.group(1), int(m.group(2)) if m.group(2) else None) if m else (
         "bidirectional", None)
     blocks = visible_blocks(t, s, bq, bkv, mode, window)
-    return 2.0 * SPLASH_PASSES[phase] * h * blocks * bq * bkv * d
+    return 2.0 * SPLASH_PASSES[phase] * batch * h * blocks * bq * bkv * d
 
 
 def ragged_dot_flops(instr: Instr, comp: Computation) -> float:
@@ -384,6 +388,27 @@ def collective_bytes(instr: Instr, comp: Computation, devices: int) -> float:
     return operands  # collective-permute
 
 
+_MEGASCALE = re.compile(r'_xla_megascale_transfer_type="(\w+)"')
+
+
+def megascale_bytes(instr: Instr, comp: Computation, slices: int) -> float | None:
+    """Bytes one device sends over the data-centre network for a cross-slice transfer, None for
+    other instructions. The TPU compiler lowers collectives across slices (multislice) to host
+    ``send``s tagged ``_xla_megascale_transfer_type`` (ALL_REDUCE, ALL_GATHER, ...), priced like
+    ring collectives over the slices."""
+    m = _MEGASCALE.search(instr.attrs) if instr.opcode == "send" else None
+    if m is None:
+        return None
+    data = nbytes(_operand_type(comp, instr.operands[0]))
+    frac = (slices - 1) / max(slices, 1)
+    kind = m.group(1)
+    if kind == "ALL_REDUCE":
+        return 2 * data * frac
+    if kind == "ALL_GATHER":
+        return data * (slices - 1)
+    return data * frac  # REDUCE_SCATTER, ALL_TO_ALL, point-to-point
+
+
 def _async_output(type_text: str) -> str:
     """The output half of an async start's (operands, outputs) tuple type."""
     parts = _split_top(type_text.strip()[1:-1]) if type_text.startswith("(") else [type_text]
@@ -483,11 +508,16 @@ class Module:
             return 2 * nbytes(_operand_type(comp, ins.operands[1]))
         return nbytes(ins.shape) + sum(nbytes(_operand_type(comp, o)) for o in ins.operands)
 
-    def analyze(self, peak_flops: float, hbm_bw: float, ici_bw: float) -> dict:
-        """Totals per device over one execution of the entry computation."""
+    def analyze(self, peak_flops: float, hbm_bw: float, ici_bw: float,
+                dcn_bw: float | None = None, slice_of=None) -> dict:
+        """Totals per device over one execution of the entry computation. With ``slice_of``
+        (slice index per logical device), collectives whose groups span slices are counted as
+        data-centre network traffic (``dcn_*``), each with how often it runs per step."""
+        slices = len(set(slice_of)) if slice_of is not None else 1
         totals = dict(flops=0.0, bytes=0.0, collective_bytes=0.0, compute_s=0.0, memory_s=0.0,
                       roofline_s=0.0, collective_s=0.0, kernel_flops=0.0,
-                      kernel_flops_by_source={})
+                      kernel_flops_by_source={}, dcn_bytes=0.0, dcn_s=0.0 if dcn_bw else None,
+                      dcn_collectives=[])
         self.loops, self.unresolved_loops = [], []
 
         def walk(name: str, times: float):
@@ -529,20 +559,35 @@ class Module:
                 totals["compute_s"] += times * flops / peak_flops
                 totals["memory_s"] += times * moved / hbm_bw
                 totals["roofline_s"] += times * max(flops / peak_flops, moved / hbm_bw)
+                dcn = megascale_bytes(ins, comp, slices) if slices > 1 else None
+                if dcn is not None:
+                    totals["dcn_bytes"] += times * dcn
+                    if dcn_bw:
+                        totals["dcn_s"] += times * dcn / dcn_bw
+                    totals["dcn_collectives"].append(
+                        {"op": _MEGASCALE.search(ins.attrs).group(1).lower(), "bytes": dcn,
+                         "runs_per_step": times})
                 if ins.opcode in COLLECTIVES:
                     sent = collective_bytes(ins, comp, self.devices)
-                    totals["collective_bytes"] += times * sent
-                    totals["collective_s"] += times * sent / ici_bw
+                    if crosses_slices(ins, self.devices, slice_of):
+                        totals["dcn_bytes"] += times * sent
+                        if dcn_bw:
+                            totals["dcn_s"] += times * sent / dcn_bw
+                        totals["dcn_collectives"].append(
+                            {"op": ins.opcode, "bytes": sent, "runs_per_step": times})
+                    else:
+                        totals["collective_bytes"] += times * sent
+                        totals["collective_s"] += times * sent / ici_bw
 
         walk(self.entry, 1.0)
         return totals
 
 
 def analyze(text: str, *, devices: int = 1, peak_flops: float = 1.0, hbm_bw: float = 1.0,
-            ici_bw: float = 1.0) -> dict:
+            ici_bw: float = 1.0, dcn_bw: float | None = None, slice_of=None) -> dict:
     """Cost per device of one run of the module: FLOPs, bytes, times and the loops found."""
     mod = Module(text, devices)
-    out = mod.analyze(peak_flops, hbm_bw, ici_bw)
+    out = mod.analyze(peak_flops, hbm_bw, ici_bw, dcn_bw, slice_of)
     out["loops"] = len(mod.loops)
     out["loop_trips"] = sorted({t for _, t in mod.loops})
     out["unresolved_loops"] = len(mod.unresolved_loops)

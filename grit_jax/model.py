@@ -193,7 +193,8 @@ class Attention(nn.Module):
         new_kv = None
         if kv is not None:
             ck, cv = kv
-            write = jax.vmap(lambda buf, new, o: jax.lax.dynamic_update_slice(buf, new, (o, 0, 0)))
+            write = jax.vmap(lambda buf, new, o: jax.lax.dynamic_update_slice(
+                buf, new, (o, jnp.zeros_like(o), jnp.zeros_like(o))))  # one index dtype (x64)
             ck, cv = write(ck, k.astype(ck.dtype), offsets), write(cv, v.astype(cv.dtype), offsets)
             new_kv = (ck, cv)
             k, v = ck.astype(dt), cv.astype(dt)
@@ -273,6 +274,7 @@ REMAT = {
     "full": jax.checkpoint_policies.nothing_saveable,  # only each layer's input
     "save_qkv_proj": _SAVE(*PROJECTIONS[:3]),
     "save_dot_except_mlp": _SAVE(*PROJECTIONS),  # every attention matmul output
+    "save_dot_except_mlpwi": _SAVE(*PROJECTIONS, "mlp_down"),  # ... and the MLP's output
     "minimal": _SAVE(*PROJECTIONS, *MLP_DOTS),  # every matmul output
     "minimal_with_context": _SAVE(*PROJECTIONS, *MLP_DOTS, "context"),
     "qkv_proj_offloaded": _OFFLOAD(names_which_can_be_offloaded=list(PROJECTIONS[:3])),
@@ -343,7 +345,7 @@ class Transformer(nn.Module):
             mask = attention_mask(positions, k_pos, k_valid, mode, c.sliding_window)
         cos, sin = rope_tables(positions, c)
 
-        x = self.embed(tokens).astype(c.jnp_dtype)
+        x = embed_lookup(self.embed.embedding.astype(c.jnp_dtype), tokens)
         kv = None if cache is None else (cache.k, cache.v)
         x, (new_kv, stats) = self.layers(x, kv, cos, sin, mask, offsets, valid)
         hidden = self.final_norm(x)
@@ -359,6 +361,38 @@ class Transformer(nn.Module):
     def init_all(self, tokens):
         """Touch every parameter (body and LM head); used only for initialisation."""
         return self.logits(self(tokens).hidden)
+
+
+def embed_lookup(table, tokens):
+    """Rows of the embedding table for tokens (B, T) -> (B, T, E).
+
+    On a mesh each device gathers the table (stored sharded over its embedding axis, like every
+    FSDP weight) and looks up its own rows of the batch, inside shard_map: the output is batch-
+    sharded, and the gradient is reduce-scattered back onto the table's shards. Left to the
+    partitioner, the lookup in a sharded table gathered every data replica's tokens (across the
+    slices of a multislice pod) and a replicated table's gradient was all-reduced whole.
+    """
+    from jax.sharding import PartitionSpec as P
+
+    from grit_jax import sharding
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return jnp.take(table, tokens, axis=0)
+    table_spec = sharding.logical_to_spec(("embed_vocab", "embed"))
+    axes = tuple(a for a in sharding.batch_axes() if a in mesh.axis_names)
+    rows = axes if tokens.shape[0] % math.prod(mesh.shape[a] for a in axes) == 0 else None
+
+    def local(tbl, ids):
+        for dim, names in enumerate(table_spec):
+            for name in ((names,) if isinstance(names, str) else names or ()):
+                tbl = jax.lax.all_gather(tbl, name, axis=dim, tiled=True)
+        return jnp.take(tbl, ids, axis=0)
+
+    # check_vma off: the gathered table is the same on every device of its axes, which the
+    # varying-axes check cannot infer through all_gather here.
+    return jax.shard_map(local, in_specs=(table_spec, P(rows, None)),
+                         out_specs=P(rows, None, None), check_vma=False)(table, tokens)
 
 
 def init_params(config: ModelConfig, seed: int = 0):

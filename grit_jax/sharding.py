@@ -147,11 +147,43 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
     return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1)))
 
 
+# Inside a data group (grit_jax.train_step.per_group_grad: one data-parallel replica's rows,
+# vmapped with spmd_axis_name="data") the batch is split over the remaining batch axes.
+GROUP_BATCH_AXES = tuple(a for a in BATCH_AXES if a != "data")
+GROUP_RULES = tuple(("batch", GROUP_BATCH_AXES) if name == "batch" else (name, axes)
+                    for name, axes in LOGICAL_RULES)
+
+
+def batch_axes() -> tuple[str, ...]:
+    """The mesh axes the batch is split over under the logical rules in scope (all of
+    BATCH_AXES, or GROUP_BATCH_AXES inside a data group)."""
+    for name, axes in nn.get_logical_axis_rules() or LOGICAL_RULES:
+        if name == "batch":
+            return (axes,) if isinstance(axes, str) else tuple(axes or ())
+    return BATCH_AXES
+
+
 def batch_shards(mesh=None) -> int:
     """How many ways a mesh (default: the one in scope) splits the batch (data x fsdp x
-    expert); 1 outside any mesh."""
+    expert, or fsdp x expert inside a data group); 1 outside any mesh."""
+    axes = BATCH_AXES if mesh is not None else batch_axes()
     mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
-    return 1 if mesh.empty else math.prod(mesh.shape.get(a, 1) for a in BATCH_AXES)
+    return 1 if mesh.empty else math.prod(mesh.shape.get(a, 1) for a in axes)
+
+
+def data_groups() -> int:
+    """Size of the mesh's data axis in scope (1 outside a mesh or inside a data group)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or "data" not in batch_axes():
+        return 1
+    return mesh.shape.get("data", 1)
+
+
+@contextlib.contextmanager
+def within_data_group():
+    """Logical rules for code vmapped over the data axis: the batch splits over the rest."""
+    with nn.logical_axis_rules(GROUP_RULES):
+        yield
 
 
 @contextlib.contextmanager

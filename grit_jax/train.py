@@ -32,8 +32,9 @@ from grit_jax.config import CONFIG_FILE, ModelConfig
 from grit_jax.data.pipeline import GritBatches, PipelineConfig, global_batch, parse_buckets
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "training config file (get_config())",
-                                lock_config=True)
+if "config" not in FLAGS:  # grit_jax.aot defines the same flag
+    config_flags.DEFINE_config_file("config", None, "training config file (get_config())",
+                                    lock_config=True)
 flags.DEFINE_string("workdir", None, "checkpoints, metrics and (for the demo) data go here; a "
                     "local path or gs://BUCKET/PATH")
 flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],

@@ -17,10 +17,10 @@ import optax
 from grit_jax import moe
 from grit_jax.config import ModelConfig
 from grit_jax.embedding import embedding_attention
-from grit_jax.losses import AGGREGATIONS, aggregate, contrastive_loss
+from grit_jax.losses import AGGREGATIONS, contrastive_loss
 from grit_jax.model import forward, logits_fn
 from grit_jax.pooling import POOLING_METHODS, l2_normalize, pool
-from grit_jax.sharding import batch_shards
+from grit_jax.sharding import batch_shards, data_groups, within_data_group
 
 MODES = ("unified", "embedding", "generative")
 
@@ -116,6 +116,23 @@ def token_ce(params, config: ModelConfig, hidden, ids, chunk: int):
     return ce.reshape(b, t - 1)
 
 
+def gen_weights(batch, lc: LossConfig):
+    """Per-token weights (B, T-1) with sum(weights * ce) = aggregate(ce, mask, ...): the
+    aggregation's normalisers (token counts per sample or sub-batch, batch size) are fixed by
+    the batch alone, so the loss is a plain weighted sum over rows (which lets each data group
+    take the gradient of its own rows, see per_group)."""
+    m = (batch["gen_loss"][:, 1:] * batch["gen_valid"][:, 1:]).astype(jnp.float32)
+    b = m.shape[0]
+    if lc.gen_aggregation == "token":
+        return m / b
+    if lc.gen_aggregation == "sample":
+        return m / jnp.maximum(m.sum(1, keepdims=True), 1.0) / b
+    groups = jnp.arange(b) // lc.gen_sub_batch  # mixed: token mean per sub-batch, then mean
+    n = -(-b // lc.gen_sub_batch)
+    counts = jax.ops.segment_sum(m.sum(1), groups, num_segments=n)
+    return m / jnp.maximum(counts, 1.0)[groups][:, None] / n
+
+
 def gen_loss(params, config: ModelConfig, lc: LossConfig, batch):
     """(The generative loss of batch['gen_*'] (causal attention), metrics).
 
@@ -126,8 +143,8 @@ def gen_loss(params, config: ModelConfig, lc: LossConfig, batch):
     """
     out = forward(params, config, batch["gen_ids"], batch["gen_valid"], mode="causal")
     ce = token_ce(params, config, out.hidden, batch["gen_ids"], lc.logits_chunk)
-    mask = batch["gen_loss"][:, 1:] * batch["gen_valid"][:, 1:]
-    lm = aggregate(ce, mask, lc.gen_aggregation, lc.gen_sub_batch)
+    weights = batch["gen_weights"] if "gen_weights" in batch else gen_weights(batch, lc)
+    lm = jnp.sum(ce * weights.astype(ce.dtype))
     metrics = {"loss_gen": lm}
     if out.router is None:
         return lm, metrics
@@ -136,6 +153,30 @@ def gen_loss(params, config: ModelConfig, lc: LossConfig, batch):
     for i, f in enumerate(moe.expert_fractions(out.router, config.num_experts_per_tok)):
         metrics[f"expert_frac_{i}"] = f
     return lm + config.router_aux_loss_coef * aux, metrics
+
+
+def per_group(fn, rows, *, rowwise: bool = False):
+    """fn over the mesh's data groups: the sum of fn(group's rows), or with ``rowwise`` the
+    groups' row outputs joined back in batch order.
+
+    Each data-parallel replica (a slice of a multislice pod, on the data axis across the data-
+    centre network) computes fn on its own rows, vmapped over the groups with
+    ``spmd_axis_name="data"``: nothing crosses the data axis inside, and gradients are summed
+    once at the end, where letting XLA partition a chunked loop reduces every chunk's (and every
+    layer's) gradient across the data axis. Outside a mesh with a data axis, fn(rows).
+    """
+    n = data_groups()
+    if n == 1:
+        return fn(rows)
+    split = jax.tree.map(lambda a: a.reshape((n, a.shape[0] // n) + a.shape[1:]), rows)
+
+    def one(group_rows):
+        with within_data_group():  # the batch of a group splits over fsdp x expert
+            return fn(group_rows)
+
+    out = jax.vmap(one, spmd_axis_name="data")(split)
+    join = (lambda a: a.reshape((-1,) + a.shape[2:])) if rowwise else (lambda a: a.sum(0))
+    return jax.tree.map(join, out)
 
 
 def _q(batch):
@@ -171,23 +212,31 @@ def rep_loss_and_grad_cached(params, config, lc, batch):
     """
     size = lc.grad_cache_chunk
     f = partial(reps, params, config, lc)
+    grouped = not config.is_moe  # the experts' shard_map splits the batch itself
+    groups = data_groups() if grouped else 1
 
     def all_reps(arrays):
-        out = jax.lax.map(lambda a: jax.lax.stop_gradient(f(*a)), _chunks(arrays, size))
-        return unshard_chunks(out, batch_shards())
+        def chunked(rows):
+            out = jax.lax.map(lambda a: jax.lax.stop_gradient(f(*a)), _chunks(rows, size // groups))
+            return unshard_chunks(out, batch_shards())
+        return per_group(chunked, tuple(arrays), rowwise=True) if grouped else chunked(arrays)
 
     q, p = all_reps(_q(batch)), all_reps(_p(batch))
     loss, (gq, gp) = jax.value_and_grad(contrastive_loss, argnums=(0, 1))(q, p, lc.temperature)
 
     def backward(arrays, rep_grad):
-        def body(acc, xs):
-            *a, g = xs
-            grads = jax.grad(lambda prm: jnp.sum(reps(prm, config, lc, *a) * g))(params)
-            return jax.tree.map(jnp.add, acc, grads), None
+        def chunk_grads(rows):
+            def body(acc, xs):
+                *a, g = xs
+                grads = jax.grad(lambda prm: jnp.sum(reps(prm, config, lc, *a) * g))(params)
+                return jax.tree.map(jnp.add, acc, grads), None
 
-        xs = _chunks(tuple(arrays) + (rep_grad,), size)
-        acc, _ = jax.lax.scan(body, jax.tree.map(jnp.zeros_like, params), xs)
-        return acc
+            xs = _chunks(rows, size // groups)
+            acc, _ = jax.lax.scan(body, jax.tree.map(jnp.zeros_like, params), xs)
+            return acc
+
+        rows = tuple(arrays) + (rep_grad,)
+        return per_group(chunk_grads, rows) if grouped else chunk_grads(rows)
 
     grads = jax.tree.map(jnp.add, backward(_q(batch), gq), backward(_p(batch), gp))
     return loss, grads
@@ -214,8 +263,13 @@ def loss_and_grads(params, config: ModelConfig, lc: LossConfig, batch):
     loss_gen, g_gen = jnp.float32(0.0), zeros
     gen_metrics = {"loss_gen": loss_gen}
     if lc.mode != "embedding":  # generative first, as the reference does
-        (loss_gen, gen_metrics), g_gen = jax.value_and_grad(gen_loss, has_aux=True)(
-            params, config, lc, batch)
+        rows = {k: v for k, v in batch.items() if k.startswith("gen_")}
+        rows["gen_weights"] = gen_weights(batch, lc)
+        grad_fn = jax.value_and_grad(partial(gen_loss, lc=lc, config=config), has_aux=True)
+        if config.is_moe:  # the balancing loss couples all rows: no per-group gradients
+            (loss_gen, gen_metrics), g_gen = grad_fn(params, batch=rows)
+        else:
+            (loss_gen, gen_metrics), g_gen = per_group(lambda r: grad_fn(params, batch=r), rows)
     if lc.mode != "generative":
         if lc.grad_cache_chunk:
             loss_rep, g_rep = rep_loss_and_grad_cached(params, config, lc, batch)

@@ -177,22 +177,30 @@ def test_bf16_compute_close_to_fp32(params):
 
 
 @pytest.mark.parametrize("shape", [(2, 2, 2), (1, 4, 2), (8, 1, 1)])
-def test_sharded_forward_matches_single_device(params, shape):
-    mesh = sharding.make_mesh(shape)
-    boxed = abstract_params(CFG)
-    sharding.check_divisible(boxed, mesh)
-    shardings = sharding.param_shardings(boxed, mesh)
-    ids, valid = batch(b=8, t=10)
-    placed = jax.device_put(params, shardings)
-    assert placed["layers"]["mlp"]["gate"].sharding.spec == jax.sharding.PartitionSpec(
-        None, "fsdp", "tensor")
-    bs = sharding.batch_sharding(mesh)
-    with sharding.activate(mesh):
-        fn = jax.jit(lambda p, i, v: forward(p, CFG, i, v, mode="bidirectional").hidden,
-                     in_shardings=(shardings, bs, bs))
-        got = np.asarray(fn(placed, ids, valid))
-    want = np.asarray(forward(params, CFG, ids, valid, mode="bidirectional").hidden)
-    np.testing.assert_allclose(got, want, atol=1e-5)
+def test_sharded_forward_matches_single_device(shape):
+    """A partitioned forward equals one device up to reduction order (float64,
+    tests/tolerances.py)."""
+    from tests.tolerances import FLOAT64_ATOL, FLOAT64_RTOL
+
+    with jax.enable_x64(True):
+        cfg = CFG.replace(dtype="float64", param_dtype="float64")
+        params = init_params(cfg, seed=3)
+        mesh = sharding.make_mesh(shape)
+        boxed = abstract_params(cfg)
+        sharding.check_divisible(boxed, mesh)
+        shardings = sharding.param_shardings(boxed, mesh)
+        ids, valid = batch(b=8, t=10)
+        placed = jax.device_put(params, shardings)
+        assert placed["layers"]["mlp"]["gate"].sharding.spec == jax.sharding.PartitionSpec(
+            None, "fsdp", "tensor")
+        bs = sharding.batch_sharding(mesh)
+        with sharding.activate(mesh):
+            fn = jax.jit(lambda p, i, v: forward(p, cfg, i, v, mode="bidirectional").hidden,
+                         in_shardings=(shardings, bs, bs))
+            got = np.asarray(fn(placed, ids, valid))
+        want = np.asarray(forward(params, cfg, ids, valid, mode="bidirectional").hidden)
+    assert got.dtype == np.float64
+    np.testing.assert_allclose(got, want, rtol=FLOAT64_RTOL, atol=FLOAT64_ATOL)
 
 
 def test_indivisible_mesh_fails_before_compiling():
