@@ -3,7 +3,7 @@
     python benchmarks/aot_tune.py --config configs/gritlm_7b.py --topology v5p:4x4x4 \
         [--slices 1] [--out benchmarks/results/aot/tune_gritlm_7b_v5p-128.json]
 
-Coordinate descent over the remat policy, the GradCache chunk and the LM-head chunk: each knob
+One coordinate sweep over the remat policy, the GradCache chunk and the LM-head chunk: each knob
 in turn takes the value whose compiled step (``grit_jax.aot.compile_step``: the real step, the
 TPU compiler's memory analysis, the loop-aware cost model) is fastest among those that fit with
 the headroom ``grit_jax.aot.HEADROOM`` leaves (10% of HBM), the others held. Every candidate is
@@ -28,7 +28,7 @@ from grit_jax import aot  # noqa: E402  (finds libtpu before JAX starts its back
 
 REMAT = ("full", "save_qkv_proj", "save_dot_except_mlp", "save_dot_except_mlpwi", "minimal",
          "minimal_offloaded")
-LOGITS_CHUNKS = (1024, 4096, 16384)
+LOGITS_CHUNKS = (1024, 4096)
 
 
 def load(config_arg: str):
@@ -39,15 +39,12 @@ def load(config_arg: str):
 
 def gradcache_chunks(config, data_parallel: int) -> list[int]:
     """0 (off) and the chunk sizes that split both the queries and the passages evenly over
-    the data-parallel devices, from one sequence per device up."""
+    the data-parallel devices: 1, 2, 4 ... 32 sequences per device."""
     q = int(config.data.query_batch)
-    out = [0] if config.loss.mode != "generative" else []
-    c = data_parallel
-    while c <= q:
-        if q % c == 0:
-            out.append(c)
-        c *= 2
-    return out
+    if config.loss.mode == "generative":
+        return []
+    return [0] + [data_parallel * k for k in (1, 2, 4, 8, 16, 32)
+                  if data_parallel * k <= q and q % (data_parallel * k) == 0]
 
 
 def summary(report) -> dict:
@@ -89,7 +86,7 @@ def better(a, b) -> bool:
     return bool(a.get("fits")) and a["step_s"] < b["step_s"]
 
 
-def tune(config, topology, lengths, slices):
+def tune(config, topology, lengths, slices, remat=REMAT, chunks=None, logits=LOGITS_CHUNKS):
     from grit_jax import sharding, trainer
 
     dp = sharding.batch_shards(trainer.mesh(config, aot.topology_devices(topology, slices)))
@@ -98,18 +95,15 @@ def tune(config, topology, lengths, slices):
             "logits_chunk": int(config.loss.logits_chunk)}
     seen = {}
     best_row, _ = evaluate(config, topology, lengths, slices, best, seen)
-    space = {"remat_policy": REMAT, "grad_cache_chunk": gradcache_chunks(config, dp),
-             "logits_chunk": LOGITS_CHUNKS}
-    for _ in range(2):  # two sweeps over the knobs
-        changed = False
-        for knob, values in space.items():
-            for v in values:
-                trial = dict(best, **{knob: v})
-                row, _ = evaluate(config, topology, lengths, slices, trial, seen)
-                if better(row, best_row):
-                    best, best_row, changed = trial, row, True
-        if not changed:
-            break
+    space = {"remat_policy": remat,
+             "grad_cache_chunk": gradcache_chunks(config, dp) if chunks is None else chunks,
+             "logits_chunk": logits}
+    for knob, values in space.items():  # one sweep: each knob in turn, the others held
+        for v in values:
+            trial = dict(best, **{knob: v})
+            row, _ = evaluate(config, topology, lengths, slices, trial, seen)
+            if better(row, best_row):
+                best, best_row = trial, row
     return best, best_row, [r for r, _ in seen.values()], seen[json.dumps(best, sort_keys=True)][1]
 
 
@@ -121,10 +115,18 @@ def main():
     p.add_argument("--slices", type=int, default=1)
     p.add_argument("--lengths", default="256,2048,2048")
     p.add_argument("--out", default=None)
+    p.add_argument("--remat", default=",".join(REMAT), help="policies to try, comma-separated")
+    p.add_argument("--grad-cache-chunks", default=None,
+                   help="GradCache chunks to try (default: 0 and every even split)")
+    p.add_argument("--logits-chunks", default=",".join(map(str, LOGITS_CHUNKS)))
     args = p.parse_args()
+    ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
     config = load(args.config)
     lengths = tuple(int(x) for x in args.lengths.split(","))
-    best, row, rows, report = tune(config, args.topology, lengths, args.slices)
+    best, row, rows, report = tune(
+        config, args.topology, lengths, args.slices, remat=args.remat.split(","),
+        chunks=None if args.grad_cache_chunks is None else ints(args.grad_cache_chunks),
+        logits=ints(args.logits_chunks))
     print("best:", json.dumps(best), json.dumps(row))
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -26,7 +26,7 @@ def main(argv=None):
     parser.add_argument("--name", default="scaling")
     args = parser.parse_args(argv)
 
-    from grit_jax.train import step_flops
+    from grit_jax.trainer import step_flops
 
     lengths = [int(x) for x in args.lengths.split(",")]
     batches = [int(x) for x in args.batches.split(",")]
@@ -43,7 +43,7 @@ def main(argv=None):
             our_s = median_seconds(lambda: ours(batch), args.repeats)
             tokens = 3 * n * L
             rows.append({"batch": n, "length": L, "tokens": tokens,
-                         "model_tflop": round(step_flops(ours.config, batch) / 1e12, 3),
+                         "model_tflop": round(step_flops(ours.config, batch, ours.lc) / 1e12, 3),
                          "grit_jax_s": round(our_s, 3), "reference_s": round(ref_s, 3),
                          "grit_jax_ms_per_token": round(1e3 * our_s / tokens, 3),
                          "reference_ms_per_token": round(1e3 * ref_s / tokens, 3),

@@ -5,7 +5,7 @@ the same GRIT batch (queries, passages, generative samples) and run the full upd
 losses, backward, clipping, AdamW). The first two steps' losses are compared (the two sides
 compute the same step), then each side's step time is the median over repeats after a warm-up.
 Model FLOPs (6 x matmul parameters x tokens + attention + the LM head on generative tokens,
-grit_jax.train.step_flops) give tokens/s and MFU against this machine's float32 matmul peak,
+grit_jax.trainer.step_flops) give tokens/s and MFU against this machine's float32 matmul peak,
 measured in the same run.
 
 Prints one JSON object and writes benchmarks/results/train_step_speed.json.
@@ -30,7 +30,7 @@ def main(argv=None):
     parser.add_argument("--name", default="train_step_speed")
     args = parser.parse_args(argv)
 
-    from grit_jax.train import step_flops
+    from grit_jax.trainer import step_flops
 
     q_len, p_len, g_len = (int(x) for x in args.lengths.split(","))
     batch = peers.grit_batch(args.queries, args.passages_per_query, args.gen, q_len, p_len, g_len)
@@ -46,9 +46,9 @@ def main(argv=None):
             losses[side] = [step(batch) for _ in range(2)]
             times[side] = median_seconds(lambda: step(batch), args.repeats)
             if side == "grit_jax":
-                config = step.config
+                config, lc = step.config, step.lc
             step = None  # one side in memory at a time
-    flops = step_flops(config, batch)
+    flops = step_flops(config, batch, lc)
     result = {
         "machine": peers.machine(), "shape": args.shape, "params": config.num_params(),
         "batch": {"queries": args.queries, "passages": args.queries * args.passages_per_query,

@@ -16,8 +16,6 @@ def get_config():
     c.checkpoint_every = 60
     c.log_every = 5
     c.init_from = ""  # the converted SmolLM2 params directory (required)
-    c.model.update(dict(dtype="float32", remat_policy="none"))  # shape comes from init_from
-    c.data.update(dict(data_dir="", query_batch=4, generative_batch=4, group_size=2))
-    c.loss.update(dict(mode="unified", attn="bbcc", pooling="mean", temperature=0.02))
-    c.optim.update(dict(lr=3e-5, warmup_ratio=0.1, weight_decay=0.0, clip_norm=1.0))
+    c.data.update(dict(data_dir="", query_batch=4, generative_batch=4))  # model: from init_from
+    c.optim.update(dict(lr=3e-5, warmup_ratio=0.1))
     return c

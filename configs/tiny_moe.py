@@ -11,5 +11,5 @@ from configs import tiny
 def get_config():
     c = tiny.get_config()
     c.model.update(dict(family="mixtral", intermediate_size=176, num_experts=8,
-                        num_experts_per_tok=2, router_aux_loss_coef=0.02, moe_impl="auto"))
+                        num_experts_per_tok=2, router_aux_loss_coef=0.02))
     return c

@@ -75,8 +75,8 @@ def check(args) -> None:
         raise UsageError(f"--mount-bucket {bucket!r}: a bucket name, without gs://")
     if args.command in ("setup", "resume") and not (args.repo or args.source):
         raise UsageError("give --repo URL (every worker clones it) or --source DIR (copied)")
-    config = getattr(args, "config", None)
-    if config is not None and not os.path.exists(os.path.join(ROOT, config)):
+    config = getattr(args, "config", None)  # configs/x.py, or configs/x.py:ARG (a preset)
+    if config is not None and not os.path.exists(os.path.join(ROOT, config.partition(":")[0])):
         raise UsageError(f"--config {config!r}: no such file in {ROOT} (paths are relative to the "
                          f"repository, which every worker has at ~/grit_jax)")
     if args.command in ("create", "resume") and args.slices > 1 and not (args.spot or args.queued):

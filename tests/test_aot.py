@@ -30,10 +30,10 @@ def run_script(code: str, *args, timeout=600):
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def run(*args, tmp_path, config="configs/tiny.py"):
+def run(*args, tmp_path, config="configs/tiny.py", topology="v5p:2x2x2"):
     out = tmp_path / "report.json"
     proc = subprocess.run([sys.executable, "-m", "grit_jax.aot", "--config", config,
-                           "--topology", "v5p:2x2x2", "--lengths", "64,128,128",
+                           "--topology", topology, "--lengths", "64,128,128",
                            "--json", str(out), *args], capture_output=True, text=True,
                           timeout=600, cwd=ROOT, env=env())
     report = json.loads(out.read_text()) if out.exists() else None
@@ -104,12 +104,19 @@ import json, sys
 import jax, jax.numpy as jnp
 from grit_jax import aot, attention, hlo_cost
 
+b, t, h, g, d = 2, 1024, 4, 2, 128
+out = {}
+for topology in ("v5e:2x2", "v6e:2x2"):  # the kernel compiles for these chips too
+    one = jax.sharding.SingleDeviceSharding(aot.topology_devices(topology)[0])
+    q = jax.ShapeDtypeStruct((b, t, h, d), jnp.bfloat16, sharding=one)
+    kv = jax.ShapeDtypeStruct((b, t, g, d), jnp.bfloat16, sharding=one)
+    valid = jax.ShapeDtypeStruct((b, t), jnp.bool_, sharding=one)
+    f = lambda q, k, v, m: attention.splash_attention(q, k, v, attention.SelfMask(m, "causal"), 1.0)
+    out[topology] = "tpu_custom_call" in jax.jit(f).lower(q, kv, kv, valid).compile().as_text()
 devices = aot.topology_devices("v5p:2x2x1")
 one = jax.sharding.SingleDeviceSharding(devices[0])
-b, t, h, g, d = 2, 1024, 4, 2, 128
 spec = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16, sharding=one)
 valid = jax.ShapeDtypeStruct((b, t), jnp.bool_, sharding=one)
-out = {}
 for mode in ("causal", "bidirectional"):
     def loss(q, k, v, valid):
         o = attention.splash_attention(q, k, v, attention.SelfMask(valid, mode), 0.1)
@@ -127,6 +134,7 @@ def test_splash_kernels_are_priced_by_the_blocks_their_mask_leaves():
     (query block, key block) pairs the mask leaves (block 512 at 1024 tokens: causal 3 of 4),
     per phase (forward q k^T and p v; dq 3 products; dkv 4), checked by hand here."""
     r = run_script(SPLASH)
+    assert r["v5e:2x2"] and r["v6e:2x2"]
     b, h, d, blk = 2, 4, 128, 512
     per_block = 2 * b * h * blk * blk * d  # FLOPs of one multiply-add pass over one block pair
     for mode, blocks in (("causal", 3), ("bidirectional", 4)):
@@ -150,3 +158,21 @@ def test_every_tpu_generation_reports_a_kind_in_the_chip_table():
     assert run_script(KINDS) == {"v4:2x2x1": ["TPU v4", "v4"], "v5p:2x2x1": ["TPU v5", "v5p"],
                                  "v5e:2x2": ["TPU v5 lite", "v5e"],
                                  "v6e:2x2": ["TPU v6 lite", "v6e"]}
+
+
+def test_two_slices_reduce_gradients_across_the_dcn_once_per_step(tmp_path):
+    """Two v5p slices with a data axis across them (dcn_mesh.data=2) and GradCache: in-batch
+    negatives span both slices, and the gradients cross the data-centre network once per step
+    (each data group sums its chunks first, train_step.per_group), not once per chunk."""
+    proc, r = run("--slices", "2", "--config.dcn_mesh.data=2", "--config.loss.grad_cache_chunk=8",
+                  tmp_path=tmp_path, topology="v5p:2x2x1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert r["slices"] == 2 and r["devices"] == 8
+    assert r["mesh"] == {"data": 2, "fsdp": 4, "expert": 1, "tensor": 1}
+    assert max(r["hlo"]["loop_trips"]) > 1  # GradCache chunks and layers do loop
+    dcn = r["hlo"]["dcn_collectives"]
+    assert dcn and all(c["runs_per_step"] == 1 for c in dcn), dcn
+    # A ring all-reduce over 2 slices sends each device's parameter shard once (+ the reps of
+    # the in-batch negatives and a few scalars).
+    assert 0.9 < r["dcn_bytes_over_params"] < 1.5, r["dcn_bytes_over_params"]
+    assert "over DCN" in proc.stdout
