@@ -134,6 +134,12 @@ def main():
             json.dump({"config": args.config, "topology": args.topology, "slices": args.slices,
                        "lengths": lengths, "best": best, "best_row": row, "candidates": rows,
                        "best_report": report}, f, indent=1)
+        # The winner's full report, as `python -m grit_jax.aot --json` writes it.
+        name = os.path.basename(args.config.partition(":")[0]).removesuffix(".py")
+        best_path = os.path.join(os.path.dirname(os.path.abspath(args.out)),
+                                 f"{name}_{args.topology.replace(':', '_')}.json")
+        with open(best_path, "w") as f:
+            json.dump(report, f, indent=1)
 
 
 if __name__ == "__main__":

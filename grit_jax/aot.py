@@ -18,6 +18,7 @@ implies. Exits 1 with advice when the step does not fit; 2 on a bad config or to
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -136,9 +137,21 @@ def _oom(e, base, devices):
                 hbm_gib=float(found.group(2)) if found else None)
 
 
+_SETUP_MEMORY: dict[str, dict] = {}
+
+
 def compile_setup(model_cfg, tx, mesh, state_sh) -> dict:
     """Per-device memory (GiB) of the setup programs: the sharded random init, and the
-    optimizer-state init around weights restored into their shardings."""
+    optimizer-state init around weights restored into their shardings. Remembered per model
+    shape and mesh: the step's knobs (remat, chunks) do not change them."""
+    key = repr((dataclasses.replace(model_cfg, remat_policy="full"), dict(mesh.shape),
+                [d.id for d in mesh.devices.flat], jax.tree.map(str, state_sh)))
+    if key not in _SETUP_MEMORY:
+        _SETUP_MEMORY[key] = _compile_setup(model_cfg, tx, mesh, state_sh)
+    return dict(_SETUP_MEMORY[key])
+
+
+def _compile_setup(model_cfg, tx, mesh, state_sh) -> dict:
     key = jax.ShapeDtypeStruct((2,), jnp.uint32)
     params = trainer.abstract_state(model_cfg, tx, state_sh)["params"]
     out = {}

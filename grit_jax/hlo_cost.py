@@ -439,11 +439,77 @@ class Module:
                 out.extend(self._int_constants(c, seen))
         return out
 
+    def _constant(self, comp: Computation, name: str, depth: int = 0) -> int | None:
+        """The integer a scalar operand holds when it is a constant (through copies/converts)."""
+        ins = comp.instrs.get(name)
+        if ins is None or depth > 8:
+            return None
+        if ins.opcode == "constant" and re.match(r"^[su]\d+\[\]", ins.shape):
+            return int(ins.operands[0])
+        if ins.opcode in ("copy", "convert", "bitcast") and ins.operands:
+            return self._constant(comp, ins.operands[0], depth + 1)
+        return None
+
+    def _unwrap(self, comp: Computation, name: str):
+        """(opcode, operand names, attrs) of an instruction, seen through a fusion that only
+        wraps one operation of its parameters (XLA:CPU wraps a loop's compare and add so)."""
+        ins = comp.instrs.get(name)
+        if ins is None:
+            return None, [], ""
+        if ins.opcode == "fusion":
+            called = self.comps.get((_called(ins, "calls") or [""])[0])
+            root = called.instrs.get(called.root) if called is not None else None
+            params = [called.instrs.get(o) for o in root.operands] if root is not None else []
+            if root is not None and params and all(p is not None and p.opcode == "parameter"
+                                                   for p in params):
+                return root.opcode, [ins.operands[int(p.operands[0])] for p in params], root.attrs
+        return ins.opcode, ins.operands, ins.attrs
+
+    def _induction(self, instr: Instr, comp: Computation):
+        """(start, step, bound, inclusive) of a loop whose condition compares one tuple element
+        with a constant and whose body adds a constant to it; None when not of that form."""
+        cond = self.comps[_called(instr, "condition")[0]]
+        body = self.comps[_called(instr, "body")[0]]
+        opcode, operands, attrs = self._unwrap(cond, cond.root)
+        if opcode != "compare" or len(operands) != 2:
+            return None
+        direction = re.search(r"direction=(\w+)", attrs)
+        a = cond.instrs.get(operands[0])
+        bound = self._constant(cond, operands[1])
+        if a is None or a.opcode != "get-tuple-element" or bound is None or direction is None \
+                or direction.group(1) not in ("LT", "LE"):
+            return None
+        index = int(re.search(r"index=(\d+)", a.attrs).group(1))
+        init = comp.instrs.get(instr.operands[0])
+        start = (self._constant(comp, init.operands[index])
+                 if init is not None and init.opcode == "tuple" else None)
+        root = body.instrs.get(body.root)
+        if root is None or root.opcode != "tuple":
+            return None
+        opcode, operands, _ = self._unwrap(body, root.operands[index])
+        if opcode != "add":
+            return None
+        steps = [self._constant(body, o) for o in operands]
+        reads = [body.instrs.get(o) for o in operands]
+        step = next((s for s in steps if s is not None), None)
+        if step is None or step <= 0 or not any(
+                r is not None and r.opcode == "get-tuple-element"
+                and re.search(rf"index={index}\b", r.attrs) for r in reads):
+            return None
+        return start, step, bound, direction.group(1) == "LE"
+
     def trip_count(self, instr: Instr, comp: Computation) -> int:
-        """Iterations of a while loop: XLA's known_trip_count, else its condition's bound."""
+        """Iterations of a while loop: XLA's known_trip_count, else its induction variable
+        (start, constant step, bound: XLA's windowed einsum loops step by 2), else the bound."""
         known = re.search(r'"known_trip_count":\{"n":"(\d+)"', instr.attrs)
         if known:
             return int(known.group(1))
+        induction = self._induction(instr, comp)
+        if induction is not None:
+            start, step, bound, inclusive = induction
+            # A start that is not a constant (a copied loop state) is taken as 0.
+            span = bound - (start or 0) + (1 if inclusive else 0)
+            return max(0, -(-span // step))
         cond = _called(instr, "condition")[0]
         bounds = set(self._int_constants(cond))
         start = 0
@@ -459,7 +525,6 @@ class Module:
         extra = 1 if "direction=LE" in cond_text else 0
         return max(0, bounds.pop() - start + extra)
 
-    # --- costs ---------------------------------------------------------------------------
     def matmul_flops(self, comp_name: str) -> float:
         """Dot and convolution FLOPs of a computation and everything it fuses (not loops)."""
         if comp_name in self._flops_cache:
