@@ -13,12 +13,14 @@ python -m grit_jax.train --config configs/gritlm_7b.py:v5p-128 --workdir gs://BU
 from configs import base
 
 # Slice -> (remat_policy, grad_cache_chunk, logits_chunk): the fastest compiled step that leaves
-# >= 10% of HBM free (benchmarks/results/aot/tune_gritlm_7b_*.json).
+# >= 10% of HBM free. v5p-64: swept by benchmarks/aot_tune.py (results/aot/tune_gritlm_7b_v5p-64
+# .json: minimal 59.5 s vs full 63.0 s; GradCache chunk 1024 needs 186 GiB). v5p-128 takes the
+# same knobs (half the per-chip activations and state). v6e-64 (32 GiB chips): full remat,
+# compiled at 11.6 GiB (results/aot/gritlm_7b_v6e_8x8.json); minimal needs ~2x that.
 PRESETS = {
-    "v5p-64": ("full", 256, 1024),
-    "v5p-128": ("full", 256, 1024),
+    "v5p-64": ("minimal", 256, 4096),
+    "v5p-128": ("minimal", 256, 4096),
     "v6e-64": ("full", 256, 1024),
-    "v5e-256": ("full", 256, 1024),
 }
 
 

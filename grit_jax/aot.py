@@ -42,7 +42,17 @@ def find_libtpu() -> str | None:
     return None
 
 
+def allow_concurrent_compiles() -> None:
+    """Off a TPU VM libtpu only compiles: let several such processes (a tuning sweep and the
+    tests) load it at once instead of failing on its lockfile, which guards real chips."""
+    from grit_jax import hardware  # no JAX import: safe before the backends start
+
+    if not hardware.on_tpu_vm():
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+
 find_libtpu()  # before jax loads its backends
+allow_concurrent_compiles()
 
 import jax
 import jax.numpy as jnp

@@ -17,6 +17,7 @@ chips as "TPU v5" and v5e as "TPU v5 lite", so matching is exact, never by subst
 from __future__ import annotations
 
 import dataclasses
+import os
 
 GIB = 2 ** 30
 
@@ -45,6 +46,14 @@ CHIPS: tuple[Chip, ...] = (
     Chip("H200", "NVIDIA H200", 989e12, 141e9, 4800e9),
 )
 BY_KIND = {c.device_kind: c for c in CHIPS}
+
+
+TPU_DEVICE_FILES = ("/dev/accel0", "/dev/vfio/0")  # what a TPU VM's chips appear as
+
+
+def on_tpu_vm() -> bool:
+    """Whether this host has TPU chips attached (checked without starting a backend)."""
+    return any(os.path.exists(f) for f in TPU_DEVICE_FILES)
 
 
 def chip(device_kind: str) -> Chip | None:

@@ -49,7 +49,6 @@ flags.DEFINE_string("compilation_cache", "workdir",
                     "persistent compilation cache: 'workdir' (WORKDIR/compile_cache), 'off', or a "
                     "directory (local or gs://)")
 
-TPU_DEVICE_FILES = ("/dev/accel0", "/dev/vfio/0")
 DEMO_LENGTHS = {"query": 64, "passage": 128, "generative": 128}
 METRICS_FILE = "metrics.jsonl"
 
@@ -63,7 +62,7 @@ def initialize_distributed(mode: str = "auto", coordinator_address: str | None =
     from the arguments (CPU processes then use gloo for cross-process collectives).
     """
     explicit = coordinator_address is not None
-    on_tpu_vm = any(os.path.exists(f) for f in TPU_DEVICE_FILES)
+    on_tpu_vm = hardware.on_tpu_vm()
     if mode == "off" or (mode == "auto" and not explicit and not on_tpu_vm):
         return False
     if explicit:
