@@ -121,7 +121,10 @@ def main():
     p.add_argument("--logits-chunks", default=",".join(map(str, LOGITS_CHUNKS)))
     args = p.parse_args()
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
-    config = load(args.config)
+    try:
+        config = load(args.config)
+    except (ValueError, ImportError, FileNotFoundError) as e:
+        p.error(str(e) if args.config in str(e) else f"--config {args.config}: {e}")
     lengths = tuple(int(x) for x in args.lengths.split(","))
     best, row, rows, report = tune(
         config, args.topology, lengths, args.slices, remat=args.remat.split(","),
