@@ -501,5 +501,17 @@ def main(argv):
         sys.exit(2)
 
 
+def check_config_file(argv) -> None:
+    """Exit 2 with one line when --config names a file that is not there (absl would print
+    ml_collections' traceback while parsing flags)."""
+    for i, arg in enumerate(argv):
+        value = argv[i + 1] if arg == "--config" and i + 1 < len(argv) else (
+            arg.split("=", 1)[1] if arg.startswith("--config=") else None)
+        if value is not None and not os.path.isfile(value.split(":", 1)[0]):
+            print(f"error: --config {value}: no such file", file=sys.stderr)
+            sys.exit(2)
+
+
 if __name__ == "__main__":
+    check_config_file(sys.argv[1:])
     app.run(main)
