@@ -19,6 +19,7 @@ def get_config():
     c.checkpoint_every = 100
     c.checkpoint_every_minutes = 0.0  # also save when this much time has passed (0: off)
     c.keep_checkpoints = 2
+    c.strict_resume = False  # a damaged newest checkpoint stops the run (default: older one)
     c.log_every = 10
     c.peak_flops = 0.0  # per device; 0: look the device up (grit_jax/hardware.py), none on CPU
     # Device mesh inside a slice (one -1 takes the remaining devices); dcn_mesh: across the

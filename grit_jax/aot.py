@@ -57,7 +57,7 @@ allow_concurrent_compiles()
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from grit_jax import attention, hardware, hlo_cost, sharding, trainer
@@ -327,32 +327,34 @@ def format_report(r) -> str:
     return "\n".join(lines)
 
 
-def main(argv) -> int:
-    del argv
+def main(argv=None) -> int:
+    """The command line: user errors are one line and exit 2 (grit_jax.cli)."""
+    from grit_jax import cli
+
+    return cli.run(_main, argv)
+
+
+def _main(argv) -> int:
+    from grit_jax import cli, outputs
+    cli.absl_flags(argv, "python -m grit_jax.aot")
     if FLAGS.config is None or FLAGS.topology is None:
-        print("error: --config and --topology are required, e.g. --config configs/gritlm_7b.py "
-              "--topology v5p:4x4x4", file=sys.stderr)
-        return 2
+        raise cli.UserError("--config and --topology are required, e.g. --config "
+                            "configs/gritlm_7b.py --topology v5p:4x4x4")
     try:
         lengths = tuple(int(x) for x in FLAGS.lengths.split(","))
         if len(lengths) != 3 or min(lengths) <= 0:
             raise ValueError
     except ValueError:
-        print(f"error: --lengths={FLAGS.lengths!r}: three positive integers expected "
-              f"(query, passage, generative)", file=sys.stderr)
-        return 2
-    try:
-        compiled, report = compile_step(FLAGS.config, FLAGS.topology, lengths, FLAGS.slices)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise cli.UserError(f"--lengths={FLAGS.lengths!r}: three positive integers expected "
+                            f"(query, passage, generative)") from None
+    if FLAGS.slices < 1:
+        raise cli.UserError(f"--slices={FLAGS.slices}: must be >= 1")
+    compiled, report = compile_step(FLAGS.config, FLAGS.topology, lengths, FLAGS.slices)
     print(format_report(report))
     if FLAGS.json:
-        with open(FLAGS.json, "w") as f:
-            json.dump(report, f, indent=1)
+        outputs.write_file(FLAGS.json, json.dumps(report, indent=1), overwrite=True)
     if FLAGS.hlo and compiled is not None:
-        with open(FLAGS.hlo, "w") as f:
-            f.write(compiled.as_text())
+        outputs.write_file(FLAGS.hlo, compiled.as_text(), overwrite=True)
     if not report["fits"]:
         print("does not fit; knobs that help:\n  - " + "\n  - ".join(advice(report, FLAGS.config)))
         return 1
@@ -360,7 +362,7 @@ def main(argv) -> int:
 
 
 def run():
-    app.run(lambda argv: sys.exit(main(argv)))
+    sys.exit(main())
 
 
 if __name__ == "__main__":

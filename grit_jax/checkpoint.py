@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -10,6 +12,18 @@ from grit_jax import storage
 from grit_jax.config import ModelConfig
 
 PARAMS_SUBDIR = "params"
+
+
+class _HealthyCheckpointNoise(logging.Filter):
+    """Orbax warns "Metadata file does not exist: .../_CHECKPOINT_METADATA" whenever an item
+    folder (``params/``, ``checkpoints/N/state``) is read directly: that file lives one level up,
+    and the checkpoint is healthy. A damaged one fails its restore and is reported there."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "_CHECKPOINT_METADATA" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_HealthyCheckpointNoise())
 
 
 def save_params(directory: str, params, config: ModelConfig) -> str:
@@ -69,10 +83,21 @@ def _check_matches(stored, abstract, path: str, directory: str) -> None:
 
 def latest_step(workdir: str) -> int | None:
     """The newest finished checkpoint step of a training workdir (None if none)."""
+    steps = workdir_steps(workdir)
+    return steps[-1] if steps else None
+
+
+def workdir_steps(workdir: str) -> list[int]:
+    """Finished checkpoint steps of a training workdir, oldest first."""
     root = storage.join(storage.normalize(workdir), "checkpoints")
-    steps = [int(d) for d in storage.listdir(root)
-             if d.isdigit() and storage.exists(storage.join(root, d, "state"))]
-    return max(steps) if steps else None
+    return sorted(int(d) for d in storage.listdir(root)
+                  if d.isdigit() and storage.exists(storage.join(root, d, "state")))
+
+
+def damage(e: BaseException) -> str:
+    """What a failed restore says, in one short line (TensorStore errors run to 100+ lines)."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= 240 else text[:240] + " ..."
 
 
 def is_workdir(path: str) -> bool:
@@ -106,7 +131,23 @@ def restore_workdir_params(workdir: str, target, step: int | None = None):
     restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(dtype=a.dtype, sharding=a.sharding),
                                 target)
     with ocp.PyTreeCheckpointer() as ckptr:
-        _check_matches(ckptr.metadata(path).item_metadata.tree["params"], target, path, workdir)
-        restored = ckptr.restore(path, args=ocp.args.PyTreeRestore(
-            item={"params": target}, restore_args={"params": restore_args}, partial_restore=True))
+        try:
+            stored = ckptr.metadata(path).item_metadata.tree["params"]
+        except Exception as e:  # noqa: BLE001 - Orbax/TensorStore/JSON errors of a damaged step
+            raise _damaged(workdir, step, e) from e
+        _check_matches(stored, target, path, workdir)
+        try:
+            restored = ckptr.restore(path, args=ocp.args.PyTreeRestore(
+                item={"params": target}, restore_args={"params": restore_args},
+                partial_restore=True))
+        except Exception as e:  # noqa: BLE001
+            raise _damaged(workdir, step, e) from e
     return restored["params"]
+
+
+def _damaged(workdir: str, step: int, e: BaseException) -> ValueError:
+    others = [s for s in workdir_steps(workdir) if s != step]
+    return ValueError(f"{storage.join(workdir, 'checkpoints', str(step))}: checkpoint step {step} is "
+                      f"damaged or incomplete ({damage(e)}); "
+                      + (f"choose another step (here: {', '.join(map(str, others))})" if others
+                         else "no other checkpoint is here"))

@@ -9,11 +9,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
+from grit_jax import cli
+
 
 def main(argv=None) -> int:
+    return cli.run(_main, argv)
+
+
+def _main(argv) -> int:
     from grit_jax.evaluation.tasks import TASK_KINDS
 
     p = argparse.ArgumentParser(prog="python -m grit_jax.evaluate", description=__doc__,
@@ -25,21 +32,25 @@ def main(argv=None) -> int:
                    help="query instruction for every embedding task (default: the task's own)")
     p.add_argument("--attn", default="bbcc", help="attention of the embedding pass (bbcc/cccc)")
     p.add_argument("--pooling", default="mean", help="mean, weightedmean or lasttoken")
-    p.add_argument("--max-length", type=int, default=512, help="tokens per embedded text")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="tokens per embedded text (default: 512, or the model's positions)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--out", default=None, help="write the results here (JSON)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     args = p.parse_args(argv)
 
-    from grit_jax.data.records import RecordError
+    from grit_jax import outputs
     from grit_jax.evaluation.tasks import evaluate_task, load_task
     from grit_jax.inference import GritLM
 
-    try:
-        tasks = [load_task(spec) for spec in args.task]  # all inputs checked before the model loads
-        model = GritLM.from_pretrained(args.model, attn=args.attn, pooling_method=args.pooling)
-    except (ValueError, FileNotFoundError, RecordError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    for flag, value in (("--max-length", args.max_length), ("--batch-size", args.batch_size)):
+        if value is not None and value <= 0:
+            raise cli.UserError(f"{flag} {value}: must be > 0")
+    if args.out and os.path.exists(args.out) and not args.overwrite:
+        raise cli.UserError(f"--out {args.out}: already exists; choose a new path, or pass "
+                            f"--overwrite")
+    tasks = [load_task(spec) for spec in args.task]  # all inputs checked before the model loads
+    model = GritLM.from_pretrained(args.model, attn=args.attn, pooling_method=args.pooling)
     results = {"model": args.model, "fingerprint": model.fingerprint, "attn": args.attn,
                "pooling": args.pooling, "tasks": {}}
     for task in tasks:
@@ -51,8 +62,7 @@ def main(argv=None) -> int:
         shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}
         print(f"{task.name}: {shown}")
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
+        outputs.write_file(args.out, json.dumps(results, indent=1), overwrite=args.overwrite)
     return 0
 
 

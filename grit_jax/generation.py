@@ -20,6 +20,20 @@ class Sampling(NamedTuple):
     top_k: int = 0  # 0: no top-k filter
     top_p: float = 1.0
 
+    def check(self, vocab_size: int) -> None:
+        """Refuse settings that cannot be meant (checked even when greedy ignores them)."""
+        problems = []
+        if not (isinstance(self.temperature, (int, float)) and 0 < self.temperature < float("inf")):
+            problems.append(f"temperature={self.temperature!r} must be > 0 (use greedy=True for "
+                            f"the most likely token)")
+        if not (isinstance(self.top_k, int) and 0 <= self.top_k <= vocab_size):
+            problems.append(f"top_k={self.top_k!r} must be an integer in [0, {vocab_size}] "
+                            f"(0: no top-k filter)")
+        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            problems.append(f"top_p={self.top_p!r} must be in (0, 1]")
+        if problems:
+            raise ValueError("; ".join(problems))
+
 
 def sample_logits(logits, rng, s: Sampling):
     """Next tokens (B,) from float32 logits (B, V) by greedy, temperature, top-k and top-p."""

@@ -23,6 +23,7 @@ from grit_jax.pooling import POOLING_METHODS
 from grit_jax.prefix_cache import PrefixCache, to_kv_cache
 
 log = logging.getLogger(__name__)
+DEFAULT_EMBED_LENGTH = 512
 # Encode pads each batch to one of 4 lengths per octave (<= 25% padding, a few more compiles).
 ENCODE_BUCKETS_PER_OCTAVE = 4
 
@@ -105,8 +106,10 @@ class GritLM:
     # Embedding
     # ------------------------------------------------------------------------------------------
     def tokenize_for_embedding(self, sentences: Sequence[str], instruction: str = "",
-                               max_length: int = 512) -> list[formats.Encoded]:
-        """GRIT-format tokens and pooling masks (exact instruction spans)."""
+                               max_length: int | None = None) -> list[formats.Encoded]:
+        """GRIT-format tokens and pooling masks (exact instruction spans); texts cut at
+        ``max_length`` are counted in a warning."""
+        max_length = self.embed_length(max_length)
         for i, s in enumerate(sentences):
             if not isinstance(s, str):
                 raise TypeError(f"sentence {i}: expected a string, got {type(s).__name__}")
@@ -115,19 +118,34 @@ class GritLM:
         encoded = [formats.encode_embed(self.tokenizer, s, instruction, max_length=max_length,
                                         embed_eos=self.embed_eos, where=f"sentence {i}")
                    for i, s in enumerate(sentences)]
-        cut = sum(len(e) == max_length for e in encoded)
+        cut = [e.cut for e in encoded if e.cut]
         if cut:
-            log.info("encode: %d of %d inputs reached max_length=%d tokens (longer texts are "
-                     "truncated at the end)", cut, len(encoded), max_length)
+            log.warning("encode: %d of %d inputs were longer than max_length=%d tokens and were "
+                        "truncated at the end (%d tokens dropped in all)", len(cut), len(encoded),
+                        max_length, sum(cut))
         return encoded
 
+    def embed_length(self, max_length: int | None) -> int:
+        """The token limit of an embedding: checked, or (None) min(512, the model's positions)."""
+        if max_length is None:
+            return min(DEFAULT_EMBED_LENGTH, self.config.max_position_embeddings)
+        self._check_length("max_length", max_length)
+        return int(max_length)
+
+    def _check_length(self, name: str, value: int) -> None:
+        limit = self.config.max_position_embeddings
+        if not isinstance(value, (int, np.integer)) or not 1 <= value <= limit:
+            raise ValueError(f"{name}={value!r}: must be an integer in [1, {limit}] (the model's "
+                             f"max_position_embeddings)")
+
     def encode(self, sentences: str | Sequence[str], instruction: str = "", *,
-               batch_size: int = 64, max_length: int = 512, get_cache: bool = False):
+               batch_size: int = 64, max_length: int | None = None, get_cache: bool = False):
         """Float32 embeddings (N, E) ((E,) for one string); independent of batch composition.
 
         ``instruction`` is the task text (``"Retrieve relevant passages"``) or an already
         formatted prefix such as the reference's ``gritlm_instruction(...)``. Texts longer than
-        ``max_length`` tokens (instruction included) are truncated at the end.
+        ``max_length`` tokens (default: 512, or the model's positions if fewer; instruction
+        included) are truncated at the end, with a warning that counts them.
         ``get_cache=True`` also returns each input's ``PrefixCache`` (the key/value states of
         the embedding pass, for RAG caching).
         """
@@ -135,6 +153,9 @@ class GritLM:
         sentences = [sentences] if single else list(sentences)
         if not sentences:
             raise ValueError("encode: no sentences given")
+        if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise ValueError(f"batch_size={batch_size!r}: must be a positive integer")
+        max_length = self.embed_length(max_length)
         encoded = self.tokenize_for_embedding(sentences, instruction, max_length)
         order = np.argsort([-len(e) for e in encoded], kind="stable")  # long first: fewer pads
         buckets = formats.length_buckets(max(max_length, 16), per_octave=ENCODE_BUCKETS_PER_OCTAVE)
@@ -211,12 +232,16 @@ class GritLM:
         """
         if prefixes is not None and len(prefixes) != len(prompts):
             raise ValueError(f"{len(prefixes)} prefixes for {len(prompts)} prompts")
+        self._check_length("max_new_tokens", max_new_tokens)
+        if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise ValueError(f"batch_size={batch_size!r}: must be a positive integer")
         for i, p in enumerate(prompts):
             if len(p) == 0 and (prefixes is None or len(prefixes[i]) == 0):
                 raise ValueError(f"prompt {i} has no tokens")
         limit = self.config.max_position_embeddings
         buckets = formats.length_buckets(limit)
         sampling = Sampling(greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p)
+        sampling.check(self.config.vocab_size)
         eos = self.tokenizer.eos_id if (stop_at_eos and self.tokenizer.eos_id is not None) else -1
         plen = [0 if prefixes is None else len(prefixes[i]) for i in range(len(prompts))]
         # Batch rows of similar total length together; results go back in the input order.

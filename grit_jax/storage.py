@@ -70,7 +70,7 @@ def write_bytes(path: str, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -100,7 +100,24 @@ def copy_tree(src: str, dst: str) -> int:
     return count
 
 
-def _umask() -> int:
+def set_aside(path: str, folder: str) -> str:
+    """Move a directory into ``folder`` (kept, under a free name) and return its new path; on
+    object storage, which has no rename, copied and then deleted."""
+    name = os.path.basename(path.rstrip("/"))
+    makedirs(folder)
+    taken = set(listdir(folder))
+    dest = join(folder, next(f"{name}.{k}" if k else name for k in range(len(taken) + 2)
+                             if (f"{name}.{k}" if k else name) not in taken))
+    if is_remote(path):
+        copy_tree(path, dest)
+        epath.Path(path).rmtree()
+    else:
+        os.rename(path, dest)
+    return dest
+
+
+def umask() -> int:
+    """The process umask (read without changing it for longer than a call)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask

@@ -23,11 +23,11 @@ import time
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from absl import app, flags, logging
+from absl import flags, logging
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from grit_jax import checkpoint, hardware, sharding, storage, trainer, weights
+from grit_jax import checkpoint, cli, hardware, sharding, storage, trainer, weights
 from grit_jax.config import CONFIG_FILE, ModelConfig
 from grit_jax.data.pipeline import GritBatches, PipelineConfig, global_batch, parse_buckets
 
@@ -358,16 +358,21 @@ def setup(config, workdir: str) -> Run:
     if data.meta["tokenizer"]["vocab_size"] > model_cfg.vocab_size:
         raise ValueError(f"the data was tokenised with {data.meta['tokenizer']['vocab_size']} "
                          f"tokens, the model has vocab_size={model_cfg.vocab_size}")
+    too_long = {k: v for k, v in data.meta.get("max_lengths", {}).items()
+                if v > model_cfg.max_position_embeddings}
+    if too_long:
+        raise ValueError(f"{config.data.data_dir}: built with max lengths {too_long}, past the "
+                         f"model's max_position_embeddings={model_cfg.max_position_embeddings}; "
+                         f"rebuild it with smaller --max-*-length")
     write_workdir_files(config, workdir, model_cfg, data.meta)
 
     manager = checkpoint_manager(config, workdir)
     iterator = data.iterator()
-    latest = manager.latest_step()
-    if latest is not None:  # resume: the initial weights are not read at all
-        restored = manager.restore(latest, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(trainer.abstract_state(model_cfg, tx, state_sh)),
-            data=ocp.args.JsonRestore()))
-        state, origin = restored["state"], f"resumed from step {latest}"
+    if manager.all_steps():  # resume: the initial weights are not read at all
+        step, restored = restore_newest_intact(
+            manager, trainer.abstract_state(model_cfg, tx, state_sh),
+            strict=bool(config.get("strict_resume", False)))
+        state, origin = restored["state"], f"resumed from step {step}"
         iterator.set_state(restored["data"])
     elif config.init_from:
         params = weights.load_params(config.init_from, model_cfg, state_sh["params"])
@@ -379,6 +384,40 @@ def setup(config, workdir: str) -> Run:
     step_fn = jit_train_step(model_cfg, lc, tx, schedule, mesh, state_sh)
     return Run(config, workdir, mesh, model_cfg, lc, state, state_sh, data, iterator, manager,
                step_fn, int(jax.device_get(state["step"])), origin)
+
+
+def restore_newest_intact(manager: ocp.CheckpointManager, target, strict: bool = False):
+    """(step, restored items) of the newest checkpoint that restores; a damaged newer one is
+    named on stderr and skipped (or stops the run when ``strict``). Every process tries the same
+    steps and moves on together, so all of them resume from one step."""
+    steps = sorted(manager.all_steps(), reverse=True)
+    root = manager.directory
+    for i, step in enumerate(steps):
+        try:
+            restored, problem = manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore())), None
+        except Exception as e:  # noqa: BLE001 - Orbax, TensorStore and JSON errors alike
+            restored, problem = None, checkpoint.damage(e)
+        failed = np.asarray([problem is not None], np.int32)
+        if jax.process_count() > 1:
+            failed = np.asarray(multihost_utils.process_allgather(failed)).max(axis=0)
+        if not failed[0]:
+            return step, restored
+        what = (f"{root}/{step}: checkpoint step {step} is damaged or incomplete ("
+                f"{problem or 'on another process'})")
+        if strict or i == len(steps) - 1:
+            raise cli.UserError(what + ("; strict_resume is on: repair or remove it, or set "
+                                        "--config.strict_resume=False to resume from an older one"
+                                        if strict and i < len(steps) - 1 else
+                                        "; no older checkpoint restores either: use a new --workdir"))
+        if is_lead():
+            kept = storage.set_aside(storage.join(root, str(step)),
+                                     storage.join(os.path.dirname(root), "damaged_checkpoints"))
+            print(f"warning: {what}; moved to {kept}; resuming from step {steps[i + 1]}",
+                  file=sys.stderr, flush=True)
+        barrier(f"grit_jax damaged checkpoint {step}")
+        manager.reload()  # the step is free to be saved again
+    raise AssertionError("unreachable")
 
 
 def describe(run: Run) -> str:
@@ -485,33 +524,26 @@ def train(config, workdir: str) -> list[dict]:
     return logged
 
 
-def main(argv):
-    del argv
+def main(argv=None) -> int:
+    """The command line: user errors are one line and exit 2 (grit_jax.cli)."""
+    return cli.run(_main, argv)
+
+
+def _main(argv) -> int:
+    cli.absl_flags(argv, "python -m grit_jax.train")
     if FLAGS.config is None:
-        raise app.UsageError("--config is required, e.g. --config configs/tiny.py")
-    if FLAGS.workdir is None:
-        raise app.UsageError("--workdir is required (a local directory or gs://BUCKET/PATH)")
+        raise cli.UserError("--config is required, e.g. --config configs/tiny.py")
+    if not FLAGS.workdir:
+        raise cli.UserError("--workdir is required (a local directory or gs://BUCKET/PATH)")
+    initialize_distributed(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes,
+                           FLAGS.process_id, FLAGS.heartbeat_timeout)
+    enable_compilation_cache(FLAGS.compilation_cache, storage.normalize(FLAGS.workdir))
     try:
-        initialize_distributed(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes,
-                               FLAGS.process_id, FLAGS.heartbeat_timeout)
-        enable_compilation_cache(FLAGS.compilation_cache, storage.normalize(FLAGS.workdir))
         train(FLAGS.config, FLAGS.workdir)
-    except (ValueError, FileNotFoundError, NonFiniteLoss) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-
-
-def check_config_file(argv) -> None:
-    """Exit 2 with one line when --config names a file that is not there (absl would print
-    ml_collections' traceback while parsing flags)."""
-    for i, arg in enumerate(argv):
-        value = argv[i + 1] if arg == "--config" and i + 1 < len(argv) else (
-            arg.split("=", 1)[1] if arg.startswith("--config=") else None)
-        if value is not None and not os.path.isfile(value.split(":", 1)[0]):
-            print(f"error: --config {value}: no such file", file=sys.stderr)
-            sys.exit(2)
+    except NonFiniteLoss as e:
+        raise cli.UserError(str(e)) from e
+    return 0
 
 
 if __name__ == "__main__":
-    check_config_file(sys.argv[1:])
-    app.run(main)
+    sys.exit(main())

@@ -7,6 +7,8 @@ compiles it for a TPU topology without running it).
 
 from __future__ import annotations
 
+import math
+
 from functools import partial
 
 import flax.linen as nn
@@ -95,8 +97,16 @@ def validate(config, mesh_, model_cfg: ModelConfig) -> None:
         elif int(config.data.query_batch) % chunk or passages % chunk:
             problems.append(f"loss.grad_cache_chunk={chunk} must divide data.query_batch="
                             f"{config.data.query_batch} and the passages per step ({passages})")
-    if config.optim.lr <= 0:
-        problems.append(f"optim.lr={config.optim.lr} must be > 0")
+    o = config.optim
+    ranges = {"lr": (0, math.inf, False), "warmup_ratio": (0, 1, True),
+              "weight_decay": (0, math.inf, True), "b1": (0, 1, True), "b2": (0, 1, True),
+              "clip_norm": (0, math.inf, False)}
+    for name, (lo, hi, lo_ok) in ranges.items():
+        v = float(o[name])
+        if not (math.isfinite(v) and (lo <= v if lo_ok else lo < v) and v < hi):
+            problems.append(f"optim.{name}={o[name]} must be in {'[' if lo_ok else '('}{lo}, "
+                            f"{hi}) (e.g. the GritLM recipe: lr 2e-5, warmup_ratio 0.03, "
+                            f"b1 0.9, b2 0.999, clip_norm 1.0)")
     if problems:
         raise ValueError("Invalid config: " + "; ".join(problems))
 

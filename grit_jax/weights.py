@@ -93,9 +93,7 @@ def load(path: str, *, dtype: str | None = None, param_dtype: str | None = None,
 def read_hf_sharded(hf_dir: str, config: ModelConfig, target):
     """Parameters from a Hugging Face directory, each device's shard read on its own: for every
     grit array, the callback reads exactly its slice of each HF tensor (per layer, per expert)."""
-    from safetensors import safe_open
-
-    from grit_jax.convert.hf import checked_files, hf_tensor_slots
+    from grit_jax.convert.hf import checked_files, hf_tensor_slots, open_safetensors
 
     files = checked_files(hf_dir, config)
     slots: dict[tuple, list] = {}
@@ -104,7 +102,7 @@ def read_hf_sharded(hf_dir: str, config: ModelConfig, target):
     flat_target = traverse_util.flatten_dict(target)
     out = {}
     with contextlib.ExitStack() as stack:
-        handles = {f: stack.enter_context(safe_open(f, framework="numpy"))
+        handles = {f: stack.enter_context(open_safetensors(f))
                    for f in sorted(set(files.values()))}
 
         def tensor(name):

@@ -33,6 +33,7 @@ import argparse
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 
@@ -303,9 +304,31 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """User errors are one line and exit 2 (--debug or GRIT_JAX_DEBUG=1: the traceback)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("GRIT_JAX_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except OSError as e:  # gcloud or a --source folder that cannot be read
+        if debug:
+            raise
+        print(f"error: {e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}",
+              file=sys.stderr)
+        return 2
+
+
+def _main(argv) -> int:
     args = parser().parse_args(argv)
     try:
         check(args)
+        if not args.dry_run and shutil.which("gcloud") is None:
+            raise UsageError("gcloud is not on PATH: install the Google Cloud CLI "
+                             "(cloud.google.com/sdk/docs/install), or see the commands with "
+                             "--dry-run")
         if args.command == "logs" and args.worker != "all" and not args.worker.isdigit():
             raise UsageError(f"--worker {args.worker!r}: a worker index or 'all'")
         if args.command == "logs" and not 0 <= args.slice < args.slices:

@@ -42,7 +42,8 @@ def segments(ex):
 def test_metadata(built):
     _, meta = built
     assert meta["datasets"]["qa"] == {"file": "qa.jsonl", "kind": "embedding", "examples": 2,
-                                      "min_neg": 1, "tokens": meta["datasets"]["qa"]["tokens"]}
+                                      "min_neg": 1, "tokens": meta["datasets"]["qa"]["tokens"],
+                                      "truncated": {}}
     assert meta["datasets"]["chat"]["kind"] == "generative"
     assert meta["tokenizer"]["vocab_size"] == 32000 and meta["skipped"] == {}
 

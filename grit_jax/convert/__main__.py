@@ -9,6 +9,7 @@ import resource
 import sys
 import time
 
+from grit_jax import cli
 from grit_jax.convert import hf
 
 
@@ -17,6 +18,10 @@ def _peak_rss_gib() -> float:
 
 
 def main(argv=None) -> int:
+    return cli.run(_main, argv)
+
+
+def _main(argv) -> int:
     parser = argparse.ArgumentParser(prog="python -m grit_jax.convert", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     a = sub.add_parser("hf-to-grit", help="Hugging Face directory -> Orbax params directory")
@@ -24,6 +29,8 @@ def main(argv=None) -> int:
                    "(model_type mistral, llama or mixtral)")
     a.add_argument("--out", required=True, help="params directory to write")
     a.add_argument("--param-dtype", default="float32", choices=["float32", "bfloat16"])
+    a.add_argument("--overwrite", action="store_true",
+                   help="replace an existing params directory at --out (default: refuse)")
     b = sub.add_parser("grit-to-hf", help="Orbax params directory -> Hugging Face directory")
     src = b.add_mutually_exclusive_group(required=True)
     src.add_argument("--params", help="params directory written by grit_jax")
@@ -35,27 +42,33 @@ def main(argv=None) -> int:
     b.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="tensor dtype in the safetensors files (default: the params' dtype)")
     b.add_argument("--max-shard-gb", type=float, default=5.0, help="shard size limit in GiB")
+    b.add_argument("--overwrite", action="store_true",
+                   help="replace every model file at --out (default: refuse if it holds any)")
     g = sub.add_parser("gguf-to-grit", help="llama-architecture GGUF file -> Orbax params "
                                             "directory (dequantized, with its tokenizer)")
     g.add_argument("--gguf", required=True, help="GGUF file (general.architecture = llama)")
     g.add_argument("--out", required=True, help="params directory to write")
     g.add_argument("--param-dtype", default="float32", choices=["float32", "bfloat16"])
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace an existing params directory at --out (default: refuse)")
     args = parser.parse_args(argv)
+    if args.command == "grit-to-hf" and not args.max_shard_gb > 0:
+        raise cli.UserError(f"--max-shard-gb {args.max_shard_gb}: must be > 0")
+    if args.command == "grit-to-hf" and args.step is not None and args.step < 0:
+        raise cli.UserError(f"--step {args.step}: must be >= 0")
     t0 = time.time()
-    try:
-        if args.command == "hf-to-grit":
-            config = hf.hf_to_grit(args.hf, args.out, param_dtype=args.param_dtype)
-        elif args.command == "gguf-to-grit":
-            from grit_jax.convert import gguf
+    if args.command == "hf-to-grit":
+        config = hf.hf_to_grit(args.hf, args.out, param_dtype=args.param_dtype,
+                               overwrite=args.overwrite)
+    elif args.command == "gguf-to-grit":
+        from grit_jax.convert import gguf
 
-            config = gguf.gguf_to_grit(args.gguf, args.out, param_dtype=args.param_dtype)
-        else:
-            config = hf.grit_to_hf(args.params or args.workdir, args.out, dtype=args.dtype,
-                                   max_shard_bytes=int(args.max_shard_gb * 2**30),
-                                   step=args.step, tokenizer=args.tokenizer)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        config = gguf.gguf_to_grit(args.gguf, args.out, param_dtype=args.param_dtype,
+                                   overwrite=args.overwrite)
+    else:
+        config = hf.grit_to_hf(args.params or args.workdir, args.out, dtype=args.dtype,
+                               max_shard_bytes=int(args.max_shard_gb * 2**30),
+                               step=args.step, tokenizer=args.tokenizer, overwrite=args.overwrite)
     print(f"{args.command}: {config.family} {config.num_params() / 1e6:.1f}M params -> {args.out} "
           f"({time.time() - t0:.1f}s, peak RSS {_peak_rss_gib():.2f} GiB)")
     return 0

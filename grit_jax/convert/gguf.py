@@ -22,7 +22,7 @@ import warnings
 
 import numpy as np
 
-from grit_jax import checkpoint
+from grit_jax import checkpoint, outputs
 from grit_jax.config import ModelConfig
 from grit_jax.convert import hf
 
@@ -329,8 +329,11 @@ def save_tokenizer(tok, cfg: dict, out_dir: str) -> list[str]:
     return files
 
 
-def gguf_to_grit(gguf_path: str, out_dir: str, *, param_dtype: str = "float32") -> ModelConfig:
-    """Convert a llama-architecture GGUF file into a grit_jax params directory (+ tokenizer)."""
+def gguf_to_grit(gguf_path: str, out_dir: str, *, param_dtype: str = "float32",
+                 overwrite: bool = False) -> ModelConfig:
+    """Convert a llama-architecture GGUF file into a grit_jax params directory (+ tokenizer),
+    written whole or not at all."""
+    outputs.check_target(out_dir, overwrite=overwrite)
     config, params, meta = read_gguf(gguf_path, param_dtype=param_dtype)
     try:  # check the tokenizer before writing anything
         tokenizer = build_tokenizer(meta, gguf_path)
@@ -338,11 +341,12 @@ def gguf_to_grit(gguf_path: str, out_dir: str, *, param_dtype: str = "float32") 
         tokenizer = None
         warnings.warn(f"{e}; weights converted without a tokenizer (pass --tokenizer at "
                       f"inference)", stacklevel=2)
-    checkpoint.save_params(out_dir, params, config)
-    if tokenizer is not None:
-        save_tokenizer(*tokenizer, out_dir)
-    gen = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
-           "do_sample": False}
-    with open(os.path.join(out_dir, "generation_config.json"), "w", encoding="utf-8") as f:
-        json.dump(gen, f, indent=2)
+    with outputs.staged_dir(out_dir, overwrite=overwrite) as staging:
+        checkpoint.save_params(staging, params, config)
+        if tokenizer is not None:
+            save_tokenizer(*tokenizer, staging)
+        gen = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
+               "do_sample": False}
+        with open(os.path.join(staging, "generation_config.json"), "w", encoding="utf-8") as f:
+            json.dump(gen, f, indent=2)
     return config

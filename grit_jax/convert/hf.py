@@ -15,6 +15,7 @@ transformers 5.x (``mlp.experts.gate_up_proj``) is refused.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -22,7 +23,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from grit_jax import checkpoint
+from grit_jax import checkpoint, outputs
 from grit_jax.config import ModelConfig, RopeScaling
 from grit_jax.data.tokenizers import load_tokenizer
 
@@ -320,9 +321,7 @@ def _safetensors_files(hf_dir: str) -> dict[str, str]:
             raise ValueError(f"{index}: no 'weight_map' object")
         return {k: os.path.join(hf_dir, v) for k, v in weight_map.items()}
     if os.path.exists(single):
-        from safetensors import safe_open
-
-        with safe_open(single, framework="numpy") as f:
+        with open_safetensors(single) as f:
             return {k: single for k in f.keys()}
     raise FileNotFoundError(f"{hf_dir}: neither {SAFE_SINGLE} nor {SAFE_INDEX} found "
                             f"(only safetensors checkpoints are read)")
@@ -415,8 +414,6 @@ def checked_files(hf_dir: str, config: ModelConfig) -> dict[str, str]:
 def read_hf(hf_dir: str, *, param_dtype: str = "float32", **config_overrides):
     """(ModelConfig, params as a nested dict of jax arrays) from a Hugging Face directory, whole
     in this process's memory (conversion; training and inference read shards: grit_jax.weights)."""
-    from safetensors import safe_open
-
     config = read_hf_config(hf_dir, param_dtype=param_dtype, dtype=param_dtype,
                             **config_overrides)
     stacked = StackedParams(config)
@@ -425,24 +422,49 @@ def read_hf(hf_dir: str, *, param_dtype: str = "float32", **config_overrides):
     for name in stacked.expected:
         by_file.setdefault(files[name], []).append(name)
     for path_, names in by_file.items():
-        with safe_open(path_, framework="numpy") as f:
+        with open_safetensors(path_) as f:
             available = set(f.keys())
             for name in names:
                 if name not in available:
                     raise ValueError(f"{path_}: tensor {name} listed in the index is not in the file")
-                stacked.put(name, f.get_tensor(name), path_)
+                try:
+                    tensor = f.get_tensor(name)
+                except Exception as e:  # noqa: BLE001 - safetensors' own error type
+                    raise ValueError(f"{path_}: tensor {name} cannot be read ({e}); the file is "
+                                     f"damaged: copy or download it again") from e
+                stacked.put(name, tensor, path_)
     return config, stacked.params()
 
 
-def hf_to_grit(hf_dir: str, out_dir: str, *, param_dtype: str = "float32") -> ModelConfig:
-    """Convert a Hugging Face Mistral/Llama/Mixtral directory into a grit_jax params directory."""
-    config, params = read_hf(hf_dir, param_dtype=param_dtype)
-    checkpoint.save_params(out_dir, params, config)
+@contextlib.contextmanager
+def open_safetensors(path: str):
+    """safetensors' ``safe_open`` whose errors name the file (a truncated download, say)."""
+    from safetensors import safe_open
+
     try:
-        load_tokenizer(hf_dir).save(out_dir)
+        handle = safe_open(path, framework="numpy")
     except FileNotFoundError:
-        pass  # a model without tokenizer files converts; inference then needs --tokenizer
-    _copy_if_exists(hf_dir, out_dir, "generation_config.json")
+        raise
+    except Exception as e:  # noqa: BLE001 - SafetensorError, OSError, ...
+        raise ValueError(f"{path}: not a readable safetensors file ({e}); the file is damaged or "
+                         f"incomplete: copy or download it again") from e
+    with handle as f:
+        yield f
+
+
+def hf_to_grit(hf_dir: str, out_dir: str, *, param_dtype: str = "float32",
+               overwrite: bool = False) -> ModelConfig:
+    """Convert a Hugging Face Mistral/Llama/Mixtral directory into a grit_jax params directory
+    (written whole or not at all; an existing one is replaced only with ``overwrite``)."""
+    outputs.check_target(out_dir, overwrite=overwrite)
+    config, params = read_hf(hf_dir, param_dtype=param_dtype)
+    with outputs.staged_dir(out_dir, overwrite=overwrite) as staging:
+        checkpoint.save_params(staging, params, config)
+        try:
+            load_tokenizer(hf_dir).save(staging)
+        except FileNotFoundError:
+            pass  # a model without tokenizer files converts; inference then needs --tokenizer
+        _copy_if_exists(hf_dir, staging, "generation_config.json")
     return config
 
 
@@ -506,16 +528,23 @@ def write_hf(params, config: ModelConfig, out_dir: str, *, dtype: str | None = N
 
 def grit_to_hf(params_dir: str, out_dir: str, *, dtype: str | None = None,
                max_shard_bytes: int = 5 * 2**30, step: int | None = None,
-               tokenizer: str | None = None) -> ModelConfig:
+               tokenizer: str | None = None, overwrite: bool = False) -> ModelConfig:
     """Convert a grit_jax params directory or training workdir (latest or given step) into a
-    Hugging Face directory with tokenizer files."""
+    Hugging Face directory with tokenizer files (written whole or not at all; a folder holding
+    files is replaced, all of it, only with ``overwrite``)."""
+    outputs.check_target(out_dir, overwrite=overwrite)
     if checkpoint.is_workdir(params_dir):
         params, config, _ = checkpoint.load_params_from_workdir(params_dir, step)
     else:
+        if step is not None:
+            raise ValueError(f"--step {step}: {params_dir} is a params directory (one state), "
+                             f"not a training workdir")
         params, config = checkpoint.load_params(params_dir)
-    write_hf(params, config, out_dir, dtype=dtype, max_shard_bytes=max_shard_bytes)
-    try:
-        load_tokenizer(tokenizer or params_dir).save(out_dir)
-    except FileNotFoundError:
-        pass
+    with outputs.staged_dir(out_dir, overwrite=overwrite) as staging:
+        write_hf(params, config, staging, dtype=dtype, max_shard_bytes=max_shard_bytes)
+        try:
+            load_tokenizer(tokenizer or params_dir).save(staging)
+        except FileNotFoundError:
+            if tokenizer:
+                raise
     return config

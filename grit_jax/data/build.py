@@ -10,10 +10,15 @@ from __future__ import annotations
 import argparse
 import sys
 
+from grit_jax import cli
 from grit_jax.data.dataset import DEFAULT_MAX_LENGTHS, build
 
 
 def main(argv=None) -> int:
+    return cli.run(_main, argv)
+
+
+def _main(argv) -> int:
     p = argparse.ArgumentParser(prog="python -m grit_jax.data.build", description=__doc__)
     p.add_argument("--input", required=True, help="folder of *.jsonl files (one dataset each)")
     p.add_argument("--output", required=True, help="TFDS data_dir to write")
@@ -24,21 +29,26 @@ def main(argv=None) -> int:
     p.add_argument("--max-generative-length", type=int, default=DEFAULT_MAX_LENGTHS["generative"])
     p.add_argument("--skip-invalid", action="store_true",
                    help="skip bad records and report counts per reason instead of stopping")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing dataset at --output (default: refuse)")
     args = p.parse_args(argv)
     lengths = {"query": args.max_query_length, "passage": args.max_passage_length,
                "generative": args.max_generative_length}
-    try:
-        builder = build(args.input, args.output, tokenizer=args.tokenizer, max_lengths=lengths,
-                        skip_invalid=args.skip_invalid)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    for name, n in lengths.items():
+        if n <= 0:
+            raise cli.UserError(f"--max-{name}-length {n}: must be > 0")
+    builder = build(args.input, args.output, tokenizer=args.tokenizer, max_lengths=lengths,
+                    skip_invalid=args.skip_invalid, overwrite=args.overwrite)
     meta = builder.info.metadata
     for name, d in meta["datasets"].items():
-        print(f"{name}: {d['kind']}, {d['examples']} examples, {d['tokens']} tokens ({d['file']})")
+        cut = d.get("truncated") or {}
+        print(f"{name}: {d['kind']}, {d['examples']} examples, {d['tokens']} tokens ({d['file']})"
+              + ("; truncated at max length: " + ", ".join(f"{v} {k}" + ("s" if v > 1 else "")
+                                                          for k, v in sorted(cut.items()))
+                 if cut else ""))
     skipped = meta["skipped"]
     print(f"skipped: {sum(skipped.values())}" + (f" {skipped}" if skipped else ""))
-    print(f"-> {builder.data_dir}")
+    print(f"-> {args.output} (give this folder to training as data.data_dir)")
     return 0
 
 

@@ -15,6 +15,7 @@ import re
 import numpy as np
 import tensorflow_datasets as tfds
 
+from grit_jax import outputs
 from grit_jax.data import formats, records
 from grit_jax.data.tokenizers import (Tokenizer, default_tokenizer_path, load_tokenizer,
                                       tokenizer_fingerprint)
@@ -30,7 +31,8 @@ def split_name(path: str) -> str:
 
 def encode_record(tok: Tokenizer, kind: str, rec: dict, max_lengths: dict, path: str = "",
                   line: int = 0):
-    """Token segments of one normalised record: (tokens, masks, lengths, num_pos)."""
+    """Token segments of one normalised record: (tokens, masks, lengths, num_pos, truncated),
+    ``truncated`` the number of segments cut at their max length, per limit."""
     if kind == records.EMBEDDING:
         fields = [("query", rec["query"], "query")]
         fields += [(f"{f}[{i}]", p, "passage") for f in ("pos", "neg") for i, p in enumerate(rec[f])]
@@ -47,10 +49,15 @@ def encode_record(tok: Tokenizer, kind: str, rec: dict, max_lengths: dict, path:
         enc = (formats.encode_text(tok, rec["text"]) if "text" in rec
                else formats.encode_chat(tok, rec["messages"]))
         n = max_lengths["generative"]
-        segs, num_pos = [formats.Encoded(enc.ids[:n], enc.mask[:n])], 0
+        segs = [formats.Encoded(enc.ids[:n], enc.mask[:n], cut=max(len(enc) - n, 0))]
+        fields, num_pos = [("text", None, "generative")], 0
+    truncated = {}
+    for (_, _, limit), seg in zip(fields, segs):
+        if seg.cut:
+            truncated[limit] = truncated.get(limit, 0) + 1
     return (np.concatenate([s.ids for s in segs]).astype(np.int32),
             np.concatenate([s.mask for s in segs]).astype(np.int8),
-            np.asarray([len(s) for s in segs], np.int32), num_pos)
+            np.asarray([len(s) for s in segs], np.int32), num_pos, truncated)
 
 
 class GritJsonl(tfds.core.GeneratorBasedBuilder):
@@ -98,9 +105,14 @@ class GritJsonl(tfds.core.GeneratorBasedBuilder):
             if not rows:
                 continue  # an empty or all-skipped file: counted, no split
             negs = [len(r[2]) - 1 - r[3] for _, r in rows] if kind == records.EMBEDDING else [0]
+            truncated = {}
+            for _, r in rows:
+                for limit, count in r[4].items():
+                    truncated[limit] = truncated.get(limit, 0) + count
             datasets[name] = {"file": os.path.basename(path), "kind": kind, "examples": len(rows),
                               "min_neg": int(min(negs)),
-                              "tokens": int(sum(len(r[0]) for _, r in rows))}
+                              "tokens": int(sum(len(r[0]) for _, r in rows)),
+                              "truncated": truncated}
             examples[name] = rows
         if not datasets:
             raise ValueError(f"{self._input_dir}: no valid records in any file")
@@ -110,29 +122,49 @@ class GritJsonl(tfds.core.GeneratorBasedBuilder):
             "source": os.path.abspath(self._input_dir)})
         return {name: self._generate_examples(rows) for name, rows in examples.items()}
 
+    # TFDS prints "Downloading and preparing dataset ..." / "... downloaded and prepared": there is
+    # no download here, and the build command prints its own summary.
+    def _log_download_bytes(self) -> None:
+        pass
+
+    def _log_download_done(self) -> None:
+        pass
+
     def _generate_examples(self, rows):
-        for line, (tokens, masks, lengths, num_pos) in rows:
+        for line, (tokens, masks, lengths, num_pos, _) in rows:
             yield line, {"tokens": tokens, "masks": masks, "lengths": lengths,
                          "num_pos": num_pos, "line": line}
 
 
 def build(input_dir: str, output_dir: str, *, tokenizer: str | Tokenizer | None = None,
-          max_lengths: dict | None = None, skip_invalid: bool = False):
-    """Build the dataset; returns the built TFDS builder (its metadata holds the counts)."""
+          max_lengths: dict | None = None, skip_invalid: bool = False, overwrite: bool = False):
+    """Build the dataset into output_dir (whole or not at all; a folder holding files is
+    replaced only with ``overwrite``); returns its TFDS builder (metadata holds the counts)."""
+    outputs.check_target(output_dir, overwrite=overwrite, flag="--output")
+    for limit, n in (max_lengths or {}).items():
+        if n is None or int(n) <= 0:
+            raise ValueError(f"max {limit} length {n}: must be > 0")
+    records.list_jsonl(input_dir)  # a missing or empty input folder fails before any work
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(
         tokenizer or default_tokenizer_path())
-    builder = GritJsonl(input_dir=input_dir, tokenizer=tok, max_lengths=max_lengths,
-                        skip_invalid=skip_invalid, data_dir=output_dir,
-                        file_format="array_record")
-    tfds.disable_progress_bar()
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(
-            download_mode=tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS))
-    return builder
+    with outputs.staged_dir(output_dir, overwrite=overwrite, flag="--output") as staging:
+        builder = GritJsonl(input_dir=input_dir, tokenizer=tok, max_lengths=max_lengths,
+                            skip_invalid=skip_invalid, data_dir=staging,
+                            file_format="array_record")
+        tfds.disable_progress_bar()
+        builder.download_and_prepare()
+    return tfds.builder_from_directory(dataset_path(output_dir))
 
 
 def dataset_path(data_dir: str) -> str:
-    """The versioned directory of a dataset built into data_dir."""
+    """The versioned directory of a dataset built into data_dir (which may also name the
+    dataset's own folder or its version folder, as printed by TFDS)."""
+    data_dir = os.path.normpath(data_dir)
+    if re.fullmatch(r"\d+\.\d+\.\d+", os.path.basename(data_dir)) and os.path.isfile(
+            os.path.join(data_dir, "dataset_info.json")):
+        return data_dir
+    if os.path.basename(data_dir) == BUILDER_NAME:
+        data_dir = os.path.dirname(data_dir)
     root = os.path.join(data_dir, BUILDER_NAME)
     if not os.path.isdir(root):
         raise FileNotFoundError(f"{data_dir}: no grit_jax dataset here (run "

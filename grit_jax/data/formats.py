@@ -65,6 +65,7 @@ class Encoded:
 
     ids: np.ndarray
     mask: np.ndarray
+    cut: int = 0  # tokens removed from the end by a max_length
 
     def __len__(self):
         return len(self.ids)
@@ -89,7 +90,7 @@ def encode_embed(tok: Tokenizer, text: str, instruction: str = "", *, max_length
         n_prefix = int((mask == 0).sum())
         if n_prefix >= max_length:
             raise InstructionTooLong(where, n_prefix, max_length)
-        ids, mask = ids[:max_length], mask[:max_length]
+        return Encoded(ids[:max_length], mask[:max_length], cut=len(ids) - max_length)
     return Encoded(ids, mask)
 
 

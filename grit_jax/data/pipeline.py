@@ -105,7 +105,9 @@ class GritBatches:
             if c.group_size > 1 and self.meta["datasets"][n]["min_neg"] == 0:
                 problems.append(f"dataset {n} ({self.meta['datasets'][n]['file']}) has records "
                                 f"without hard negatives, but group_size={c.group_size} needs "
-                                f"{c.group_size - 1} per query")
+                                f"{c.group_size - 1} per query: set --config.data.group_size=1 "
+                                f"(in-batch negatives only), or add \"neg\" passages to every "
+                                f"record")
         if problems:
             raise ValueError("Invalid data pipeline: " + "; ".join(problems))
 

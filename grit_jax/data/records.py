@@ -45,8 +45,34 @@ class SkipCounter:
         return sum(self.counts.values())
 
 
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+def _no_duplicates(pairs: list) -> dict:
+    """json object_pairs_hook: a key given twice is an error, not 'the last one wins'."""
+    seen = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _DuplicateKey(key)
+        seen[key] = value
+    return seen
+
+
+def _decode_error(path: str, n: int, line: str, e: json.JSONDecodeError) -> RecordError:
+    """Malformed JSON, with a hint when the file is a JSON array or pretty-printed JSON."""
+    problem = f"malformed JSON ({e.msg} at column {e.colno})"
+    if line.strip() in ("[", "{") or (n == 1 and line.lstrip().startswith("[")):
+        problem += ("; this looks like a JSON array or indented JSON, but JSONL needs one JSON "
+                    "object per line (e.g. jq -c '.[]' in.json > out.jsonl)")
+    return RecordError(path, n, None, problem, "malformed_json")
+
+
 def iter_jsonl(path: str) -> Iterator[tuple[int, dict | RecordError]]:
-    """(line number, JSON object or the RecordError for that line); blank lines are not records."""
+    """(line number, JSON object or the RecordError for that line); blank lines are not records,
+    a UTF-8 byte-order mark is allowed at the start, a key given twice in a record is an error."""
     with open(path, "rb") as f:
         for n, raw in enumerate(f, start=1):
             try:
@@ -55,13 +81,18 @@ def iter_jsonl(path: str) -> Iterator[tuple[int, dict | RecordError]]:
                 yield n, RecordError(path, n, None, f"not valid UTF-8 ({e.reason} at byte "
                                                     f"{e.start})", "non_utf8")
                 continue
+            if n == 1:
+                line = line.removeprefix("\ufeff")
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                obj = json.loads(line, object_pairs_hook=_no_duplicates)
+            except _DuplicateKey as e:
+                yield n, RecordError(path, n, e.key, "given twice in this record (which one is "
+                                                     "meant?)", "duplicate_key")
+                continue
             except json.JSONDecodeError as e:
-                yield n, RecordError(path, n, None, f"malformed JSON ({e.msg} at column {e.colno})",
-                                     "malformed_json")
+                yield n, _decode_error(path, n, line, e)
                 continue
             if not isinstance(obj, dict):
                 yield n, RecordError(path, n, None, f"expected a JSON object, got "

@@ -144,32 +144,48 @@ def write_jsonl(directory: str, files: dict) -> None:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
-def make_demo_data(out: str, *, max_lengths: dict | None = None, seed: int = 0) -> dict:
-    """Write train/eval JSONL and build both datasets; returns {split: built data_dir}."""
+def make_demo_data(out: str, *, max_lengths: dict | None = None, seed: int = 0,
+                   overwrite: bool = False) -> dict:
+    """Write train/eval JSONL and build both datasets into ``out`` (whole or not at all; an
+    existing folder holding files is replaced only with ``overwrite``); {split: data_dir}."""
+    from grit_jax import outputs
     from grit_jax.data.dataset import build
 
     arts = articles()
     parts = {"train": [a for a in arts if not is_heldout(a[0])],
              "eval": [a for a in arts if is_heldout(a[0])]}
-    dirs = {}
-    for split, arts_ in parts.items():
-        jsonl = os.path.join(out, "jsonl", split)
-        write_jsonl(jsonl, make_records(arts_, seed=seed))
-        build(jsonl, os.path.join(out, split), max_lengths=max_lengths)
-        dirs[split] = os.path.join(out, split)
-    return dirs
+    with outputs.staged_dir(out, overwrite=overwrite) as staging:
+        for split, arts_ in parts.items():
+            jsonl = os.path.join(staging, "jsonl", split)
+            write_jsonl(jsonl, make_records(arts_, seed=seed))
+            build(jsonl, os.path.join(staging, split), max_lengths=max_lengths)
+    return {split: os.path.join(out, split) for split in parts}
 
 
 def main(argv=None) -> int:
+    from grit_jax import cli
+
+    return cli.run(_main, argv)
+
+
+def _main(argv) -> int:
+    from grit_jax import cli
+
     p = argparse.ArgumentParser(prog="python -m grit_jax.data.wiki_demo", description=__doc__)
     p.add_argument("--out", required=True)
     p.add_argument("--max-query-length", type=int, default=64)
     p.add_argument("--max-passage-length", type=int, default=256)
     p.add_argument("--max-generative-length", type=int, default=256)
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing folder at --out (default: refuse)")
     args = p.parse_args(argv)
     lengths = {"query": args.max_query_length, "passage": args.max_passage_length,
                "generative": args.max_generative_length}
-    for split, d in make_demo_data(args.out, max_lengths=lengths).items():
+    for name, n in lengths.items():
+        if n <= 0:
+            raise cli.UserError(f"--max-{name}-length {n}: must be > 0")
+    for split, d in make_demo_data(args.out, max_lengths=lengths,
+                                   overwrite=args.overwrite).items():
         from grit_jax.data.dataset import open_dataset
 
         meta = open_dataset(d)[1]

@@ -25,13 +25,20 @@ def masked_nll(params, config, ids, valid, loss_mask, chunk: int = 1024):
 
 
 def heldout_loss(model, encoded: Sequence[formats.Encoded], *, batch_size: int = 8,
-                 max_length: int = 2048) -> dict:
+                 max_length: int | None = None) -> dict:
     """Token-level mean loss and perplexity of a GritLM on encoded samples (ids + loss mask).
 
-    Samples longer than ``max_length`` are cut at the end; how many is reported.
+    Samples longer than ``max_length`` (default: min(2048, the model's positions)) are cut at
+    the end; how many is reported.
     """
     if not encoded:
         raise ValueError("heldout_loss: no samples")
+    limit = model.config.max_position_embeddings
+    if max_length is None:
+        max_length = min(2048, limit)
+    elif not 1 <= max_length <= limit:
+        raise ValueError(f"max_length={max_length}: must be in [1, {limit}] (the model's "
+                         f"max_position_embeddings)")
     cut = sum(len(e) > max_length for e in encoded)
     rows = [formats.Encoded(e.ids[:max_length], e.mask[:max_length]) for e in encoded]
     order = np.argsort([-len(r) for r in rows], kind="stable")

@@ -20,7 +20,7 @@ class MtebEncoder(AbsEncoder):
 
     def __init__(self, model, *, name: str = "grit_jax/model", revision: str = "local",
                  instructions: Mapping[str, str] | None = None, batch_size: int = 16,
-                 max_length: int = 512):
+                 max_length: int | None = None):
         self.model = model
         self.instructions = dict(instructions or {})
         self.batch_size, self.max_length = batch_size, max_length

@@ -140,7 +140,7 @@ def load_task(spec: str) -> Task:
 
 
 def evaluate_task(model, task: Task, *, instruction: str = "", batch_size: int = 16,
-                  max_length: int = 512, seed: int = 0) -> dict:
+                  max_length: int | None = None, seed: int = 0) -> dict:
     """The task's metrics for a GritLM (embedding tasks embed with its attention and pooling)."""
     d = task.data
     enc = lambda texts, instr="": model.encode(texts, instruction=instr, batch_size=batch_size,

@@ -25,6 +25,7 @@ from typing import Sequence
 
 import numpy as np
 
+from grit_jax import outputs
 from grit_jax.data.records import RecordError, iter_jsonl
 from grit_jax.inference import GritLM, document_text
 from grit_jax.prefix_cache import PrefixCache, join
@@ -88,49 +89,57 @@ class RAG:
     @classmethod
     def build(cls, model: GritLM, docs: Sequence[dict | str], directory: str, *,
               cache_docs: bool = True, batch_size: int = 8, max_length: int | None = None,
-              backend: str = "auto", query_instruction: str = "") -> "RAG":
+              backend: str = "auto", query_instruction: str = "",
+              overwrite: bool = False) -> "RAG":
         """Embed the corpus (and store its key/value states) into ``directory``; return the RAG.
 
         Documents longer than ``max_length`` tokens (default: the model's maximum) are
-        truncated; the number is in ``index.json``.
+        truncated; the number is in ``index.json``. The index is written whole or not at all; a
+        folder that holds files is replaced only with ``overwrite``.
         """
         docs = [d if isinstance(d, dict) else {"text": d} for d in docs]
         if not docs:
             raise ValueError("RAG.build: no documents")
+        if batch_size <= 0:
+            raise ValueError(f"batch_size={batch_size}: must be > 0")
+        limit = model.config.max_position_embeddings
+        if max_length is not None and not 0 < max_length <= limit:
+            raise ValueError(f"max_length={max_length}: must be in [1, {limit}] (the model's "
+                             f"max_position_embeddings)")
         docs = [{"id": d.get("id", i), "title": d.get("title", ""), "text": d["text"]}
                 for i, d in enumerate(docs)]
-        max_length = max_length or model.config.max_position_embeddings
-        os.makedirs(directory, exist_ok=True)
-        writer = (DocCacheWriter(os.path.join(directory, KV_DIR), fingerprint=model.fingerprint,
-                                 attn=model.attn, config=model.config) if cache_docs else None)
-        emb = np.zeros((len(docs), model.config.hidden_size), np.float32)
-        truncated = 0
-        for start in range(0, len(docs), batch_size):
-            texts = [document_text(d) for d in docs[start:start + batch_size]]
-            if cache_docs:
-                emb[start:start + len(texts)], caches = model.encode(
-                    texts, batch_size=batch_size, max_length=max_length, get_cache=True)
-                for c in caches:
-                    writer.add(c)
-                    truncated += len(c) == max_length
-            else:
-                emb[start:start + len(texts)] = model.encode(texts, batch_size=batch_size,
-                                                             max_length=max_length)
-        if writer is not None:
-            writer.close()
-        DenseIndex(emb).save(directory)
-        with open(os.path.join(directory, DOCS), "w") as f:
-            for d in docs:
-                f.write(json.dumps(d, ensure_ascii=False) + "\n")
-        meta = {"format": FORMAT, "fingerprint": model.fingerprint, "attn": model.attn,
-                "pooling_method": model.pooling_method, "normalized": model.normalized,
-                "embed_eos": model.embed_eos, "docs": len(docs), "dim": emb.shape[1],
-                # Counted from the stored caches; without them encode only logs the count.
-                "max_length": max_length,
-                "truncated_docs": int(truncated) if cache_docs else None,
-                "cached": bool(cache_docs)}
-        with open(os.path.join(directory, INDEX_META), "w") as f:
-            json.dump(meta, f, indent=1)
+        max_length = max_length or limit
+        with outputs.staged_dir(directory, overwrite=overwrite) as staging:
+            writer = (DocCacheWriter(os.path.join(staging, KV_DIR), fingerprint=model.fingerprint,
+                                     attn=model.attn, config=model.config) if cache_docs else None)
+            emb = np.zeros((len(docs), model.config.hidden_size), np.float32)
+            truncated = 0
+            for start in range(0, len(docs), batch_size):
+                texts = [document_text(d) for d in docs[start:start + batch_size]]
+                if cache_docs:
+                    emb[start:start + len(texts)], caches = model.encode(
+                        texts, batch_size=batch_size, max_length=max_length, get_cache=True)
+                    for c in caches:
+                        writer.add(c)
+                        truncated += len(c) == max_length
+                else:
+                    emb[start:start + len(texts)] = model.encode(texts, batch_size=batch_size,
+                                                                 max_length=max_length)
+                    truncated += sum(len(e) == max_length for e in
+                                     model.tokenize_for_embedding(texts, "", max_length))
+            if writer is not None:
+                writer.close()
+            DenseIndex(emb).save(staging)
+            with open(os.path.join(staging, DOCS), "w") as f:
+                for d in docs:
+                    f.write(json.dumps(d, ensure_ascii=False) + "\n")
+            meta = {"format": FORMAT, "fingerprint": model.fingerprint, "attn": model.attn,
+                    "pooling_method": model.pooling_method, "normalized": model.normalized,
+                    "embed_eos": model.embed_eos, "docs": len(docs), "dim": emb.shape[1],
+                    "max_length": max_length, "truncated_docs": int(truncated),
+                    "cached": bool(cache_docs)}
+            with open(os.path.join(staging, INDEX_META), "w") as f:
+                json.dump(meta, f, indent=1)
         return cls.load(directory, model, backend=backend, query_instruction=query_instruction)
 
     @classmethod
@@ -174,7 +183,7 @@ class RAG:
     # ------------------------------------------------------------------------------------------
     # Retrieval and answers
     # ------------------------------------------------------------------------------------------
-    def retrieve(self, queries: Sequence[str], top_k: int = 1, *, max_length: int = 512):
+    def retrieve(self, queries: Sequence[str], top_k: int = 1, *, max_length: int | None = None):
         """(scores, doc rows), each (Q, top_k), best first."""
         emb = self.model.encode_queries(list(queries), instruction=self.query_instruction,
                                         max_length=max_length)
@@ -183,7 +192,7 @@ class RAG:
     def answer(self, queries: str | Sequence[str], *, cache: str | None = None,
                retrieval: bool = True, top_k: int = 1, max_new_tokens: int = 16,
                answer_prefix: str = "", rerotate: bool = True, drop_inner_bos: bool = True,
-               query_max_length: int = 512, batch_size: int = 8,
+               query_max_length: int | None = None, batch_size: int = 8,
                **sampling) -> Answer | list[Answer]:
         """Answer each query, with retrieval and the chosen caching mode (module docstring).
 
