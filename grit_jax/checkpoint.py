@@ -96,7 +96,7 @@ def workdir_steps(workdir: str) -> list[int]:
 
 def damage(e: BaseException) -> str:
     """What a failed restore says, in one short line (TensorStore errors run to 100+ lines)."""
-    text = " ".join(str(e).split()) or type(e).__name__
+    text = " ".join(str(e).split()).split(" See full TensorStore details")[0] or type(e).__name__
     return text if len(text) <= 240 else text[:240] + " ..."
 
 

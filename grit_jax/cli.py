@@ -8,6 +8,7 @@ traceback. Library INFO chatter (Orbax, TFDS, absl) is off unless ``--verbose`` 
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import sys
@@ -61,6 +62,15 @@ def quiet_libraries(verbose: bool = False) -> None:
         pass
 
 
+def _quiet_abandoned_tasks(unraisable) -> None:
+    """Drop the interpreter's "Exception ignored" reports of library coroutines abandoned by a
+    failed read (Orbax restoring a damaged checkpoint): the failure itself was reported."""
+    if inspect.iscoroutine(unraisable.object) or "Event loop is closed" in str(
+            unraisable.exc_value):
+        return
+    sys.__unraisablehook__(unraisable)
+
+
 def _pop_flag(argv: list[str], *names: str) -> bool:
     found = False
     for name in names:
@@ -75,6 +85,8 @@ def run(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = No
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = _pop_flag(argv, "--debug") or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     quiet_libraries(verbose=_pop_flag(argv, "--verbose", "-v"))
+    if not debug:
+        sys.unraisablehook = _quiet_abandoned_tasks
     try:
         dashes = [a for a in argv if a == "--" or a.endswith("=--")]
         if dashes:  # argparse would turn "--flag=--" into an empty list, not an error
@@ -137,5 +149,13 @@ def _check_config_file(argv: list[str]) -> None:
     for i, arg in enumerate(argv):
         value = argv[i + 1] if arg == "--config" and i + 1 < len(argv) else (
             arg.split("=", 1)[1] if arg.startswith("--config=") else None)
-        if value is not None and not os.path.isfile(value.split(":", 1)[0]):
+        if value is None:
+            continue
+        path = value.split(":", 1)[0]
+        if not os.path.isfile(path):
             raise UserError(f"--config {value}: no such file")
+        # Config files import their defaults (``from configs import base``): make the folder
+        # above theirs importable, whatever the working directory.
+        root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+        if root not in sys.path:
+            sys.path.insert(0, root)

@@ -201,3 +201,30 @@ def test_interrupted_save_leaves_previous_checkpoint(tmp_path, data_dir):
     rc, out = finish(launch(tmp_path / "s", data_dir, "--config.total_steps=12"))
     assert rc == 0 and "resumed from step 8" in out, out[-2000:]
     assert sorted(losses(tmp_path / "s")) == list(range(1, 13))
+
+
+def test_damaged_newest_checkpoint_resumes_from_the_one_before(tmp_path, data_dir):
+    """A truncated file in the newest checkpoint: export names it, a strict run stops, a default
+    run sets it aside and resumes from the newest intact one, saying so. Logs carry no Orbax
+    INFO lines and no warning about healthy checkpoints."""
+    from grit_jax.convert.__main__ import main as convert_main
+
+    w = tmp_path / "w"
+    rc, out = finish(launch(w, data_dir, "--config.total_steps=8"))  # keeps steps 4 and 8
+    assert rc == 0, out[-2000:]
+    assert "_CHECKPOINT_METADATA" not in out and "INFO" not in out, out[-3000:]
+    state = w / "checkpoints" / "8" / "state"
+    biggest = max((p for p in state.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    biggest.write_bytes(biggest.read_bytes()[: biggest.stat().st_size // 2])
+    assert convert_main(["grit-to-hf", "--workdir", str(w), "--out", str(tmp_path / "hf")]) == 2
+    assert not (tmp_path / "hf").exists()
+    rc, out = finish(launch(w, data_dir, "--config.total_steps=12", "--config.strict_resume=True"))
+    assert rc == 2 and "checkpoint step 8 is damaged" in out and "strict_resume" in out, out[-3000:]
+    assert "Traceback" not in out
+    rc, out = finish(launch(w, data_dir, "--config.total_steps=12"))
+    assert rc == 0, out[-3000:]
+    assert "checkpoint step 8 is damaged" in out and "resuming from step 4" in out, out[-3000:]
+    assert "resumed from step 4" in out
+    assert (w / "damaged_checkpoints" / "8" / "state").is_dir()  # kept, out of the way
+    assert sorted(losses(w)) == list(range(1, 13))
+    assert convert_main(["grit-to-hf", "--workdir", str(w), "--out", str(tmp_path / "hf")]) == 0
