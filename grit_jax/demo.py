@@ -71,7 +71,7 @@ def export_and_compare(workdir: str, out: str, model) -> None:
 
     print("\n== Export the workdir to Hugging Face format and reload it")
     hf_dir = os.path.join(out, "hf")
-    hf.grit_to_hf(workdir, hf_dir)
+    hf.grit_to_hf(workdir, hf_dir, overwrite=True)  # the demo's own folder, remade each run
     print(f"wrote {sorted(os.listdir(hf_dir))}")
     try:
         import torch
@@ -121,12 +121,11 @@ def rag_demo(model, jsonl: str, index_dir: str, n_docs: int = 32) -> None:
             docs.append({"id": rec["query"][1], "title": rec["query"][1], "text": rec["pos"][0]})
             if len(docs) == n_docs:
                 break
-    if os.path.exists(index_dir):
-        shutil.rmtree(index_dir)
     t = time.perf_counter()
     # Queries are article titles with the instruction the model was trained with.
-    rag = RAG.build(model, docs, index_dir, query_instruction="Given a Wikipedia article title, "
-                                                              "retrieve a passage from that article")
+    rag = RAG.build(model, docs, index_dir, overwrite=True,  # the demo's own, remade each run
+                    query_instruction="Given a Wikipedia article title, retrieve a passage from "
+                                      "that article")
     print(f"indexed {len(docs)} passages with their key/value states in "
           f"{time.perf_counter() - t:.1f}s -> {index_dir}")
     query = docs[0]["title"]
@@ -140,12 +139,37 @@ def rag_demo(model, jsonl: str, index_dir: str, n_docs: int = 32) -> None:
               f"{a.cached_tokens} cached, {dt * 1000:.0f} ms -> {a.text!r}")
 
 
+_MARK = ".grit_jax_demo"
+
+
+def _claim_out(out: str) -> None:
+    """Mark OUT as the demo's folder; refuse a non-empty folder the demo did not make."""
+    if os.path.isdir(out) and os.listdir(out) and not os.path.exists(os.path.join(out, _MARK)):
+        raise ValueError(f"--out {out}: exists and was not made by the demo, which remakes its "
+                         "train/, hf/ and index/; choose a new or empty folder")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out}: is a file, not a folder")
+    os.makedirs(out, exist_ok=True)
+    open(os.path.join(out, _MARK), "w").close()
+
+
 def main(argv=None) -> int:
+    from grit_jax import cli
+
+    return cli.run(_main, argv)
+
+
+def _main(argv) -> int:
     parser = argparse.ArgumentParser(prog="python -m grit_jax.demo", description=__doc__)
-    parser.add_argument("--out", default="demo_out", help="working directory for the demo")
+    parser.add_argument("--out", default="demo_out",
+                        help="the demo's own folder: its train/, hf/ and index/ are remade on each "
+                             "run, its data/ reused")
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: config)")
     parser.add_argument("--config", default="configs/tiny.py")
     args = parser.parse_args(argv)
+    if args.steps is not None and args.steps <= 0:
+        raise ValueError(f"--steps {args.steps}: must be > 0")
+    _claim_out(args.out)
 
     import jax
 
