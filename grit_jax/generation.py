@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from grit_jax.config import ModelConfig
-from grit_jax.model import KVCache, forward, logits_fn
+from grit_jax.model import KVCache, forward, is_per_layer, logits_fn
 
 
 class Sampling(NamedTuple):
@@ -88,6 +88,8 @@ def generate_ids(params, config: ModelConfig, ids, valid, rng, *, max_new_tokens
         cache = KVCache.empty(config, b, cache_size or (t + max_new_tokens))
     else:
         cache = extend_cache(prefix, t + max_new_tokens)
+    if is_per_layer(params):  # one buffer per layer, written in place by every step
+        cache = cache.split()
     logits, cache = prefill(params, config, ids, valid, cache)
     rng, key = jax.random.split(rng)
     tok = sample_logits(logits, key, sampling)

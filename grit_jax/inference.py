@@ -19,6 +19,7 @@ from grit_jax.data.tokenizers import Tokenizer, load_tokenizer
 from grit_jax.embedding import embed, embed_with_cache, embedding_attention
 from grit_jax.fingerprint import model_fingerprint
 from grit_jax.generation import Sampling, generate_ids
+from grit_jax.model import is_per_layer, split_layers
 from grit_jax.pooling import POOLING_METHODS
 from grit_jax.prefix_cache import PrefixCache, to_kv_cache
 
@@ -60,8 +61,13 @@ class GritLM:
 
             boxed = abstract_params(config)
             sharding.check_divisible(boxed, mesh)
-            params = jax.device_put(params, sharding.param_shardings(boxed, mesh))
-        self.params = params
+            shardings = sharding.param_shardings(boxed, mesh)
+            if is_per_layer(params):
+                shardings = split_layers(shardings, config.num_layers)
+            params = jax.device_put(params, shardings)
+        # Per-layer weights, split once here: every call (each decoded token) then reads them in
+        # place instead of copying each layer out of the scanned stack (grit_jax.model).
+        self.params = split_layers(params)
         self._fingerprint = None
 
     @classmethod

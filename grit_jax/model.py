@@ -135,7 +135,27 @@ class KVCache(NamedTuple):
 
     @property
     def size(self) -> int:
-        return self.k.shape[2]
+        return self.k[0].shape[1] if self.per_layer else self.k.shape[2]
+
+    @property
+    def per_layer(self) -> bool:
+        """k and v are tuples of per-layer (B, S, kv_heads, head_dim) arrays (the decode layout:
+        each layer's buffer is updated in place, none is sliced out of a stack)."""
+        return isinstance(self.k, (tuple, list))
+
+    def split(self) -> "KVCache":
+        """This cache with per-layer k and v (no-op when already split)."""
+        if self.per_layer:
+            return self
+        n = self.k.shape[0]
+        return KVCache(tuple(self.k[i] for i in range(n)), tuple(self.v[i] for i in range(n)),
+                       self.lengths)
+
+    def stacked(self) -> "KVCache":
+        """This cache with (layers, B, S, kv_heads, head_dim) k and v."""
+        if not self.per_layer:
+            return self
+        return KVCache(jnp.stack(self.k), jnp.stack(self.v), self.lengths)
 
 
 class Output(NamedTuple):
@@ -285,9 +305,16 @@ REMAT = {
 
 
 class Transformer(nn.Module):
-    """Decoder: embed -> scanned blocks -> final norm; ``logits`` applies the LM head."""
+    """Decoder: embed -> scanned blocks -> final norm; ``logits`` applies the LM head.
+
+    ``per_layer``: the layers as separate modules ``layer_0`` .. ``layer_{L-1}`` over per-layer
+    parameters (see ``split_layers``) instead of one scan over a stacked ``layers`` tree. Same
+    math; inference uses it because XLA:CPU copies each layer's weights out of the stack at every
+    call (every decoded token), which per-layer weights never need.
+    """
 
     config: ModelConfig
+    per_layer: bool = False
 
     def setup(self):
         c = self.config
@@ -299,11 +326,14 @@ class Transformer(nn.Module):
         block = Block
         if c.remat_policy != "none":
             block = nn.remat(Block, policy=REMAT[c.remat_policy], prevent_cse=False)
-        self.layers = nn.scan(
-            block, variable_axes={"params": 0}, split_rngs={"params": True},
-            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
-            length=c.num_layers, unroll=c.scan_unroll or c.num_layers,
-            metadata_params={nn.PARTITION_NAME: "layers"})(c)
+        if self.per_layer:
+            self.layer = [block(c) for _ in range(c.num_layers)]  # named layer_0, layer_1, ...
+        else:
+            self.layers = nn.scan(
+                block, variable_axes={"params": 0}, split_rngs={"params": True},
+                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                length=c.num_layers, unroll=c.scan_unroll or c.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"})(c)
         self.final_norm = RMSNorm(c)
         if not c.tie_word_embeddings:
             self.lm_head = nn.Dense(c.vocab_size, use_bias=False, dtype=c.jnp_dtype,
@@ -347,10 +377,31 @@ class Transformer(nn.Module):
 
         x = embed_lookup(self.embed.embedding.astype(c.jnp_dtype), tokens)
         kv = None if cache is None else (cache.k, cache.v)
-        x, (new_kv, stats) = self.layers(x, kv, cos, sin, mask, offsets, valid)
+        if self.per_layer:
+            x, new_kv, stats = self._layer_by_layer(x, cache, cos, sin, mask, offsets, valid)
+        else:
+            x, (new_kv, stats) = self.layers(x, kv, cos, sin, mask, offsets, valid)
         hidden = self.final_norm(x)
         new_cache = None if cache is None else KVCache(new_kv[0], new_kv[1], new_lengths)
         return Output(hidden, new_cache, stats)
+
+    def _layer_by_layer(self, x, cache, cos, sin, mask, offsets, valid):
+        """The per-layer modules in order; the cache keeps its layout (stacked or per-layer) and
+        routing statistics are stacked as the scan stacks them."""
+        ks, vs, stats = [], [], []
+        layers = None if cache is None else cache.split()
+        for i, block in enumerate(self.layer):
+            kv = None if layers is None else (layers.k[i], layers.v[i])
+            x, (new_kv, st) = block(x, kv, cos, sin, mask, offsets, valid)
+            stats.append(st)
+            if new_kv is not None:
+                ks.append(new_kv[0])
+                vs.append(new_kv[1])
+        new_kv = None
+        if cache is not None:
+            new_kv = (tuple(ks), tuple(vs)) if cache.per_layer else (jnp.stack(ks), jnp.stack(vs))
+        stats = None if stats[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *stats)
+        return x, new_kv, stats
 
     def logits(self, hidden):
         """LM-head logits in float32 (float64 models: float64); tied embeddings reuse the embedding."""
@@ -412,13 +463,55 @@ def abstract_params(config: ModelConfig):
                           jax.random.PRNGKey(0), tokens)["params"]
 
 
+def is_per_layer(params) -> bool:
+    """Whether params hold per-layer trees ``layer_0`` .. (``split_layers``), not a stack."""
+    return "layer_0" in params
+
+
+def split_layers(params, num_layers: int | None = None):
+    """Params with the scanned ``layers`` stack split once into per-layer trees ``layer_{i}``.
+
+    For inference (``Transformer.per_layer``): each layer's weights become arrays of their own,
+    keeping their sharding (the stacked axis dropped from it). A tree of NamedShardings of the
+    stacked params (``num_layers`` given) splits into the per-layer params' shardings. A no-op
+    on per-layer params. Holds both layouts while it runs (the stack is freed when the caller
+    drops it).
+    """
+    if is_per_layer(params) or "layers" not in params:
+        return params
+    stack = params["layers"]
+    n = num_layers or jax.tree.leaves(stack)[0].shape[0]
+
+    def split(a):
+        if isinstance(a, jax.sharding.NamedSharding):
+            return (_drop_layer_axis(a),) * n
+        sh = getattr(a, "sharding", None)
+        if isinstance(sh, jax.sharding.NamedSharding):
+            return jax.jit(lambda x: tuple(x[i] for i in range(n)),
+                           out_shardings=(_drop_layer_axis(sh),) * n)(a)
+        a = jnp.asarray(a)
+        return tuple(a[i] for i in range(n))
+
+    pieces = jax.tree.map(split, stack)
+    out = {k: v for k, v in params.items() if k != "layers"}
+    for i in range(n):
+        out[f"layer_{i}"] = jax.tree.map(lambda t: t[i], pieces,
+                                         is_leaf=lambda t: isinstance(t, tuple))
+    return out
+
+
+def _drop_layer_axis(sh):
+    return jax.sharding.NamedSharding(sh.mesh, jax.sharding.PartitionSpec(*tuple(sh.spec)[1:]))
+
+
 def forward(params, config: ModelConfig, tokens, valid=None, *, mode="causal", positions=None,
             cache=None) -> Output:
-    """Functional entry point: hidden states (and cache) for tokens."""
-    return Transformer(config).apply({"params": params}, tokens, valid, mode=mode,
-                                     positions=positions, cache=cache)
+    """Functional entry point: hidden states (and cache) for tokens; stacked or per-layer params."""
+    return Transformer(config, per_layer=is_per_layer(params)).apply(
+        {"params": params}, tokens, valid, mode=mode, positions=positions, cache=cache)
 
 
 def logits_fn(params, config: ModelConfig, hidden):
     """Functional LM head."""
-    return Transformer(config).apply({"params": params}, hidden, method=Transformer.logits)
+    return Transformer(config, per_layer=is_per_layer(params)).apply(
+        {"params": params}, hidden, method=Transformer.logits)

@@ -9,7 +9,7 @@ import pytest
 from grit_jax import sharding
 from grit_jax.config import ModelConfig, tiny_config
 from grit_jax.model import (KVCache, abstract_params, attention_mask, forward, init_params,
-                            logits_fn, rope_inv_freq)
+                            is_per_layer, logits_fn, rope_inv_freq, split_layers)
 from tests import reference_numpy
 
 CFG = tiny_config(vocab_size=96, hidden_size=32, intermediate_size=40, num_layers=2, num_heads=4,
@@ -201,6 +201,50 @@ def test_sharded_forward_matches_single_device(shape):
         want = np.asarray(forward(params, cfg, ids, valid, mode="bidirectional").hidden)
     assert got.dtype == np.float64
     np.testing.assert_allclose(got, want, rtol=FLOAT64_RTOL, atol=FLOAT64_ATOL)
+
+
+@pytest.mark.parametrize("family", ["mistral", "mixtral"])
+def test_per_layer_params_equal_the_scanned_stack(family):
+    """The inference layout (per-layer weights, per-layer cache buffers) computes what the
+    scanned stack computes: hidden states, caches and routing statistics in both modes, up to
+    float64 reordering; its layers are the stack's slices and the fingerprint is the same."""
+    from grit_jax.fingerprint import model_fingerprint
+    from tests.tolerances import FLOAT64_ATOL, FLOAT64_RTOL
+
+    close = lambda a, b: np.testing.assert_allclose(  # noqa: E731
+        np.asarray(a), np.asarray(b), rtol=FLOAT64_RTOL, atol=FLOAT64_ATOL)
+    with jax.enable_x64(True):
+        cfg = CFG.replace(family=family, dtype="float64", param_dtype="float64",
+                          **({"num_experts": 4, "num_experts_per_tok": 2} if family == "mixtral"
+                             else {}))
+        stacked = init_params(cfg, seed=3)
+        split = split_layers(stacked)
+        assert is_per_layer(split) and not is_per_layer(stacked) and "layers" not in split
+        assert split_layers(split) is split
+        for i in range(cfg.num_layers):
+            jax.tree.map(lambda s, p: np.testing.assert_array_equal(s[i], p),
+                         stacked["layers"], split[f"layer_{i}"])
+        assert model_fingerprint(split, cfg) == model_fingerprint(stacked, cfg)
+        ids, valid = batch(b=3, t=10)
+        for mode in ("causal", "bidirectional"):
+            a, b = (forward(p, cfg, ids, valid, mode=mode) for p in (stacked, split))
+            close(a.hidden, b.hidden)
+            assert not np.allclose(np.asarray(a.hidden), np.asarray(
+                forward(split, cfg, ids, valid, mode="bidirectional" if mode == "causal"
+                        else "causal").hidden))
+            if family == "mixtral":
+                jax.tree.map(close, a.router, b.router)
+            cache = KVCache.empty(cfg, 3, 12)
+            a, b = (forward(p, cfg, ids, valid, mode=mode, cache=cache).cache
+                    for p in (stacked, split))
+            assert not b.per_layer and b.k.shape == a.k.shape  # the caller's layout comes back
+            close(a.k, b.k), close(a.v, b.v)
+            c = forward(split, cfg, ids, valid, mode=mode, cache=cache.split()).cache
+            assert c.per_layer and len(c.k) == cfg.num_layers and c.size == 12
+            close(a.k, c.stacked().k), close(a.v, c.stacked().v)
+            np.testing.assert_array_equal(a.lengths, c.lengths)
+        h = np.random.RandomState(1).randn(3, 2, cfg.hidden_size)
+        close(logits_fn(stacked, cfg, h), logits_fn(split, cfg, h))
 
 
 def test_indivisible_mesh_fails_before_compiling():

@@ -243,7 +243,7 @@ def test_sharded_model_equals_single_device(request, family, mesh_shape):
     with jax.enable_x64(True):  # equal up to reduction order: compared in float64
         single = GritLM.from_pretrained(path, dtype="float64")
         sharded = GritLM.from_pretrained(path, mesh_shape=mesh_shape, dtype="float64")
-        leaf = sharded.params["layers"]["mlp" if family == "mistral" else "moe"]["up"]
+        leaf = sharded.params["layer_0"]["mlp" if family == "mistral" else "moe"]["up"]
         assert len(leaf.sharding.device_set) == 8
         assert leaf.addressable_shards[0].data.shape != leaf.shape
         assert jax.device_count() == 8
