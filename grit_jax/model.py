@@ -220,7 +220,12 @@ class Attention(nn.Module):
             k, v = ck.astype(dt), cv.astype(dt)
         out = checkpoint_name(attention.attention(q, k, v, mask, d ** -0.5, c.attention_impl),
                               "context")
-        return checkpoint_name(jnp.einsum("bthd,hde->bte", out, wo.astype(dt)), "out_proj"), new_kv
+        if x.shape[1] == 1:  # a decode step: contract the merged heads so wo is read in place
+            b = x.shape[0]
+            proj = out.reshape(b, 1, h * d) @ wo.astype(dt).reshape(h * d, e)
+        else:
+            proj = jnp.einsum("bthd,hde->bte", out, wo.astype(dt))
+        return checkpoint_name(proj, "out_proj"), new_kv
 
 
 class MLP(nn.Module):
