@@ -34,6 +34,34 @@ def matvec_bandwidth(rows, cols, repeats=20):
             "reference_gb_per_s": round(gb / median_seconds(lambda: tx @ tw, repeats), 1)}
 
 
+def run_ours(model_dir, prompts, new_tokens, batch, repeats):
+    """grit_jax's generated ids and median seconds."""
+    from grit_jax.inference import GritLM
+
+    ours = GritLM.from_pretrained(model_dir)
+    run = lambda: ours.generate_tokens(prompts, max_new_tokens=new_tokens,  # noqa: E731
+                                       stop_at_eos=False, batch_size=batch)
+    return run(), median_seconds(run, repeats)
+
+
+def run_reference(model_dir, prompts, new_tokens, repeats):
+    """transformers' generated ids and median seconds."""
+    import torch
+    from transformers import MistralForCausalLM
+
+    ref = MistralForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = torch.tensor(prompts)
+
+    def run():
+        with torch.no_grad():
+            out = ref.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                               max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                               do_sample=False, pad_token_id=0)
+        return out[:, ids.shape[1]:].tolist()
+
+    return run(), median_seconds(run, repeats)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shape", default="m283", choices=sorted(peers.SHAPES))
@@ -44,48 +72,35 @@ def main(argv=None):
     parser.add_argument("--name", default="generate_speed")
     args = parser.parse_args(argv)
 
-    import torch
-    from transformers import MistralForCausalLM
-
+    from grit_jax.convert.hf import read_hf_config
     from grit_jax.data import formats
-    from grit_jax.inference import GritLM
+    from grit_jax.data.tokenizers import default_tokenizer
 
+    tok = default_tokenizer()
+    texts = peers.wiki_passages(args.batch, args.prompt_words)
+    prompts = [formats.encode_chat(tok, "Summarise: " + t, add_generation_prompt=True).ids.tolist()
+               for t in texts]
+    if len({len(p) for p in prompts}) != 1:
+        raise ValueError("prompts of one batch must have equal lengths here (no padding)")
+    n = args.new_tokens
     with tempfile.TemporaryDirectory() as tmp:
         peers.save_model(tmp, args.shape)
-        ours = GritLM.from_pretrained(tmp)
-        texts = peers.wiki_passages(args.batch, args.prompt_words)
-        prompts = [formats.encode_chat(ours.tokenizer, "Summarise: " + t,
-                                       add_generation_prompt=True).ids.tolist() for t in texts]
-        n = args.new_tokens
-        our_run = lambda: ours.generate_tokens(prompts, max_new_tokens=n,  # noqa: E731
-                                               stop_at_eos=False, batch_size=args.batch)
-        our_tokens = our_run()
-        our_s = median_seconds(our_run, args.repeats)
-        params = ours.config.num_params()
-        ours = None  # free the JAX model before the torch side runs
-
-        ref = MistralForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
-        if len({len(p) for p in prompts}) != 1:
-            raise ValueError("prompts of one batch must have equal lengths here (no padding)")
-        ids = torch.tensor(prompts)
-
-        def ref_run():
-            with torch.no_grad():
-                out = ref.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                   max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                   pad_token_id=0)
-            return out[:, ids.shape[1]:].tolist()
-
-        ref_tokens = ref_run()
-        ref_s = median_seconds(ref_run, args.repeats)
+        # Each side in its own process: its time, and its peak memory alone.
+        (our_tokens, our_s), our_rss = peers.in_fresh_process(
+            run_ours, tmp, prompts, n, args.batch, args.repeats)
+        (ref_tokens, ref_s), ref_rss = peers.in_fresh_process(
+            run_reference, tmp, prompts, n, args.repeats)
+        params = read_hf_config(tmp).num_params()
     new = n * args.batch
     shape = peers.SHAPES[args.shape]
     result = {
         "machine": peers.machine(), "shape": args.shape, "params": params, "batch": args.batch,
         "prompt_tokens": len(prompts[0]), "new_tokens": n,
         "same_tokens": our_tokens == ref_tokens,
-        "grit_jax": {"seconds": round(our_s, 3), "new_tokens_per_s": round(new / our_s, 1)},
-        "reference": {"seconds": round(ref_s, 3), "new_tokens_per_s": round(new / ref_s, 1)},
+        "grit_jax": {"seconds": round(our_s, 3), "new_tokens_per_s": round(new / our_s, 1),
+                     "peak_rss_mib": our_rss},
+        "reference": {"seconds": round(ref_s, 3), "new_tokens_per_s": round(new / ref_s, 1),
+                      "peak_rss_mib": ref_rss},
         "speedup_vs_reference": round(ref_s / our_s, 2),
         "matvec": [matvec_bandwidth(shape["hidden_size"], shape["intermediate_size"]),
                    matvec_bandwidth(shape["hidden_size"], shape["vocab_size"])],

@@ -51,14 +51,54 @@ def save_model(directory, shape, seed=0):
     return cfg
 
 
+def cpu_model():
+    """The CPU's model name and its widest vector ISA, from /proc/cpuinfo (Linux)."""
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and name in ("", platform.machine(), "x86_64"):
+                    name = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
+    except OSError:
+        pass
+    isa = next((label for flag, label in (("amx_tile", "AMX"), ("avx512f", "AVX-512"),
+                                          ("avx2", "AVX2")) if flag in flags), None)
+    return f"{name} ({isa})" if isa else name
+
+
 def machine():
     """One line naming this machine, for the results."""
     import jax
     import torch
 
-    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; jax "
-            f"{jax.__version__} ({jax.default_backend()}), torch {torch.__version__} "
+    return (f"{cpu_model()}, {os.cpu_count()} CPUs; jax {jax.__version__} "
+            f"({jax.default_backend()}), torch {torch.__version__} "
             f"({torch.get_num_threads()} threads)")
+
+
+def in_fresh_process(fn, *args, **kwargs):
+    """fn(*args, **kwargs) run in a new Python process: (its result, the process's peak RSS in
+    MiB). Each side of a benchmark measured this way holds only its own library and model."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_with_peak_rss, (fn, args, kwargs))
+
+
+def peak_rss_mib():
+    """This process's peak resident memory so far, MiB (Linux reports ru_maxrss in KiB)."""
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def _with_peak_rss(fn, args, kwargs):
+    out = fn(*args, **kwargs)
+    return out, peak_rss_mib()
 
 
 def matmul_peak(n=2048, repeats=5):

@@ -4,11 +4,11 @@ The GRIT paper's protocol (section 4): sample A = a 1-token query with a 4000-to
 sample B = a 4000-token query with a 1-token document; 16 new tokens; the document's key/value
 states are computed when indexing and not timed. A timed answer covers the query's embedding
 pass, the search, loading the cached states and generation. Both sides run the same random
-Mistral-architecture model (hidden 256, 4 layers, 8 heads / 2 kv heads, 32k vocabulary, ~19M
+Mistral-architecture model (by default m19: hidden 256, 4 layers, 8 heads / 2 kv heads, 32k vocabulary, ~19M
 parameters, float32) on this CPU, one after the other, medians over repeats after a warm-up.
 
 Prints one JSON object and writes it to benchmarks/results/rag_latency.json.
-Usage: python benchmarks/rag_latency.py [--repeats 5] [--doc-tokens 4000]
+Usage: python benchmarks/rag_latency.py [--repeats 5] [--doc-tokens 4000] [--shape m19]
 """
 
 import argparse
@@ -41,9 +41,11 @@ def ours(model_dir, samples, repeats, workdir):
     from grit_jax.rag import RAG
 
     model = GritLM.from_pretrained(model_dir, attn="bbcc")
-    out, tokens = {}, {}
+    rags = {name: RAG.build(model, [doc], os.path.join(workdir, f"ours_{name}"))
+            for name, (_, doc) in samples.items()}
+    out, tokens = {"index_peak_rss_mib": peers.peak_rss_mib()}, {}
     for name, (query, doc) in samples.items():
-        rag = RAG.build(model, [doc], os.path.join(workdir, f"ours_{name}"))
+        rag = rags[name]
         for mode in MODES:
             cache = None if mode == "rag" else mode
 
@@ -94,10 +96,12 @@ def reference(model_dir, samples, repeats):
                                        max_length=8192)
         return emb, layers(cache)
 
-    out, tokens = {}, {}
+    states = {name: (doc_states(doc, EMBED, True),
+                     doc_states(doc, "\n" + EMBED, False)[1])  # query-doc, as the reference
+              for name, (_, doc) in samples.items()}
+    out, tokens = {"index_peak_rss_mib": peers.peak_rss_mib()}, {}
     for name, (query, doc) in samples.items():
-        doc_emb, doc_kv = doc_states(doc, EMBED, True)
-        _, doc_kv_nobos = doc_states(doc, "\n" + EMBED, False)  # query-doc, as the reference
+        (doc_emb, doc_kv), doc_kv_nobos = states[name]
         for mode in MODES:
             def run(mode=mode):
                 with torch.no_grad():
@@ -140,11 +144,13 @@ def reference(model_dir, samples, repeats):
     return out, tokens
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--doc-tokens", type=int, default=4000)
-    args = parser.parse_args()
+    parser.add_argument("--shape", default="m19", choices=sorted(peers.SHAPES))
+    parser.add_argument("--name", default="rag_latency")
+    args = parser.parse_args(argv)
 
     from grit_jax.data.tokenizers import default_tokenizer
 
@@ -153,9 +159,12 @@ def main():
     samples = {"A": ("France", long), "B": (long, "France")}
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = os.path.join(tmp, "model")
-        peers.save_model(model_dir, "m19")
-        ref_s, ref_tokens = reference(model_dir, samples, args.repeats)
-        our_s, our_tokens = ours(model_dir, samples, args.repeats, tmp)
+        peers.save_model(model_dir, args.shape)
+        # Each side in its own process: its time, and its peak memory alone.
+        (ref_s, ref_tokens), ref_rss = peers.in_fresh_process(
+            reference, model_dir, samples, args.repeats)
+        (our_s, our_tokens), our_rss = peers.in_fresh_process(
+            ours, model_dir, samples, args.repeats, tmp)
 
     table = {}
     for name in samples:
@@ -169,11 +178,14 @@ def main():
                 # Same tokens as the reference? (query-doc differs by design: see prefix_cache.py)
                 "same_tokens": our_tokens[key] == ref_tokens[key],
             }
-    return peers.write_result("rag_latency", {
-        "machine": peers.machine(), "model": peers.SHAPES["m19"],
+    return peers.write_result(args.name, {
+        "machine": peers.machine(), "shape": args.shape, "model": peers.SHAPES[args.shape],
         "samples": {"A": f"1-token query, {len(tok.encode(long))}-token document",
                     "B": f"{len(tok.encode(long))}-token query, 1-token document"},
         "new_tokens": NEW_TOKENS, "repeats": args.repeats, "results": table,
+        "peak_rss_mib": {  # the side's process: after indexing both documents, and in all
+            "grit_jax": {"index": our_s["index_peak_rss_mib"], "all": our_rss},
+            "reference": {"index": ref_s["index_peak_rss_mib"], "all": ref_rss}},
     })
 
 if __name__ == "__main__":

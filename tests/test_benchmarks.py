@@ -31,29 +31,40 @@ def bench(tmp_path, monkeypatch):
     return load
 
 
-def test_train_step_same_losses_as_reference(bench):
-    out = bench("train_step_speed").main(["--shape", "m5", "--lengths", "16,24,32", "--repeats", "1"])
-    assert out == bench.result("train_step_speed")
-    first = {k: abs(out["losses"]["grit_jax"][0][k] - out["losses"]["reference"][0][k])
-             / out["losses"]["reference"][0][k] for k in ("loss", "loss_rep", "loss_gen")}
-    assert max(first.values()) <= 1e-5, first  # same weights and batch: the same step
-    assert out["losses_max_rel_diff"] <= 1e-3  # after one AdamW update on each side
-    for side in ("grit_jax", "reference"):
-        assert out[side]["step_s"] > 0 and 0 < out[side]["mfu_vs_measured_peak"]
-    assert out["matmul_peak_gflops"] > 0
+def test_cpu_speed_runs_every_side_by_side_benchmark_with_the_same_results(bench):
+    """cpu_speed --quick: generate, encode, RAG and two train steps, each side computing the same
+    thing as its reference, and the summary naming the machine and every ratio."""
+    out = bench("cpu_speed").main(["--quick"])
+    assert out == bench.result("cpu_speed_quick")
+    assert "CPUs; jax" in out["machine"] and out["matmul_peak_gflops"]["jax"] > 0
+    assert all(row["same_result"] in (True, None) for row in out["ratios"]), out["ratios"]
+    assert len(out["ratios"]) == 2 + 10 + 2 and all(r["speedup_vs_reference"] > 0
+                                                    for r in out["ratios"])
 
+    gen = bench.result("generate_speed_quick")
+    assert gen["same_tokens"] is True and gen["new_tokens"] == 8
+    assert [m["matrix"] for m in gen["matvec"]] == [[64, 192], [64, 32000]]
+    rss = [gen[s]["peak_rss_mib"] for s in ("grit_jax", "reference")]
+    rag_rss = out["peak_rss_mib"]["rag"]
+    rss += [rag_rss[s][k] for s in ("grit_jax", "reference") for k in ("index", "all")]
+    assert all(r > 50 for r in rss), rss  # each side's own process: a library and a model
+    assert all(rag_rss[s]["index"] <= rag_rss[s]["all"] for s in ("grit_jax", "reference"))
 
-def test_encode_same_embeddings_as_gritlm(bench):
-    out = bench("encode_speed").main(["--shape", "m5", "--texts", "6", "--words", "30",
-                                      "--batch-size", "4", "--repeats", "1"])
-    assert out["embeddings_max_abs_diff"] <= 1e-5
-    assert out["grit_jax"]["texts_per_s"] > 0 and out["reference"]["texts_per_s"] > 0
+    enc = bench.result("encode_speed_quick")
+    assert enc["embeddings_max_abs_diff"] <= 1e-5 and enc["grit_jax"]["texts_per_s"] > 0
 
+    rag = bench.result("rag_latency_quick")
+    assert all(cell["same_tokens"] for key, cell in rag["results"].items()
+               if not key.endswith("query-doc"))
 
-def test_generate_same_tokens_as_transformers(bench):
-    out = bench("generate_speed").main(["--shape", "m5", "--new-tokens", "12", "--repeats", "1"])
-    assert out["same_tokens"] is True and out["new_tokens"] == 12
-    assert [m["matrix"] for m in out["matvec"]] == [[64, 192], [64, 32000]]
+    for name in ("train_step_speed_quick", "train_step_speed_2048_quick"):
+        step = bench.result(name)
+        first = {k: abs(step["losses"]["grit_jax"][0][k] - step["losses"]["reference"][0][k])
+                 / step["losses"]["reference"][0][k] for k in ("loss", "loss_rep", "loss_gen")}
+        assert max(first.values()) <= 1e-5, first  # same weights and batch: the same step
+        assert step["losses_max_rel_diff"] <= 1e-3  # after one AdamW update on each side
+        for side in ("grit_jax", "reference"):
+            assert step[side]["step_s"] > 0 and 0 < step[side]["mfu_vs_measured_peak"]
 
 
 def test_scaling_and_profile_run(bench):
