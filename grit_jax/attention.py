@@ -105,12 +105,15 @@ def attention(q, k, v, mask, scale: float, impl: str = "auto"):
     kernel = resolve(impl, q.shape[1], self_attention=is_self)
     if kernel in SPLASH_IMPLS and q.dtype != jnp.float64:
         return splash_attention(q, k, v, mask, scale, interpret=kernel == "splash_interpret")
+    causal_window = None
     if is_self:
+        if mask.mode == "causal":
+            causal_window = mask.window or q.shape[1]
         mask = mask.dense()
     if q.dtype == jnp.float64:
         return float64_attention(q, k, v, mask, scale)
     if kernel == "blocked":
-        return blocked_attention(q, k, v, mask, scale)
+        return blocked_attention(q, k, v, mask, scale, causal_window=causal_window)
     return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)
 
 
@@ -201,13 +204,32 @@ def float64_attention(q, k, v, mask, scale):
     return jnp.einsum("bgrts,bsgd->btgrd", probs, v).reshape(b, t, h, d)
 
 
-def blocked_attention(q, k, v, mask, scale, block: int = BLOCK):
+def blocked_attention(q, k, v, mask, scale, block: int = BLOCK,
+                      causal_window: int | None = None):
     """Attention one (sequence, kv head, query block) at a time; float32 softmax as XLA's call.
 
     Each block keeps only its output and softmax normaliser for the backward pass, which
     recomputes the block's probabilities (flash-attention style, _block_attention). Fully masked
-    query rows (padding) give finite outputs.
+    query rows (padding) give finite outputs. ``causal_window``: self-attention whose mask lets
+    query i see only keys in (i - causal_window, i] (causal: the length); each query block then
+    reads only the keys it can see, which halves causal attention's work on long sequences.
     """
+    t, s = q.shape[1], k.shape[1]
+    if causal_window is None or t <= block:
+        return _blocked(q, k, v, mask, scale, block)
+    if s != t:
+        raise ValueError(f"causal_window needs self-attention (queries {t}, keys {s})")
+    outs = []
+    for lo_q in range(0, t, block):  # static key range per query block
+        hi_q = min(lo_q + block, t)
+        lo = max(0, lo_q - causal_window + 1)
+        outs.append(_blocked(q[:, lo_q:hi_q], k[:, lo:hi_q], v[:, lo:hi_q],
+                             mask[:, :, lo_q:hi_q, lo:hi_q], scale, block))
+    return jnp.concatenate(outs, axis=1)
+
+
+def _blocked(q, k, v, mask, scale, block):
+    """blocked_attention over the whole (T, S) mask: every query block reads every key."""
     b, t, h, d = q.shape
     s, g = k.shape[1], k.shape[2]
     r = h // g

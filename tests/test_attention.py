@@ -46,6 +46,15 @@ def test_blocked_equals_xla_and_reference(mode, window, t, block):
     assert np.isfinite(np.asarray(blocked)).all()
     np.testing.assert_allclose(np.where(rows, blocked, 0), np.where(rows, want, 0), atol=2e-6)
     np.testing.assert_allclose(np.where(rows, blocked, 0), np.where(rows, xla, 0), atol=2e-6)
+    if mode == "causal":  # each query block reads only the keys it can see: the same values
+        skipping = attn.blocked_attention(q, k, v, mask, d ** -0.5, block,
+                                          causal_window=window or t)
+        np.testing.assert_allclose(np.where(rows, skipping, 0), np.where(rows, want, 0),
+                                   atol=2e-6)
+        via_call = attn.attention(q, k, v, attn.SelfMask(jnp.asarray(valid), mode, window),
+                                  d ** -0.5, "blocked")
+        np.testing.assert_allclose(np.where(rows, via_call, 0), np.where(rows, want, 0),
+                                   atol=2e-6)
 
 
 def test_blocked_causal_and_bidirectional_differ():
@@ -58,17 +67,20 @@ def test_blocked_causal_and_bidirectional_differ():
     np.testing.assert_allclose(out["causal"][:, -1], out["bidirectional"][:, -1], atol=1e-6)
 
 
-def test_blocked_gradients_equal_xla():
+@pytest.mark.parametrize("causal_window", [None, 37, 6])
+def test_blocked_gradients_equal_xla(causal_window):
     b, t, h, g, d = 2, 37, 4, 2, 8
     q, k, v = inputs(b, t, h, g, d, seed=1)
     pos = jnp.broadcast_to(jnp.arange(t), (b, t))
-    mask = attention_mask(pos, pos, jnp.ones((b, t), bool), "causal")
+    window = causal_window if causal_window != t else None
+    mask = attention_mask(pos, pos, jnp.ones((b, t), bool), "causal", window)
     w = jnp.asarray(np.random.RandomState(2).randn(b, t, h, d).astype(np.float32))
 
     def loss(fn):
         return jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v) * w), argnums=(0, 1, 2))(q, k, v)
 
-    got = loss(lambda q, k, v: attn.blocked_attention(q, k, v, mask, 0.35, 8))
+    got = loss(lambda q, k, v: attn.blocked_attention(q, k, v, mask, 0.35, 8,
+                                                      causal_window=causal_window))
     want = loss(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask, scale=0.35))
     for a, e in zip(got, want):
         np.testing.assert_allclose(a, e, atol=2e-5 * float(jnp.abs(e).max()))
