@@ -90,10 +90,19 @@ def in_fresh_process(fn, *args, **kwargs):
 
 
 def peak_rss_mib():
-    """This process's peak resident memory so far, MiB (Linux reports ru_maxrss in KiB)."""
-    import resource
+    """This process's peak resident memory so far, MiB: VmHWM of /proc/self/status (Linux),
+    which starts afresh in a new process (ru_maxrss would carry the parent's over fork+exec)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    import resource  # elsewhere: ru_maxrss (KiB on Linux, bytes on macOS)
 
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(maxrss / (2 ** 20 if platform.system() == "Darwin" else 1024), 1)
 
 
 def _with_peak_rss(fn, args, kwargs):

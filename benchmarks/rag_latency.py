@@ -175,7 +175,8 @@ def main(argv=None):
                 "speedup_vs_reference": round(ref_s[key] / our_s[key], 2),
                 "grit_jax_cut_vs_rag_pct": round(100 * (1 - our_s[key] / our_s[f"{name}/rag"]), 1),
                 "reference_cut_vs_rag_pct": round(100 * (1 - ref_s[key] / ref_s[f"{name}/rag"]), 1),
-                # Same tokens as the reference? (query-doc differs by design: see prefix_cache.py)
+                # Same tokens as the reference? (query-doc and doc-query join two caches with
+                # re-rotated positions, where the reference keeps each part's: they differ by design)
                 "same_tokens": our_tokens[key] == ref_tokens[key],
             }
     return peers.write_result(args.name, {

@@ -63,6 +63,19 @@ class SelfMask:
         return allowed[:, None]
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class CausalMask:
+    """A dense causal (B, 1, T, S) mask and what it is known to hide, for kernels that can skip
+    keys (blocked): query i sees no key slot at or past ``i + reach`` (self-attention: 1; after
+    a KV cache of S slots: S - T + 1), nor, with a sliding ``window``, at or before ``i - window``.
+    """
+
+    allowed: jax.Array
+    reach: int = dataclasses.field(metadata=dict(static=True))
+    window: int | None = dataclasses.field(default=None, metadata=dict(static=True))
+
+
 def resolve(impl: str, queries: int, platform: str | None = None, *,
             self_attention: bool = True) -> str:
     """The kernel ``impl`` means for ``queries`` query rows on ``platform`` (default: the
@@ -105,15 +118,17 @@ def attention(q, k, v, mask, scale: float, impl: str = "auto"):
     kernel = resolve(impl, q.shape[1], self_attention=is_self)
     if kernel in SPLASH_IMPLS and q.dtype != jnp.float64:
         return splash_attention(q, k, v, mask, scale, interpret=kernel == "splash_interpret")
-    causal_window = None
-    if is_self:
+    reach = window = None
+    if isinstance(mask, CausalMask):
+        reach, window, mask = mask.reach, mask.window, mask.allowed
+    elif is_self:
         if mask.mode == "causal":
-            causal_window = mask.window or q.shape[1]
+            reach, window = 1, mask.window
         mask = mask.dense()
     if q.dtype == jnp.float64:
         return float64_attention(q, k, v, mask, scale)
     if kernel == "blocked":
-        return blocked_attention(q, k, v, mask, scale, causal_window=causal_window)
+        return blocked_attention(q, k, v, mask, scale, reach=reach, window=window)
     return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)
 
 
@@ -204,27 +219,26 @@ def float64_attention(q, k, v, mask, scale):
     return jnp.einsum("bgrts,bsgd->btgrd", probs, v).reshape(b, t, h, d)
 
 
-def blocked_attention(q, k, v, mask, scale, block: int = BLOCK,
-                      causal_window: int | None = None):
+def blocked_attention(q, k, v, mask, scale, block: int = BLOCK, *, reach: int | None = None,
+                      window: int | None = None):
     """Attention one (sequence, kv head, query block) at a time; float32 softmax as XLA's call.
 
     Each block keeps only its output and softmax normaliser for the backward pass, which
     recomputes the block's probabilities (flash-attention style, _block_attention). Fully masked
-    query rows (padding) give finite outputs. ``causal_window``: self-attention whose mask lets
-    query i see only keys in (i - causal_window, i] (causal: the length); each query block then
-    reads only the keys it can see, which halves causal attention's work on long sequences.
+    query rows (padding) give finite outputs. ``reach``/``window`` (a causal mask, CausalMask):
+    query i sees no key at or past ``i + reach`` nor at or before ``i - window``; each query
+    block then reads only the keys in between, about half the work of causal self-attention.
     """
     t, s = q.shape[1], k.shape[1]
-    if causal_window is None or t <= block:
+    if reach is None or t <= block or (window is None and block - 1 + reach >= s):
         return _blocked(q, k, v, mask, scale, block)
-    if s != t:
-        raise ValueError(f"causal_window needs self-attention (queries {t}, keys {s})")
     outs = []
-    for lo_q in range(0, t, block):  # static key range per query block
+    for lo_q in range(0, t, block):  # a static key range per query block
         hi_q = min(lo_q + block, t)
-        lo = max(0, lo_q - causal_window + 1)
-        outs.append(_blocked(q[:, lo_q:hi_q], k[:, lo:hi_q], v[:, lo:hi_q],
-                             mask[:, :, lo_q:hi_q, lo:hi_q], scale, block))
+        lo = 0 if window is None else min(max(0, lo_q - window + 1), s - 1)
+        hi = max(min(s, hi_q - 1 + reach), lo + 1)
+        outs.append(_blocked(q[:, lo_q:hi_q], k[:, lo:hi], v[:, lo:hi],
+                             mask[:, :, lo_q:hi_q, lo:hi], scale, block))
     return jnp.concatenate(outs, axis=1)
 
 

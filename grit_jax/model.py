@@ -366,6 +366,7 @@ class Transformer(nn.Module):
             new_lengths = offsets + valid.sum(-1).astype(jnp.int32)
             k_valid, k_pos = slots < new_lengths[:, None], jnp.broadcast_to(slots, (b, cache.size))
         self_attention = cache is None and positions is None
+        default_positions = positions is None
         if positions is None:
             positions = offsets[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
         if k_pos is None:
@@ -378,6 +379,9 @@ class Transformer(nn.Module):
             mask = attention.SelfMask(valid, mode, c.sliding_window if mode == "causal" else None)
         else:
             mask = attention_mask(positions, k_pos, k_valid, mode, c.sliding_window)
+            if mode == "causal" and default_positions:  # slot = position: kernels may skip keys
+                reach = 1 if cache is None else cache.size - t + 1
+                mask = attention.CausalMask(mask, reach, c.sliding_window)
         cos, sin = rope_tables(positions, c)
 
         x = embed_lookup(self.embed.embedding.astype(c.jnp_dtype), tokens)

@@ -47,8 +47,8 @@ def test_blocked_equals_xla_and_reference(mode, window, t, block):
     np.testing.assert_allclose(np.where(rows, blocked, 0), np.where(rows, want, 0), atol=2e-6)
     np.testing.assert_allclose(np.where(rows, blocked, 0), np.where(rows, xla, 0), atol=2e-6)
     if mode == "causal":  # each query block reads only the keys it can see: the same values
-        skipping = attn.blocked_attention(q, k, v, mask, d ** -0.5, block,
-                                          causal_window=window or t)
+        skipping = attn.blocked_attention(q, k, v, mask, d ** -0.5, block, reach=1,
+                                          window=window)
         np.testing.assert_allclose(np.where(rows, skipping, 0), np.where(rows, want, 0),
                                    atol=2e-6)
         via_call = attn.attention(q, k, v, attn.SelfMask(jnp.asarray(valid), mode, window),
@@ -67,20 +67,21 @@ def test_blocked_causal_and_bidirectional_differ():
     np.testing.assert_allclose(out["causal"][:, -1], out["bidirectional"][:, -1], atol=1e-6)
 
 
-@pytest.mark.parametrize("causal_window", [None, 37, 6])
-def test_blocked_gradients_equal_xla(causal_window):
+@pytest.mark.parametrize("reach,window", [(None, None), (1, None), (1, 6), (5, None)])
+def test_blocked_gradients_equal_xla(reach, window):
     b, t, h, g, d = 2, 37, 4, 2, 8
     q, k, v = inputs(b, t, h, g, d, seed=1)
     pos = jnp.broadcast_to(jnp.arange(t), (b, t))
-    window = causal_window if causal_window != t else None
     mask = attention_mask(pos, pos, jnp.ones((b, t), bool), "causal", window)
+    if reach is not None and reach > 1:  # queries after reach - 1 cached slots (as a KV cache)
+        mask = attention_mask(pos + reach - 1, pos, jnp.ones((b, t), bool), "causal", window)
     w = jnp.asarray(np.random.RandomState(2).randn(b, t, h, d).astype(np.float32))
 
     def loss(fn):
         return jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v) * w), argnums=(0, 1, 2))(q, k, v)
 
-    got = loss(lambda q, k, v: attn.blocked_attention(q, k, v, mask, 0.35, 8,
-                                                      causal_window=causal_window))
+    got = loss(lambda q, k, v: attn.blocked_attention(q, k, v, mask, 0.35, 8, reach=reach,
+                                                      window=window))
     want = loss(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask, scale=0.35))
     for a, e in zip(got, want):
         np.testing.assert_allclose(a, e, atol=2e-5 * float(jnp.abs(e).max()))
@@ -215,3 +216,38 @@ def test_bad_impl_is_refused():
 
     with pytest.raises(ValueError, match="attention_impl='flash'"):
         ModelConfig(attention_impl="flash")
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_model_causal_passes_skip_hidden_keys_with_the_same_values(cached, monkeypatch):
+    """A 300-token causal pass (two query blocks) through the model: the blocked kernel, which
+    reads only the keys each block can see (CausalMask), gives XLA's call's hidden states, for
+    self-attention and for a prefill into a KV cache with free slots after the prompt."""
+    from grit_jax.config import tiny_config
+    from grit_jax.model import KVCache, forward, init_params
+
+    base = tiny_config(vocab_size=96, hidden_size=32, intermediate_size=40, num_layers=2,
+                       num_heads=4, num_kv_heads=2, max_position_embeddings=512)
+    params = init_params(base, seed=4)
+    rng = np.random.RandomState(5)
+    ids = jnp.asarray(rng.randint(3, 96, (2, 300)), jnp.int32)
+    valid = np.ones((2, 300), bool)
+    valid[1, 280:] = False
+    seen = []  # what each attention call is told about the keys it may skip
+    real = attn.attention
+    monkeypatch.setattr(attn, "attention", lambda q, k, v, mask, *a: (
+        seen.append((type(mask).__name__, getattr(mask, "reach", None))),
+        real(q, k, v, mask, *a))[1])
+    out = {}
+    for impl in ("blocked", "xla"):
+        cfg = base.replace(attention_impl=impl)
+        cache = KVCache.empty(cfg, 2, 340) if cached else None
+        out[impl] = np.asarray(forward(params, cfg, ids, jnp.asarray(valid), mode="causal",
+                                       cache=cache).hidden)
+    assert set(seen) == {("CausalMask", 340 - 300 + 1 if cached else 1)}, seen
+    forward(params, base, ids, jnp.asarray(valid), mode="bidirectional")
+    assert seen[-1][0] != "CausalMask"  # bidirectional: nothing to skip
+    rows = valid[:, :, None]
+    scale = float(np.abs(out["xla"]).max())
+    np.testing.assert_allclose(np.where(rows, out["blocked"], 0), np.where(rows, out["xla"], 0),
+                               atol=1e-5 * scale)

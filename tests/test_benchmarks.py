@@ -55,7 +55,7 @@ def test_cpu_speed_runs_every_side_by_side_benchmark_with_the_same_results(bench
 
     rag = bench.result("rag_latency_quick")
     assert all(cell["same_tokens"] for key, cell in rag["results"].items()
-               if not key.endswith("query-doc"))
+               if "-" not in key.split("/")[1])  # joined caches differ by design
 
     for name in ("train_step_speed_quick", "train_step_speed_2048_quick"):
         step = bench.result(name)
