@@ -14,7 +14,8 @@ Which kernel runs (``attention_impl``, resolved per call by ``resolve``):
   steps, cached prefixes) and where splash cannot run.
 - ``blocked``: the CPU default (XLA:CPU's call materialises the scores and runs the softmax at
   memory speed); one (sequence, key/value head, query block) at a time with a flash-style
-  backward (benchmarks/attention_cpu.py).
+  backward (benchmarks/attention_cpu.py). Causal calls (a ``CausalMask``) read, per query block,
+  only the keys the mask lets it see.
 - float64 inputs always take an explicit float64 softmax (parity checks).
 """
 
