@@ -46,7 +46,7 @@ def main(argv=None):
                 "xla": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask, scale=d ** -0.5),
                 # causal: as the model calls it, each query block reads only visible keys
                 "blocked": lambda q, k, v: blocked_attention(
-                    q, k, v, mask, d ** -0.5, causal_window=t if mode == "causal" else None),
+                    q, k, v, mask, d ** -0.5, reach=1 if mode == "causal" else None),
             }
             qt, kt, vt = (torch.from_numpy(x).transpose(1, 2).requires_grad_() for x in (q, k, v))
             tmask, tw = torch.from_numpy(np.asarray(mask)), torch.from_numpy(w).transpose(1, 2)
