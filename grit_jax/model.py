@@ -1,9 +1,9 @@
 """The Mistral/Llama/Mixtral decoder in Flax: RMSNorm, RoPE, grouped-query attention, SwiGLU
 (or routed SwiGLU experts), scanned layers.
 
-The attention mask mode (``"causal"`` or ``"bidirectional"``) is an argument of every call, not a
-property of the model: GRIT runs the same weights bidirectionally to embed and causally to
-generate. Parameters carry logical axis names (see ``grit_jax.sharding``).
+The attention mask mode (``"causal"``, ``"bidirectional"`` or ``"prefix"``) is an argument of
+every call, not a property of the model: GRIT runs the same weights bidirectionally to embed and
+causally to generate (PrefixLM: bidirectionally within each prompt span, causally elsewhere). Parameters carry logical axis names (see ``grit_jax.sharding``).
 
 Parameter layout (leading ``layers`` axis on everything under ``layers``)::
 
@@ -33,7 +33,7 @@ from jax.ad_checkpoint import checkpoint_name
 from grit_jax import attention, moe
 from grit_jax.config import ModelConfig
 
-MODES = ("causal", "bidirectional")
+MODES = ("causal", "bidirectional", "prefix")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -88,25 +88,42 @@ def shift_rope(k, delta, config: ModelConfig):
     return (x * cos + rotated * sin).astype(k.dtype)
 
 
+def prompt_spans(prompt: jnp.ndarray) -> jnp.ndarray:
+    """(B, T) int32: the index of each contiguous run of prompt tokens (True in ``prompt``) within
+    its row, -1 on other tokens: the blocks PrefixLM attends to bidirectionally."""
+    prompt = prompt.astype(bool)
+    starts = prompt & ~jnp.pad(prompt[:, :-1], ((0, 0), (1, 0)))
+    return jnp.where(prompt, jnp.cumsum(starts, axis=1, dtype=jnp.int32) - 1, -1)
+
+
 def attention_mask(q_pos: jnp.ndarray, k_pos: jnp.ndarray, k_valid: jnp.ndarray, mode: str,
-                   sliding_window: int | None = None) -> jnp.ndarray:
+                   sliding_window: int | None = None, spans: jnp.ndarray | None = None
+                   ) -> jnp.ndarray:
     """Boolean (B, 1, Tq, Tk) mask: which key each query may attend to.
 
     ``bidirectional``: every valid (non-padding) key. ``causal``: valid keys at positions <= the
     query's, and, with a sliding window W, only the last W of them (``q - k < W``, as Hugging
     Face Mistral). The window is deliberately ignored in bidirectional mode: embeddings attend
     to the whole input, as the original GritLM does (recent transformers apply the window there
-    too, which silently truncates long documents).
+    too, which silently truncates long documents). ``prefix`` (self-attention only): causal, and
+    besides every key of the query's own prompt span (``spans``, see prompt_spans), so a prompt
+    is read bidirectionally while no position sees a later reply token.
     """
     if mode not in MODES:
         raise ValueError(f"attention mode must be one of {MODES}, got {mode!r}")
     allowed = jnp.broadcast_to(k_valid[:, None, :],
                                (k_valid.shape[0], q_pos.shape[1], k_valid.shape[1]))
-    if mode == "causal":
+    if mode != "bidirectional":
         diff = q_pos[:, :, None] - k_pos[:, None, :]
-        allowed = allowed & (diff >= 0)
+        seen = diff >= 0
         if sliding_window is not None:
-            allowed = allowed & (diff < sliding_window)
+            seen = seen & (diff < sliding_window)
+        if mode == "prefix":
+            if spans is None or spans.shape[1] != q_pos.shape[1] or spans.shape[1] != k_pos.shape[1]:
+                raise ValueError("mode='prefix' needs the prompt spans of a self-attention call "
+                                 "(queries and keys the same tokens)")
+            seen = seen | ((spans[:, :, None] == spans[:, None, :]) & (spans[:, :, None] >= 0))
+        allowed = allowed & seen
     return allowed[:, None, :, :]
 
 
@@ -348,14 +365,18 @@ class Transformer(nn.Module):
                                         ("embed", "vocab")))
 
     def __call__(self, tokens, valid=None, *, mode: str = "causal", positions=None,
-                 cache: KVCache | None = None) -> Output:
+                 cache: KVCache | None = None, prompt=None) -> Output:
         """Hidden states of tokens (B, T) under the given attention mode.
 
         valid: (B, T) bool, False on (right) padding. positions: (B, T) RoPE positions; default
-        ``arange(T)``, continuing after ``cache.lengths`` when a cache is given.
+        ``arange(T)``, continuing after ``cache.lengths`` when a cache is given. prompt: (B, T)
+        bool, the tokens ``mode="prefix"`` reads bidirectionally (within each contiguous run).
         """
         c = self.config
         b, t = tokens.shape
+        if (mode == "prefix") != (prompt is not None) or (mode == "prefix" and cache is not None):
+            raise ValueError("mode='prefix' takes a prompt mask (B, T) and no cache; other modes "
+                             "take no prompt mask")
         valid = jnp.ones((b, t), bool) if valid is None else valid.astype(bool)
         if cache is None:
             offsets = jnp.zeros((b,), jnp.int32)
@@ -372,13 +393,14 @@ class Transformer(nn.Module):
         if k_pos is None:
             k_pos = positions
         if attention.resolve(c.attention_impl, t, self_attention=self_attention) in \
-                attention.SPLASH_IMPLS and c.dtype != "float64":
+                attention.SPLASH_IMPLS and c.dtype != "float64" and mode != "prefix":
             if mode not in MODES:
                 raise ValueError(f"attention mode must be one of {MODES}, got {mode!r}")
             # The kernel builds its masks from these parts (grit_jax.attention.SelfMask).
             mask = attention.SelfMask(valid, mode, c.sliding_window if mode == "causal" else None)
         else:
-            mask = attention_mask(positions, k_pos, k_valid, mode, c.sliding_window)
+            spans = None if prompt is None else prompt_spans(prompt & valid)
+            mask = attention_mask(positions, k_pos, k_valid, mode, c.sliding_window, spans)
             if mode == "causal" and default_positions:  # slot = position: kernels may skip keys
                 reach = 1 if cache is None else cache.size - t + 1
                 mask = attention.CausalMask(mask, reach, c.sliding_window)
@@ -514,10 +536,11 @@ def _drop_layer_axis(sh):
 
 
 def forward(params, config: ModelConfig, tokens, valid=None, *, mode="causal", positions=None,
-            cache=None) -> Output:
+            cache=None, prompt=None) -> Output:
     """Functional entry point: hidden states (and cache) for tokens; stacked or per-layer params."""
     return Transformer(config, per_layer=is_per_layer(params)).apply(
-        {"params": params}, tokens, valid, mode=mode, positions=positions, cache=cache)
+        {"params": params}, tokens, valid, mode=mode, positions=positions, cache=cache,
+        prompt=prompt)
 
 
 def logits_fn(params, config: ModelConfig, hidden):

@@ -2,7 +2,9 @@
 
 Batches are the dicts of ``grit_jax.data.pipeline`` (``query_*``, ``passage_*``, ``gen_*``).
 Embedding passes use the bidirectional (``bb``) or causal (``cc``) mode of the attn string;
-the generative pass is always causal.
+the generative pass is causal, or PrefixLM (``gen_attention="prefix"``: bidirectional within
+each prompt span). Either side may be accumulated over micro-batches with the full batch's
+result (the embedding side through GradCache, which keeps every passage a candidate).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from grit_jax.pooling import POOLING_METHODS, l2_normalize, pool
 from grit_jax.sharding import batch_shards, data_groups, within_data_group
 
 MODES = ("unified", "embedding", "generative")
+GEN_ATTENTIONS = ("causal", "prefix")  # prefix: bidirectional over the prompt tokens
+EMB_GRADS = ("both", "query", "passage")  # which side the contrastive loss back-propagates
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +44,10 @@ class LossConfig:
     grad_cache_chunk: int = 0  # >0: GradCache, chunks of this many sequences (global: a multiple of data x fsdp x expert)
     split_emb: bool = False  # back-propagate queries and passages in two passes
     logits_chunk: int = 1024  # tokens per chunk of the LM head (bounds logits memory)
+    gen_attention: str = "causal"  # "prefix": PrefixLM, the prompt read bidirectionally
+    emb_grad: str = "both"  # "query" / "passage": the other side's reps are constants
+    gen_micro_batches: int = 1  # generative rows accumulated in this many passes (same result)
+    emb_micro_batches: int = 1  # embedding rows in this many GradCache chunks (same result)
 
     def __post_init__(self):
         problems = []
@@ -54,6 +62,15 @@ class LossConfig:
             problems.append(f"temperature={self.temperature} must be > 0")
         if self.grad_cache_chunk < 0 or self.gen_sub_batch < 1 or self.logits_chunk < 1:
             problems.append("grad_cache_chunk must be >= 0, gen_sub_batch and logits_chunk >= 1")
+        if self.gen_attention not in GEN_ATTENTIONS:
+            problems.append(f"gen_attention={self.gen_attention!r} (expected one of {GEN_ATTENTIONS})")
+        if self.emb_grad not in EMB_GRADS:
+            problems.append(f"emb_grad={self.emb_grad!r} (expected one of {EMB_GRADS})")
+        if self.gen_micro_batches < 1 or self.emb_micro_batches < 1:
+            problems.append("gen_micro_batches and emb_micro_batches must be >= 1")
+        elif self.emb_micro_batches > 1 and (self.grad_cache_chunk or self.split_emb):
+            problems.append(f"emb_micro_batches={self.emb_micro_batches} chunks the embedding "
+                            f"side itself; set it or grad_cache_chunk / split_emb, not both")
         if problems:
             raise ValueError("Invalid loss config: " + "; ".join(problems))
 
@@ -134,14 +151,19 @@ def gen_weights(batch, lc: LossConfig):
 
 
 def gen_loss(params, config: ModelConfig, lc: LossConfig, batch):
-    """(The generative loss of batch['gen_*'] (causal attention), metrics).
+    """(The generative loss of batch['gen_*'] (causal or PrefixLM attention), metrics).
 
     For a mixture of experts the router's load-balancing loss over the generative tokens is
     added with ``config.router_aux_loss_coef``, as transformers' MixtralForCausalLM adds it to
     its LM loss; the metrics then hold it (``loss_aux``) and each expert's share of the
     assignments (``expert_frac_<i>``).
     """
-    out = forward(params, config, batch["gen_ids"], batch["gen_valid"], mode="causal")
+    if lc.gen_attention == "prefix":  # the prompt: valid tokens outside the loss
+        prompt = batch["gen_valid"].astype(bool) & ~batch["gen_loss"].astype(bool)
+        out = forward(params, config, batch["gen_ids"], batch["gen_valid"], mode="prefix",
+                      prompt=prompt)
+    else:
+        out = forward(params, config, batch["gen_ids"], batch["gen_valid"], mode="causal")
     ce = token_ce(params, config, out.hidden, batch["gen_ids"], lc.logits_chunk)
     weights = batch["gen_weights"] if "gen_weights" in batch else gen_weights(batch, lc)
     lm = jnp.sum(ce * weights.astype(ce.dtype))
@@ -187,20 +209,48 @@ def _p(batch):
     return batch["passage_ids"], batch["passage_valid"], batch["passage_pool"]
 
 
+def one_sided(q, p, lc: LossConfig):
+    """The reps with the side ``emb_grad`` leaves out held constant (no gradient through it)."""
+    if lc.emb_grad == "query":
+        return q, jax.lax.stop_gradient(p)
+    if lc.emb_grad == "passage":
+        return jax.lax.stop_gradient(q), p
+    return q, p
+
+
+def accumulate(fn, rows: dict, micro_batches: int):
+    """The sum of fn over ``micro_batches`` shard-aligned slices of rows, one at a time (a scan:
+    one micro-batch's activations live at once); fn(rows) itself for one micro-batch."""
+    if micro_batches == 1:
+        return fn(rows)
+    n = next(iter(rows.values())).shape[0]
+    keys = sorted(rows)
+    xs = dict(zip(keys, _chunks([rows[k] for k in keys], n // micro_batches)))
+    first = jax.tree.map(lambda a: a[0], xs)
+    zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(fn, first))
+
+    def body(acc, micro):
+        return jax.tree.map(jnp.add, acc, fn(micro)), None
+
+    return jax.lax.scan(body, zeros, xs)[0]
+
+
 def rep_loss(params, config, lc, batch):
     """The contrastive loss of the batch (all passages of the global batch are candidates)."""
-    return contrastive_loss(reps(params, config, lc, *_q(batch)),
-                            reps(params, config, lc, *_p(batch)), lc.temperature)
+    q, p = one_sided(reps(params, config, lc, *_q(batch)), reps(params, config, lc, *_p(batch)), lc)
+    return contrastive_loss(q, p, lc.temperature)
 
 
 def _chunks(arrays, size):
     """(N, ...) arrays -> (N/size, size, ...) for lax.map / scan, shard-aligned (shard_chunks)."""
     n, shards = arrays[0].shape[0], batch_shards()
-    if n % size:
-        raise ValueError(f"grad_cache_chunk={size} must divide the batch ({n} sequences)")
+    if not size or n % size:
+        raise ValueError(f"a chunk of {size} sequences (grad_cache_chunk, or the rows over "
+                         f"*_micro_batches) must divide the batch ({n} sequences)")
     if size % shards:
-        raise ValueError(f"grad_cache_chunk={size} must be a multiple of the batch shards "
-                         f"({shards} = mesh data x fsdp x expert): each chunk is split over them")
+        raise ValueError(f"a chunk of {size} sequences (grad_cache_chunk, or the rows over "
+                         f"*_micro_batches) must be a multiple of the batch shards ({shards} = "
+                         f"mesh data x fsdp x expert): each chunk is split over them")
     return tuple(shard_chunks(a, n // size, shards) for a in arrays)
 
 
@@ -208,16 +258,21 @@ def rep_loss_and_grad_cached(params, config, lc, batch):
     """GradCache: (L_rep, dL_rep/dparams) with memory bounded by one chunk of sequences.
 
     1. reps of every chunk without gradients; 2. L_rep and its gradient w.r.t. the reps;
-    3. per chunk, the gradient of sum(reps(chunk) * rep_grad(chunk)), accumulated.
+    3. per chunk, the gradient of sum(reps(chunk) * rep_grad(chunk)), accumulated. Chunks hold
+    ``grad_cache_chunk`` sequences, or each side's rows / ``emb_micro_batches``.
     """
-    size = lc.grad_cache_chunk
     f = partial(reps, params, config, lc)
     grouped = not config.is_moe  # the experts' shard_map splits the batch itself
     groups = data_groups() if grouped else 1
 
+    def size(arrays):
+        return lc.grad_cache_chunk or arrays[0].shape[0] // lc.emb_micro_batches
+
     def all_reps(arrays):
+        per = size(arrays) // groups
+
         def chunked(rows):
-            out = jax.lax.map(lambda a: jax.lax.stop_gradient(f(*a)), _chunks(rows, size // groups))
+            out = jax.lax.map(lambda a: jax.lax.stop_gradient(f(*a)), _chunks(rows, per))
             return unshard_chunks(out, batch_shards())
         return per_group(chunked, tuple(arrays), rowwise=True) if grouped else chunked(arrays)
 
@@ -225,33 +280,38 @@ def rep_loss_and_grad_cached(params, config, lc, batch):
     loss, (gq, gp) = jax.value_and_grad(contrastive_loss, argnums=(0, 1))(q, p, lc.temperature)
 
     def backward(arrays, rep_grad):
+        per = size(arrays) // groups
+
         def chunk_grads(rows):
             def body(acc, xs):
                 *a, g = xs
                 grads = jax.grad(lambda prm: jnp.sum(reps(prm, config, lc, *a) * g))(params)
                 return jax.tree.map(jnp.add, acc, grads), None
 
-            xs = _chunks(rows, size // groups)
-            acc, _ = jax.lax.scan(body, jax.tree.map(jnp.zeros_like, params), xs)
+            acc, _ = jax.lax.scan(body, jax.tree.map(jnp.zeros_like, params), _chunks(rows, per))
             return acc
 
         rows = tuple(arrays) + (rep_grad,)
         return per_group(chunk_grads, rows) if grouped else chunk_grads(rows)
 
-    grads = jax.tree.map(jnp.add, backward(_q(batch), gq), backward(_p(batch), gp))
-    return loss, grads
+    sides = {"both": ((_q, gq), (_p, gp)), "query": ((_q, gq),), "passage": ((_p, gp),)}
+    grads = [backward(side(batch), g) for side, g in sides[lc.emb_grad]]
+    return loss, jax.tree.map(lambda *g: sum(g), *grads)
 
 
 def rep_loss_and_grad_split(params, config, lc, batch):
     """split_emb: the query side and the passage side back-propagated in two passes."""
     q_fixed = jax.lax.stop_gradient(reps(params, config, lc, *_q(batch)))
     p_fixed = jax.lax.stop_gradient(reps(params, config, lc, *_p(batch)))
-    loss, gq = jax.value_and_grad(
-        lambda prm: contrastive_loss(reps(prm, config, lc, *_q(batch)), p_fixed, lc.temperature))(
-        params)
-    gp = jax.grad(
-        lambda prm: contrastive_loss(q_fixed, reps(prm, config, lc, *_p(batch)), lc.temperature))(
-        params)
+    loss = contrastive_loss(q_fixed, p_fixed, lc.temperature)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    gq = gp = zeros
+    if lc.emb_grad != "passage":
+        gq = jax.grad(lambda prm: contrastive_loss(reps(prm, config, lc, *_q(batch)), p_fixed,
+                                                   lc.temperature))(params)
+    if lc.emb_grad != "query":
+        gp = jax.grad(lambda prm: contrastive_loss(q_fixed, reps(prm, config, lc, *_p(batch)),
+                                                   lc.temperature))(params)
     return loss, jax.tree.map(jnp.add, gq, gp)
 
 
@@ -267,11 +327,16 @@ def loss_and_grads(params, config: ModelConfig, lc: LossConfig, batch):
         rows["gen_weights"] = gen_weights(batch, lc)
         grad_fn = jax.value_and_grad(partial(gen_loss, lc=lc, config=config), has_aux=True)
         if config.is_moe:  # the balancing loss couples all rows: no per-group gradients
+            if lc.gen_micro_batches > 1:
+                raise ValueError("gen_micro_batches > 1 with a mixture of experts: the load-"
+                                 "balancing loss couples all rows of the batch")
             (loss_gen, gen_metrics), g_gen = grad_fn(params, batch=rows)
         else:
-            (loss_gen, gen_metrics), g_gen = per_group(lambda r: grad_fn(params, batch=r), rows)
+            (loss_gen, gen_metrics), g_gen = per_group(
+                lambda r: accumulate(lambda m: grad_fn(params, batch=m), r, lc.gen_micro_batches),
+                rows)
     if lc.mode != "generative":
-        if lc.grad_cache_chunk:
+        if lc.grad_cache_chunk or lc.emb_micro_batches > 1:
             loss_rep, g_rep = rep_loss_and_grad_cached(params, config, lc, batch)
         elif lc.split_emb:
             loss_rep, g_rep = rep_loss_and_grad_split(params, config, lc, batch)

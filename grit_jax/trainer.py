@@ -97,6 +97,15 @@ def validate(config, mesh_, model_cfg: ModelConfig) -> None:
         elif int(config.data.query_batch) % chunk or passages % chunk:
             problems.append(f"loss.grad_cache_chunk={chunk} must divide data.query_batch="
                             f"{config.data.query_batch} and the passages per step ({passages})")
+    for side, batch in (("gen", "generative_batch"), ("emb", "query_batch")):
+        k = int(config.loss.get(f"{side}_micro_batches", 1))
+        rows = int(config.data[batch])
+        if k > 1 and rows > 0 and rows % (k * dp):
+            problems.append(f"loss.{side}_micro_batches={k} must split data.{batch}={rows} into "
+                            f"micro-batches that are multiples of the data-parallel size {dp}")
+    if model_cfg.is_moe and int(config.loss.get("gen_micro_batches", 1)) > 1:
+        problems.append("loss.gen_micro_batches > 1 with a mixture of experts: the load-balancing "
+                        "loss couples all rows of the batch")
     o = config.optim
     ranges = {"lr": (0, math.inf, False), "warmup_ratio": (0, 1, True),
               "weight_decay": (0, math.inf, True), "b1": (0, 1, True), "b2": (0, 1, True),

@@ -20,9 +20,10 @@ def _rope(x, pos, inv_freq):
     return np.concatenate([a * c - b * s, b * c + a * s], axis=-1)
 
 
-def allowed(i, j, valid, mode, window):
+def allowed(i, j, valid, mode, window, prompt=None):
     """May query i attend to key j? (mode: causal / bidirectional / prefix:N = bidirectional
-    among the first N tokens, causal after them)."""
+    among the first N tokens, causal after them / prefix = causal, and bidirectional between
+    two tokens when every token from one to the other is a prompt token)."""
     if not valid[j]:
         return False
     if mode == "bidirectional":
@@ -30,11 +31,14 @@ def allowed(i, j, valid, mode, window):
     if mode.startswith("prefix:"):
         n = int(mode.split(":")[1])
         return j <= i or (i < n and j < n)
-    return j <= i and (window is None or i - j < window)
+    causal = j <= i and (window is None or i - j < window)
+    if mode == "prefix":
+        return causal or all(prompt[min(i, j):max(i, j) + 1])
+    return causal
 
 
-def hidden_states(params, cfg, ids, valid, mode, inv_freq):
-    """Final-norm hidden states (B, T, E) in float64."""
+def hidden_states(params, cfg, ids, valid, mode, inv_freq, prompt=None):
+    """Final-norm hidden states (B, T, E) in float64 (``prompt`` (B, T): mode 'prefix')."""
     p = {k: np.asarray(v, np.float64) for k, v in _flat(params).items()}
     b, t = ids.shape
     d, h, g = cfg.resolved_head_dim, cfg.num_heads, cfg.num_kv_heads
@@ -52,7 +56,8 @@ def hidden_states(params, cfg, ids, valid, mode, inv_freq):
                 k = _rope(y @ L("layers/attn/k")[:, kvh], pos, inv_freq)
                 v = y @ L("layers/attn/v")[:, kvh]
                 for i in range(t):
-                    keys = [j for j in range(t) if allowed(i, j, valid[r], mode, cfg.sliding_window)]
+                    keys = [j for j in range(t) if allowed(i, j, valid[r], mode, cfg.sliding_window,
+                                                           None if prompt is None else prompt[r])]
                     if not keys:  # a padding query with nothing to see: irrelevant output
                         continue
                     s = np.array([q[i] @ k[j] for j in keys]) / np.sqrt(d)

@@ -9,7 +9,7 @@ import pytest
 from grit_jax import sharding
 from grit_jax.config import ModelConfig, tiny_config
 from grit_jax.model import (KVCache, abstract_params, attention_mask, forward, init_params,
-                            is_per_layer, logits_fn, rope_inv_freq, split_layers)
+                            is_per_layer, logits_fn, prompt_spans, rope_inv_freq, split_layers)
 from tests import reference_numpy
 
 CFG = tiny_config(vocab_size=96, hidden_size=32, intermediate_size=40, num_layers=2, num_heads=4,
@@ -75,6 +75,69 @@ def test_modes_differ(params):
     b2 = np.asarray(forward(params, CFG, ids2, valid, mode="bidirectional").hidden)
     np.testing.assert_allclose(c2[0, :-1], causal[0, :-1], atol=1e-6)  # causal: no effect earlier
     assert np.abs(b2[0, 0] - bidir[0, 0]).max() > 1e-4  # bidirectional: the first token changes
+
+
+def prompt_mask(valid, seed=1):
+    """Prompt/reply spans as a chat has them: a prompt, a reply, a second prompt, a reply."""
+    rng = np.random.RandomState(seed)
+    prompt = np.zeros_like(valid)
+    for r in range(valid.shape[0]):
+        n = int(valid[r].sum())
+        a, b, c = sorted(rng.choice(np.arange(1, n), 3, replace=False)) if n > 3 else (1, n, n)
+        prompt[r, :a] = True
+        prompt[r, b:c] = True
+    return prompt & valid
+
+
+def test_prefix_mask_matches_its_elementwise_definition():
+    rng = np.random.RandomState(0)
+    prompt = rng.rand(3, 9) < 0.6
+    valid = np.ones((3, 9), bool)
+    valid[1, 6:] = False
+    pos = jnp.broadcast_to(jnp.arange(9), (3, 9))
+    got = np.asarray(attention_mask(pos, pos, valid, "prefix", None,
+                                    prompt_spans(prompt & valid)))[:, 0]
+    for r in range(3):
+        for i in range(9):
+            for j in range(9):
+                want = reference_numpy.allowed(i, j, valid[r], "prefix", None, prompt[r] & valid[r])
+                assert got[r, i, j] == want, (r, i, j)
+    with pytest.raises(ValueError, match="prompt spans"):
+        attention_mask(pos, pos, valid, "prefix")
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_prefix_mode_matches_independent_reference(params, window):
+    cfg = CFG.replace(sliding_window=window)
+    ids, valid = batch()
+    prompt = prompt_mask(valid)
+    got = np.asarray(forward(params, cfg, ids, valid, mode="prefix", prompt=prompt).hidden)
+    want = reference_numpy.hidden_states(params, cfg, ids, valid, "prefix",
+                                         np.asarray(rope_inv_freq(cfg), np.float64), prompt)
+    np.testing.assert_allclose(got * valid[..., None], want * valid[..., None], atol=2e-5)
+
+
+def test_prefix_mode_between_causal_and_bidirectional_and_never_sees_a_later_reply(params):
+    ids, valid = batch()
+    run = lambda mode, x=ids, **kw: np.asarray(forward(params, CFG, x, valid, mode=mode, **kw).hidden)
+    v = valid[..., None]
+    np.testing.assert_allclose(run("prefix", prompt=np.zeros_like(valid)) * v, run("causal") * v,
+                               atol=1e-6)
+    np.testing.assert_allclose(run("prefix", prompt=valid) * v, run("bidirectional") * v,
+                               atol=1e-6)
+    prompt = prompt_mask(valid)
+    base = run("prefix", prompt=prompt)
+    assert np.abs(base[:, 0] - run("causal")[:, 0]).max() > 1e-3  # the prompt reads ahead
+    row = 0
+    reply = np.flatnonzero(valid[row] & ~prompt[row])[0]  # the first reply token of row 0
+    changed = ids.copy()
+    changed[row, reply] = (changed[row, reply] + 1) % CFG.vocab_size
+    np.testing.assert_allclose(run("prefix", changed, prompt=prompt)[row, :reply],
+                               base[row, :reply], atol=1e-6)
+    with pytest.raises(ValueError, match="prompt mask"):
+        run("prefix")
+    with pytest.raises(ValueError, match="prompt mask"):
+        run("causal", prompt=prompt)
 
 
 @pytest.mark.parametrize("mode", ["causal", "bidirectional"])

@@ -76,13 +76,16 @@ def wait_for_steps(workdir, n, proc, timeout=300):
 def test_kill_and_resume_equals_uninterrupted(where, tmp_path, data_dir, request):
     """SIGKILL mid-run, restart: the resumed run logs exactly the uninterrupted run's metrics,
     in a local workdir and in a gs:// one (checkpoints written to the bucket directly, on a
-    local GCS emulator). The restart reuses the persistent compilation cache."""
+    local GCS emulator). The restart reuses the persistent compilation cache. The local run
+    accumulates both sides over two micro-batches (the state is the same; resume must be too)."""
     from tests.test_multihost_train import gcs_losses
 
     env = request.getfixturevalue("gcs") if where == "gs" else {}
     root = f"gs://grit-test/resume-{tmp_path.name}" if where == "gs" else str(tmp_path)
     read = (lambda w: gcs_losses(env, w)) if where == "gs" else losses
     steps = ["--config.total_steps=10", "--config.checkpoint_every=3"]
+    if where == "local":
+        steps += ["--config.loss.gen_micro_batches=2", "--config.loss.emb_micro_batches=2"]
     rc, out = finish(launch(f"{root}/a", data_dir, *steps, env=env))
     assert rc == 0, out[-3000:]
     full = read(f"{root}/a")
@@ -141,6 +144,8 @@ def test_bad_config_fails_before_compiling(tmp_path, data_dir):
     assert rc == 2 and "mesh shape [3, -1, 1, 1]" in out
     rc, out = finish(launch(tmp_path / "g", data_dir, "--config.model.attention_impl=splash"))
     assert rc == 2 and "attention_impl='splash' needs a TPU" in out
+    rc, out = finish(launch(tmp_path / "h", data_dir, "--config.loss.gen_micro_batches=3"))
+    assert rc == 2 and "loss.gen_micro_batches=3 must split data.generative_batch=4" in out
     assert not (tmp_path / "g").exists()  # refused before anything was written
 
 

@@ -7,12 +7,12 @@ import pytest
 
 from grit_jax import sharding
 from grit_jax.config import tiny_config
-from grit_jax.losses import token_cross_entropy
+from grit_jax.losses import contrastive_loss, generative_loss, token_cross_entropy
 from grit_jax.model import forward, init_params, logits_fn
 from grit_jax import hlo_cost
 from tests.tolerances import FLOAT64_ATOL, FLOAT64_RTOL, close64
 from grit_jax.train_step import (LossConfig, init_state, jit_train_step, loss_and_grads,
-                                 make_optimizer, shard_chunks, state_shardings, token_ce,
+                                 make_optimizer, reps, shard_chunks, state_shardings, token_ce,
                                  train_step, unshard_chunks)
 
 LC_OVERRIDES = {}
@@ -71,6 +71,85 @@ def test_grad_cache_and_split_emb_equal_plain_gradients(variant):
         assert float(plain_m["loss_rep"]) > 0 and float(plain_m["loss_gen"]) > 0
 
 
+jit_loss_and_grads = jax.jit(loss_and_grads, static_argnums=(1, 2))
+
+
+def _assert_equal64(got, want):
+    (m, g), (m0, g0) = got, want
+    for k in m0:
+        assert close64(float(m[k]), float(m0[k])), (k, float(m[k]), float(m0[k]))
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(
+        np.asarray(x), np.asarray(y), rtol=FLOAT64_RTOL, atol=FLOAT64_ATOL), g, g0)
+
+
+@pytest.mark.parametrize("variant", [dict(gen_micro_batches=4), dict(emb_micro_batches=2),
+                                     dict(gen_micro_batches=2, emb_micro_batches=4)])
+def test_micro_batches_equal_the_full_batch(variant):
+    """Accumulated micro-batches give the full batch's losses and gradients (float64): the
+    generative weights are fixed by the whole batch, the embedding side keeps every passage a
+    candidate."""
+    with jax.enable_x64(True):
+        cfg = CFG.replace(dtype="float64", param_dtype="float64")
+        params, b = init_params(cfg, seed=1), make_batch()
+        lc = dict(gen_sub_batch=4, gen_aggregation="mixed")
+        _assert_equal64(jit_loss_and_grads(params, cfg, LossConfig(**lc, **variant), b),
+                        jit_loss_and_grads(params, cfg, LossConfig(**lc), b))
+
+
+def test_micro_batches_on_a_mesh_match_one_device():
+    """Micro-batches on a mesh with data groups (2 x 2 x 2) equal one device without them."""
+    assert_runs_equal64(_run64((2, 2, 2), gen_micro_batches=2, emb_micro_batches=2),
+                        _run64(None), "micro-batches on (2, 2, 2)")
+
+
+@pytest.mark.parametrize("variant", [{}, dict(split_emb=True), dict(emb_micro_batches=2)])
+def test_one_sided_gradients_take_only_that_sides_path(variant):
+    """emb_grad='query' ('passage') is the gradient through the query (passage) reps alone:
+    checked against the loss as a function of two independent parameter copies, one per side."""
+    with jax.enable_x64(True):
+        cfg = CFG.replace(dtype="float64", param_dtype="float64")
+        params, b = init_params(cfg, seed=1), make_batch()
+        lc = LossConfig(mode="embedding", **variant)
+
+        def two_copies(pq, pp):
+            q = reps(pq, cfg, lc, b["query_ids"], b["query_valid"], b["query_pool"])
+            p = reps(pp, cfg, lc, b["passage_ids"], b["passage_valid"], b["passage_pool"])
+            return contrastive_loss(q, p, lc.temperature)
+
+        loss, (via_q, via_p) = jax.value_and_grad(two_copies, argnums=(0, 1))(params, params)
+        m_q, g_q = jit_loss_and_grads(params, cfg, LossConfig(mode="embedding", emb_grad="query",
+                                                          **variant), b)
+        m_p, g_p = jit_loss_and_grads(params, cfg, LossConfig(mode="embedding", emb_grad="passage",
+                                                          **variant), b)
+        _assert_equal64((m_q, g_q), ({"loss_rep": loss}, via_q))
+        _assert_equal64((m_p, g_p), ({"loss_rep": loss}, via_p))
+        # The two sides differ and add up to the two-sided gradient.
+        _, g_both = jit_loss_and_grads(params, cfg, lc, b)
+        _assert_equal64(({}, jax.tree.map(jnp.add, g_q, g_p)), ({}, g_both))
+        q_norm, p_norm = (float(optax_norm(g)) for g in (g_q, g_p))
+        diff = float(optax_norm(jax.tree.map(jnp.subtract, g_q, g_p)))
+        assert q_norm > 0 and p_norm > 0 and diff > 0.1 * min(q_norm, p_norm)
+
+
+def optax_norm(tree):
+    return jnp.sqrt(sum(jnp.sum(x * x) for x in jax.tree.leaves(tree)))
+
+
+def test_prefix_lm_generative_loss(params):
+    """gen_attention='prefix': the loss of logits from a PrefixLM pass whose prompt is every
+    valid token outside the loss mask; it differs from the causal loss."""
+    b = make_batch()
+    lc = LossConfig(mode="generative", gen_attention="prefix", gen_sub_batch=4)
+    m, _ = jit_loss_and_grads(params, CFG, lc, b)
+    prompt = b["gen_valid"] & (b["gen_loss"] == 0)
+    hidden = forward(params, CFG, b["gen_ids"], b["gen_valid"], mode="prefix", prompt=prompt).hidden
+    want = generative_loss(logits_fn(params, CFG, hidden), b["gen_ids"],
+                           b["gen_loss"] * b["gen_valid"], "mixed", 4)
+    np.testing.assert_allclose(float(m["loss_gen"]), float(want), rtol=1e-5)
+    causal, _ = jit_loss_and_grads(params, CFG, LossConfig(mode="generative", gen_sub_batch=4), b)
+    assert abs(float(causal["loss_gen"]) - float(m["loss_gen"])) > 1e-4
+
+
 def test_modes(params):
     b = make_batch()
     emb, _ = loss_and_grads(params, CFG, LossConfig(mode="embedding"), b)
@@ -86,6 +165,14 @@ def test_invalid_loss_config():
         LossConfig(attn="bcbc")
     with pytest.raises(ValueError, match="gen_aggregation='median'"):
         LossConfig(gen_aggregation="median")
+    with pytest.raises(ValueError, match="gen_attention='bidirectional'"):
+        LossConfig(gen_attention="bidirectional")
+    with pytest.raises(ValueError, match="emb_grad='q'"):
+        LossConfig(emb_grad="q")
+    with pytest.raises(ValueError, match="not both"):
+        LossConfig(emb_micro_batches=2, grad_cache_chunk=4)
+    with pytest.raises(ValueError, match="micro_batches must be >= 1"):
+        LossConfig(gen_micro_batches=0)
 
 
 def _run(params, mesh_shape, steps=2, cfg=CFG, **overrides):
