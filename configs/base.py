@@ -34,6 +34,9 @@ def get_config():
     c.model = ml_collections.ConfigDict(model)
     c.data = ml_collections.ConfigDict(dict(
         data_dir="", query_batch=8, generative_batch=8, group_size=2, num_threads=2,
+        # Examples per epoch per dataset ("msmarco=20000,nq=0.5x"; unlisted: all of them) and a
+        # cap on each dataset (a fixed random subset; 0: none). See grit_jax.data.pipeline.
+        mixture="", max_per_dataset=0,
         # Padded lengths per kind, e.g. passage="512,1024,2048" ("": powers of two from 16):
         # each combination is one compiled step program.
         buckets=ml_collections.ConfigDict({"query": "", "passage": "", "generative": ""})))

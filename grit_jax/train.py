@@ -354,6 +354,8 @@ def setup(config, workdir: str) -> Run:
         generative_batch=config.data.generative_batch, group_size=config.data.group_size,
         mode=lc.mode, seed=config.seed, num_threads=config.data.num_threads,
         buckets=parse_buckets(config.data.get("buckets")),
+        mixture=config.data.get("mixture", ""),
+        max_per_dataset=config.data.get("max_per_dataset", 0),
         num_epochs=config.total_steps))  # an upper bound: the dataset is indexed lazily
     if data.meta["tokenizer"]["vocab_size"] > model_cfg.vocab_size:
         raise ValueError(f"the data was tokenised with {data.meta['tokenizer']['vocab_size']} "

@@ -117,6 +117,71 @@ def test_resume_mid_epoch_and_across_epochs(data_dir, tmp_path):
             np.testing.assert_array_equal(x[k], y[k])
 
 
+def _per_dataset(g, epoch):
+    """(dataset -> indices drawn this epoch) of the embedding and generative plans."""
+    out = {}
+    for names, plan in ((g.emb_names, g.embedding_plan(epoch)), (g.gen_names,
+                                                                 g.generative_plan(epoch))):
+        for batch in plan:
+            for d, i in batch:
+                out.setdefault(names[d], []).append(i)
+    return out
+
+
+def test_default_mixture_is_every_example_once(data_dir):
+    g = GritBatches(cfg(data_dir))
+    assert g.counts == {"a": 10, "b": 7, "c": 5, "gen": 9}
+    assert "mixture per epoch: a.jsonl 10 of 10, 45%; b.jsonl 7 of 7, 32%; c.jsonl 5 of 5, 23%; "\
+           "gen.jsonl 9 of 9, 100%" in g.summary()
+
+
+def test_mixture_counts_multiples_and_cap(data_dir):
+    g = GritBatches(cfg(data_dir, mixture="a=4, b.jsonl=2x, c=0, gen=1.5x", max_per_dataset=6))
+    # a: 4 of its capped 6; b: 2 x 6 (capped from 7); c: left out; gen: 1.5 x its capped 6.
+    assert g.counts == {"a": 4, "b": 12, "c": 0, "gen": 9}
+    assert "a.jsonl 4 of 10 (cap 6), 25%; b.jsonl 12 of 7 (cap 6), 75%; c.jsonl 0 of 5, 0%" \
+        in g.mixture_summary()
+    pools = {n: set(g._pool(n).tolist()) for n in ("a", "b")}
+    assert len(pools["a"]) == len(pools["b"]) == 6
+    for epoch in range(2):
+        drawn = {n: [] for n in ("a", "b", "c", "gen")}
+        for n, idx in _per_dataset(g, epoch).items():
+            drawn[n] += idx
+        dropped = g.emb_dropped
+        assert len(drawn["a"]) + len(drawn["b"]) == 16 - dropped and not drawn["c"]
+        assert set(drawn["a"]) <= pools["a"] and len(set(drawn["a"])) == len(drawn["a"])
+        # b twice over: every pool member at most twice, drawn in two fresh shuffles.
+        assert set(drawn["b"]) <= pools["b"] and max(drawn["b"].count(i) for i in pools["b"]) <= 2
+        assert len(drawn["gen"]) == 8  # 9 per epoch: two batches of 4, one left out
+        assert set(drawn["gen"]) <= set(g._pool("gen").tolist())
+    assert (g.emb_steps, g.gen_steps, g.gen_dropped) == (4, 2, 1)
+
+
+def test_mixture_is_deterministic_resumable_and_seeded(data_dir):
+    kw = dict(mixture="a=3x,b=2", max_per_dataset=5)
+    a, b = GritBatches(cfg(data_dir, **kw)), GritBatches(cfg(data_dir, **kw))
+    for epoch in range(3):
+        assert a.embedding_plan(epoch) == b.embedding_plan(epoch)
+    assert a.embedding_plan(0) != a.embedding_plan(1)
+    assert _per_dataset(a, 0)["a"] != _per_dataset(a, 1)["a"]  # fresh shuffles per epoch
+    c = GritBatches(cfg(data_dir, seed=1, **kw))
+    assert set(c._pool("a").tolist()) != set(a._pool("a").tolist())
+    for step in (0, 5, 11):  # any step is a pure function of (config, step)
+        for k, v in a.local_batch(step).items():
+            np.testing.assert_array_equal(v, b.local_batch(step)[k])
+
+
+@pytest.mark.parametrize("spec, error", [
+    ("nope=3", "entry 'nope=3': expected name=count .* one of \\['a', 'b', 'c', 'gen'\\]"),
+    ("a", "entry 'a': expected name=count"),
+    ("a=-1", "the value must be a count >= 0 or a multiple like 0.5x"),
+    ("a=lots", "the value must be a count"),
+    ("a=1,a.jsonl=2", "names a twice")])
+def test_bad_mixture_is_named(data_dir, spec, error):
+    with pytest.raises(ValueError, match=error):
+        GritBatches(cfg(data_dir, mixture=spec))
+
+
 def test_global_batch_on_a_mesh(data_dir):
     g = GritBatches(cfg(data_dir, query_batch=8, generative_batch=8, group_size=1))
     local = g.local_batch(0)

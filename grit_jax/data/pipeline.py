@@ -7,6 +7,13 @@ queries, pools the leftovers of all datasets into mixed batches (as the referenc
 shuffles the batch order; the last incomplete mixed batch is dropped and counted. Generative
 samples run as their own stream, one global batch per step. Process ``p`` of ``P`` takes rows
 ``[p*B/P, (p+1)*B/P)`` of every global batch and reads only those records.
+
+The mixture: by default each dataset contributes all its examples once per epoch. A cap
+(``max_per_dataset``) keeps a fixed random subset of each larger dataset (fixed by the seed,
+as the reference's ``max_example_num_per_dataset``); ``mixture`` sets a dataset's examples per
+epoch, as a count (``msmarco=20000``, the reference's ``num_samples``) or as a multiple of its
+(capped) size (``nq=0.5x``, ``tiny=3x``): drawn without replacement, in as many fresh shuffles
+of the dataset as the count needs. Every draw is a function of (seed, epoch): resumable.
 """
 
 from __future__ import annotations
@@ -40,6 +47,10 @@ class PipelineConfig:
     # Declared padded lengths per kind ("query", "passage", "generative"), replacing the powers
     # of two: a small fixed set of shapes (one compiled step program per combination).
     buckets: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    # Examples per epoch per dataset: "name=count" or "name=<multiple>x", comma-separated; a
+    # name is a dataset's file ("msmarco.jsonl") or split name ("msmarco"); unlisted: 1x.
+    mixture: str = ""
+    max_per_dataset: int = 0  # >0: a fixed random subset of at most this many per dataset
     num_threads: int = 2  # grain prefetch threads (measured: see benchmarks/data_pipeline.py)
     prefetch: int = 8
 
@@ -67,6 +78,7 @@ class GritBatches:
         self.emb_names = kinds[records.EMBEDDING] if cfg.mode != "generative" else []
         self.gen_names = kinds[records.GENERATIVE] if cfg.mode != "embedding" else []
         self.sources = {n: builder.as_data_source(n) for n in self.emb_names + self.gen_names}
+        self.counts = self._mixture()  # examples per epoch of each dataset in use
         lengths = self.meta["max_lengths"]
         declared = dict(cfg.buckets)
         unknown = sorted(set(declared) - set(lengths))
@@ -111,11 +123,56 @@ class GritBatches:
         if problems:
             raise ValueError("Invalid data pipeline: " + "; ".join(problems))
 
+    def _mixture(self) -> dict[str, int]:
+        """Examples per epoch of each dataset in use, from ``mixture`` and ``max_per_dataset``."""
+        c, ds = self.cfg, self.meta["datasets"]
+        if c.max_per_dataset < 0:
+            raise ValueError(f"data.max_per_dataset={c.max_per_dataset} must be >= 0 (0: no cap)")
+        alias = {**{ds[n]["file"]: n for n in ds}, **{n: n for n in ds}}
+        counts = {n: len(self._pool(n)) for n in self.sources}
+        seen = set()
+        for entry in filter(None, (e.strip() for e in c.mixture.split(","))):
+            key, eq, value = (x.strip() for x in entry.partition("="))
+            if not eq or key not in alias:
+                raise ValueError(f"data.mixture entry {entry!r}: expected name=count or "
+                                 f"name=<multiple>x with name one of {sorted(ds)} (or its file)")
+            name = alias[key]
+            if name in seen:
+                raise ValueError(f"data.mixture names {name} twice")
+            seen.add(name)
+            try:
+                n = (round(float(value[:-1]) * len(self._pool(name))) if value.endswith("x")
+                     else int(value))
+            except ValueError:
+                n = -1
+            if n < 0:
+                raise ValueError(f"data.mixture entry {entry!r}: the value must be a count >= 0 "
+                                 f"or a multiple like 0.5x")
+            if name in counts:  # datasets of a stream this mode leaves out are not read
+                counts[name] = n
+        return counts
+
+    def _pool(self, name) -> np.ndarray:
+        """The examples of a dataset that take part: all, or a seeded subset under the cap."""
+        n, cap = len(self.sources[name]), self.cfg.max_per_dataset
+        if not cap or n <= cap:
+            return np.arange(n)
+        d = sorted(self.meta["datasets"]).index(name)
+        return np.sort(np.random.default_rng([self.cfg.seed, 5, d]).permutation(n)[:cap])
+
+    def _draw(self, name, epoch, key) -> np.ndarray:
+        """This epoch's examples of a dataset in shuffled order: counts[name] of its pool, in
+        fresh shuffles (``key`` names the stream's random stream, d its dataset)."""
+        pool, want = self._pool(name), self.counts[name]
+        passes = [pool[np.random.default_rng([*key, p] if p else key).permutation(len(pool))]
+                  for p in range(-(-want // max(len(pool), 1)))]
+        return np.concatenate(passes)[:want] if passes else np.zeros(0, np.int64)
+
     def _steps(self, names, batch, per_dataset):
         """(full batches per epoch, examples dropped per epoch) for a stream."""
         if not names:
             return 0, 0
-        sizes = [len(self.sources[n]) for n in names]
+        sizes = [self.counts[n] for n in names]
         if per_dataset:
             full = sum(s // batch for s in sizes)
             left = sum(s % batch for s in sizes)
@@ -132,8 +189,7 @@ class GritBatches:
         """Global batches of (dataset, index) for an epoch: single-dataset first, then mixed."""
         b, batches, leftovers = self.cfg.query_batch, [], []
         for d, name in enumerate(self.emb_names):
-            perm = np.random.default_rng([self.cfg.seed, epoch, 1, d]).permutation(
-                len(self.sources[name]))
+            perm = self._draw(name, epoch, [self.cfg.seed, epoch, 1, d])
             full = len(perm) // b * b
             batches += [[(d, int(i)) for i in perm[k:k + b]] for k in range(0, full, b)]
             leftovers += [(d, int(i)) for i in perm[full:]]
@@ -145,7 +201,8 @@ class GritBatches:
     @functools.lru_cache(maxsize=4)
     def generative_plan(self, epoch: int) -> list[list[tuple[int, int]]]:
         """Global generative batches of (dataset, index) for a generative epoch."""
-        items = [(d, i) for d, n in enumerate(self.gen_names) for i in range(len(self.sources[n]))]
+        items = [(d, int(i)) for d, n in enumerate(self.gen_names)
+                 for i in np.sort(self._draw(n, epoch, [self.cfg.seed, epoch, 3, d]))]
         perm = np.random.default_rng([self.cfg.seed, epoch, 3]).permutation(len(items))
         b = self.cfg.generative_batch
         return [[items[j] for j in perm[k:k + b]] for k in range(0, self.gen_steps * b, b)]
@@ -220,7 +277,20 @@ class GritBatches:
             parts.append(f"generative: {len(self.gen_names)} dataset(s), {self.gen_steps} "
                          f"steps/epoch of {self.cfg.generative_batch}, {self.gen_dropped} left out "
                          f"per epoch")
-        return "; ".join(parts)
+        return "; ".join(parts) + "; " + self.mixture_summary()
+
+    def mixture_summary(self) -> str:
+        """The effective mixture: each dataset's examples per epoch, of how many, and its share
+        of its stream."""
+        parts = []
+        for names in (self.emb_names, self.gen_names):
+            total = sum(self.counts[n] for n in names) or 1
+            for n in names:
+                have, use = len(self.sources[n]), self.counts[n]
+                note = f" (cap {self.cfg.max_per_dataset})" if len(self._pool(n)) < have else ""
+                parts.append(f"{self.meta['datasets'][n]['file']} {use} of {have}{note}, "
+                             f"{100 * use / total:.0f}%")
+        return "mixture per epoch: " + "; ".join(parts)
 
 
 def parse_buckets(spec) -> tuple[tuple[str, tuple[int, ...]], ...]:
