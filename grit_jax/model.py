@@ -17,6 +17,11 @@ Parameter layout (leading ``layers`` axis on everything under ``layers``)::
     layers/moe/gate, up    (layers, expert, embed, mlp)          down: (layers, expert, mlp, embed)
     final_norm/scale       (embed,)
     lm_head/kernel         (embed, vocab)                        absent when embeddings are tied
+    projection/kernel      (embed, projection)                   only with projection_dim > 0;
+    projection/bias        (projection,)                         the embedding head
+    layers/attn/q_lora_a   (layers, embed, lora_rank)            LoRA adapters (lora_rank > 0) of
+    layers/attn/q_lora_b   (layers, lora_rank, heads, head_dim)  each target: <w>_lora_a holds the
+                                                                 weight's input axes, _b its output
 """
 
 from __future__ import annotations
@@ -193,6 +198,30 @@ def _param(module: nn.Module, name: str, shape, axes, config: ModelConfig, init=
                         config.jnp_param_dtype)
 
 
+def _lora(module: nn.Module, name: str, x, in_shape, in_axes, out_shape, out_axes):
+    """The LoRA term of projection ``name`` for input x (its last len(in_shape) dims contract):
+    (alpha / rank) * dropout(x) A B, or None when the projection has no adapter. A starts as
+    PEFT's (uniform, fan-in scaled), B at zero, so a new adapter leaves the model unchanged."""
+    c = module.config
+    if name not in c.lora_target_set:
+        return None
+    n, r, dt = len(in_shape), c.lora_rank, c.jnp_dtype
+    a_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform",
+                                              in_axis=tuple(range(n)), out_axis=n)
+    a = _param(module, f"{name}_lora_a", tuple(in_shape) + (r,), tuple(in_axes) + ("lora_rank",),
+               c, a_init)
+    b = _param(module, f"{name}_lora_b", (r,) + tuple(out_shape), ("lora_rank",) + tuple(out_axes),
+               c, nn.initializers.zeros)
+    if c.lora_dropout and module.has_rng("dropout"):
+        x = nn.Dropout(c.lora_dropout, deterministic=False, name=f"{name}_lora_dropout")(x)
+    low = jnp.tensordot(x, a.astype(dt), axes=n)
+    return (c.lora_alpha / r) * jnp.tensordot(low, b.astype(dt), axes=1)
+
+
+def _plus(y, delta):
+    return y if delta is None else y + delta.astype(y.dtype)
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square norm computed in float32 (float64 for float64 models), scaled in the
     compute dtype."""
@@ -223,9 +252,16 @@ class Attention(nn.Module):
         wk = _param(self, "k", (e, g, d), ("embed", "kv_heads", "head_dim"), c)
         wv = _param(self, "v", (e, g, d), ("embed", "kv_heads", "head_dim"), c)
         wo = _param(self, "o", (h, d, e), ("heads", "head_dim", "embed"), c)
-        q = checkpoint_name(jnp.einsum("bte,ehd->bthd", x, wq.astype(dt)), "query_proj")
-        k = checkpoint_name(jnp.einsum("bte,ehd->bthd", x, wk.astype(dt)), "key_proj")
-        v = checkpoint_name(jnp.einsum("bte,ehd->bthd", x, wv.astype(dt)), "value_proj")
+        q = jnp.einsum("bte,ehd->bthd", x, wq.astype(dt))
+        k = jnp.einsum("bte,ehd->bthd", x, wk.astype(dt))
+        v = jnp.einsum("bte,ehd->bthd", x, wv.astype(dt))
+        if c.lora_rank:
+            q = _plus(q, _lora(self, "q", x, (e,), ("embed",), (h, d), ("heads", "head_dim")))
+            k = _plus(k, _lora(self, "k", x, (e,), ("embed",), (g, d), ("kv_heads", "head_dim")))
+            v = _plus(v, _lora(self, "v", x, (e,), ("embed",), (g, d), ("kv_heads", "head_dim")))
+        q = checkpoint_name(q, "query_proj")
+        k = checkpoint_name(k, "key_proj")
+        v = checkpoint_name(v, "value_proj")
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         new_kv = None
         if kv is not None:
@@ -242,6 +278,9 @@ class Attention(nn.Module):
             proj = out.reshape(b, 1, h * d) @ wo.astype(dt).reshape(h * d, e)
         else:
             proj = jnp.einsum("bthd,hde->bte", out, wo.astype(dt))
+        if c.lora_rank:
+            proj = _plus(proj, _lora(self, "o", out, (h, d), ("heads", "head_dim"), (e,),
+                                     ("embed",)))
         return checkpoint_name(proj, "out_proj"), new_kv
 
 
@@ -256,9 +295,13 @@ class MLP(nn.Module):
         gate = _param(self, "gate", (c.hidden_size, c.intermediate_size), ("embed", "mlp"), c)
         up = _param(self, "up", (c.hidden_size, c.intermediate_size), ("embed", "mlp"), c)
         down = _param(self, "down", (c.intermediate_size, c.hidden_size), ("mlp", "embed"), c)
-        g = checkpoint_name(x @ gate.astype(dt), "mlp_gate")
-        u = checkpoint_name(x @ up.astype(dt), "mlp_up")
-        return checkpoint_name((nn.silu(g) * u) @ down.astype(dt), "mlp_down")
+        e, m = (c.hidden_size,), (c.intermediate_size,)
+        g = _plus(x @ gate.astype(dt), _lora(self, "gate", x, e, ("embed",), m, ("mlp",)))
+        u = _plus(x @ up.astype(dt), _lora(self, "up", x, e, ("embed",), m, ("mlp",)))
+        g, u = checkpoint_name(g, "mlp_gate"), checkpoint_name(u, "mlp_up")
+        hidden = nn.silu(g) * u
+        out = _plus(hidden @ down.astype(dt), _lora(self, "down", hidden, m, ("mlp",), e, ("embed",)))
+        return checkpoint_name(out, "mlp_down")
 
 
 class MoE(nn.Module):
@@ -352,7 +395,7 @@ class Transformer(nn.Module):
             self.layer = [block(c) for _ in range(c.num_layers)]  # named layer_0, layer_1, ...
         else:
             self.layers = nn.scan(
-                block, variable_axes={"params": 0}, split_rngs={"params": True},
+                block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                 in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                 length=c.num_layers, unroll=c.scan_unroll or c.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"})(c)
@@ -363,6 +406,12 @@ class Transformer(nn.Module):
                                     kernel_init=nn.with_logical_partitioning(
                                         nn.initializers.normal(c.initializer_range),
                                         ("embed", "vocab")))
+        if c.projection_dim:
+            self.projection = nn.Dense(
+                c.projection_dim, dtype=c.accum_dtype, param_dtype=c.jnp_param_dtype,
+                kernel_init=nn.with_logical_partitioning(
+                    nn.initializers.normal(c.initializer_range), ("embed", "projection")),
+                bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("projection",)))
 
     def __call__(self, tokens, valid=None, *, mode: str = "causal", positions=None,
                  cache: KVCache | None = None, prompt=None) -> Output:
@@ -440,9 +489,17 @@ class Transformer(nn.Module):
             return self.embed.attend(hidden).astype(self.config.accum_dtype)
         return self.lm_head(hidden).astype(self.config.accum_dtype)
 
+    def project(self, reps):
+        """The embedding head: pooled embeddings (B, embed) -> (B, projection_dim), float32
+        (float64 models: float64)."""
+        return self.projection(reps.astype(self.config.accum_dtype))
+
     def init_all(self, tokens):
-        """Touch every parameter (body and LM head); used only for initialisation."""
-        return self.logits(self(tokens).hidden)
+        """Touch every parameter (body, LM head, embedding head); used only for initialisation."""
+        hidden = self(tokens).hidden
+        if self.config.projection_dim:
+            self.project(hidden[:, 0])
+        return self.logits(hidden)
 
 
 def embed_lookup(table, tokens):
@@ -536,11 +593,26 @@ def _drop_layer_axis(sh):
 
 
 def forward(params, config: ModelConfig, tokens, valid=None, *, mode="causal", positions=None,
-            cache=None, prompt=None) -> Output:
-    """Functional entry point: hidden states (and cache) for tokens; stacked or per-layer params."""
+            cache=None, prompt=None, dropout_rng=None) -> Output:
+    """Functional entry point: hidden states (and cache) for tokens; stacked or per-layer params.
+    ``dropout_rng``: a key for LoRA dropout (training); None: no dropout."""
+    rngs = None if dropout_rng is None else {"dropout": dropout_rng}
     return Transformer(config, per_layer=is_per_layer(params)).apply(
         {"params": params}, tokens, valid, mode=mode, positions=positions, cache=cache,
-        prompt=prompt)
+        prompt=prompt, rngs=rngs)
+
+
+def project(params, config: ModelConfig, reps):
+    """Functional embedding head (``config.projection_dim > 0``): reps (B, embed) -> (B, dim)."""
+    return Transformer(config, per_layer=is_per_layer(params)).apply(
+        {"params": params}, reps, method=Transformer.project)
+
+
+def init_projection(config: ModelConfig, seed: int = 0):
+    """A fresh embedding head (as Transformer initialises it), to add one to pretrained weights."""
+    kernel = jax.random.normal(jax.random.PRNGKey(seed), (config.hidden_size, config.projection_dim))
+    return {"kernel": (kernel * config.initializer_range).astype(config.jnp_param_dtype),
+            "bias": jnp.zeros((config.projection_dim,), config.jnp_param_dtype)}
 
 
 def logits_fn(params, config: ModelConfig, hidden):

@@ -32,6 +32,8 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("head_dim", None),
     ("layers", None),
     ("norm", None),
+    ("projection", None),  # the embedding head's output axis (small: replicated)
+    ("lora_rank", None),  # LoRA adapters' rank axis (their other axis follows the weight's)
 )
 
 

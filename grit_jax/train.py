@@ -377,7 +377,8 @@ def setup(config, workdir: str) -> Run:
         state, origin = restored["state"], f"resumed from step {step}"
         iterator.set_state(restored["data"])
     elif config.init_from:
-        params = weights.load_params(config.init_from, model_cfg, state_sh["params"])
+        params = weights.load_params(config.init_from, model_cfg, state_sh["params"],
+                                     new_params_seed=config.seed)
         state = trainer.state_from_params(params, tx, mesh, state_sh)
         origin = f"initialised from {config.init_from}"
     else:

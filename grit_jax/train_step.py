@@ -16,12 +16,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from grit_jax import moe
+from grit_jax import lora, moe
 from grit_jax.config import ModelConfig
-from grit_jax.embedding import embedding_attention
+from grit_jax.embedding import embedding_attention, represent
 from grit_jax.losses import AGGREGATIONS, contrastive_loss
 from grit_jax.model import forward, logits_fn
-from grit_jax.pooling import POOLING_METHODS, l2_normalize, pool
+from grit_jax.pooling import POOLING_METHODS
 from grit_jax.sharding import batch_shards, data_groups, within_data_group
 
 MODES = ("unified", "embedding", "generative")
@@ -78,11 +78,31 @@ class LossConfig:
 # ----------------------------------------------------------------------------------------------
 # Pieces
 # ----------------------------------------------------------------------------------------------
-def reps(params, config: ModelConfig, lc: LossConfig, ids, valid, pool_mask):
+def key(rng, *tags):
+    """A dropout key for one pass (None: no dropout): rng folded with the pass's tags."""
+    for t in tags:
+        rng = None if rng is None else jax.random.fold_in(rng, t)
+    return rng
+
+
+def grad_of(f, params, *, value: bool = False, has_aux: bool = False):
+    """(f(params) and) its gradient w.r.t. the trainable parameters only (``lora.partition``:
+    with adapters the frozen base takes no gradient, so none is ever computed or stored)."""
+    train, frozen = lora.partition(params)
+    diff = jax.value_and_grad if value else jax.grad
+    return diff(lambda t: f(lora.combine(t, frozen)), has_aux=has_aux)(train)
+
+
+def zero_grads(params):
+    """Zeros shaped like the gradients grad_of gives."""
+    return jax.tree.map(jnp.zeros_like, lora.partition(params)[0])
+
+
+def reps(params, config: ModelConfig, lc: LossConfig, ids, valid, pool_mask, rng=None):
     """Pooled (normalised) embeddings of a right-padded batch, float32."""
-    hidden = forward(params, config, ids, valid, mode=embedding_attention(lc.attn)).hidden
-    r = pool(hidden, pool_mask * valid, lc.pooling)
-    return l2_normalize(r) if lc.normalize else r
+    hidden = forward(params, config, ids, valid, mode=embedding_attention(lc.attn),
+                     dropout_rng=rng).hidden
+    return represent(params, config, hidden, pool_mask * valid, lc.pooling, lc.normalize)
 
 
 def shard_chunks(a, chunks: int, shards: int):
@@ -150,7 +170,7 @@ def gen_weights(batch, lc: LossConfig):
     return m / jnp.maximum(counts, 1.0)[groups][:, None] / n
 
 
-def gen_loss(params, config: ModelConfig, lc: LossConfig, batch):
+def gen_loss(params, config: ModelConfig, lc: LossConfig, batch, rng=None):
     """(The generative loss of batch['gen_*'] (causal or PrefixLM attention), metrics).
 
     For a mixture of experts the router's load-balancing loss over the generative tokens is
@@ -161,9 +181,10 @@ def gen_loss(params, config: ModelConfig, lc: LossConfig, batch):
     if lc.gen_attention == "prefix":  # the prompt: valid tokens outside the loss
         prompt = batch["gen_valid"].astype(bool) & ~batch["gen_loss"].astype(bool)
         out = forward(params, config, batch["gen_ids"], batch["gen_valid"], mode="prefix",
-                      prompt=prompt)
+                      prompt=prompt, dropout_rng=rng)
     else:
-        out = forward(params, config, batch["gen_ids"], batch["gen_valid"], mode="causal")
+        out = forward(params, config, batch["gen_ids"], batch["gen_valid"], mode="causal",
+                      dropout_rng=rng)
     ce = token_ce(params, config, out.hidden, batch["gen_ids"], lc.logits_chunk)
     weights = batch["gen_weights"] if "gen_weights" in batch else gen_weights(batch, lc)
     lm = jnp.sum(ce * weights.astype(ce.dtype))
@@ -219,25 +240,27 @@ def one_sided(q, p, lc: LossConfig):
 
 
 def accumulate(fn, rows: dict, micro_batches: int):
-    """The sum of fn over ``micro_batches`` shard-aligned slices of rows, one at a time (a scan:
-    one micro-batch's activations live at once); fn(rows) itself for one micro-batch."""
+    """The sum of fn(rows_i, i) over ``micro_batches`` shard-aligned slices of rows, one at a
+    time (a scan: one micro-batch's activations live at once); fn(rows, 0) for one."""
     if micro_batches == 1:
-        return fn(rows)
+        return fn(rows, 0)
     n = next(iter(rows.values())).shape[0]
-    keys = sorted(rows)
-    xs = dict(zip(keys, _chunks([rows[k] for k in keys], n // micro_batches)))
+    names = sorted(rows)
+    xs = dict(zip(names, _chunks([rows[k] for k in names], n // micro_batches)))
     first = jax.tree.map(lambda a: a[0], xs)
-    zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(fn, first))
+    zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(fn, first, 0))
 
     def body(acc, micro):
-        return jax.tree.map(jnp.add, acc, fn(micro)), None
+        rows_i, i = micro
+        return jax.tree.map(jnp.add, acc, fn(rows_i, i)), None
 
-    return jax.lax.scan(body, zeros, xs)[0]
+    return jax.lax.scan(body, zeros, (xs, jnp.arange(micro_batches)))[0]
 
 
-def rep_loss(params, config, lc, batch):
+def rep_loss(params, config, lc, batch, rng=None):
     """The contrastive loss of the batch (all passages of the global batch are candidates)."""
-    q, p = one_sided(reps(params, config, lc, *_q(batch)), reps(params, config, lc, *_p(batch)), lc)
+    q, p = one_sided(reps(params, config, lc, *_q(batch), key(rng, 1)),
+                     reps(params, config, lc, *_p(batch), key(rng, 2)), lc)
     return contrastive_loss(q, p, lc.temperature)
 
 
@@ -254,12 +277,13 @@ def _chunks(arrays, size):
     return tuple(shard_chunks(a, n // size, shards) for a in arrays)
 
 
-def rep_loss_and_grad_cached(params, config, lc, batch):
+def rep_loss_and_grad_cached(params, config, lc, batch, rng=None):
     """GradCache: (L_rep, dL_rep/dparams) with memory bounded by one chunk of sequences.
 
     1. reps of every chunk without gradients; 2. L_rep and its gradient w.r.t. the reps;
     3. per chunk, the gradient of sum(reps(chunk) * rep_grad(chunk)), accumulated. Chunks hold
-    ``grad_cache_chunk`` sequences, or each side's rows / ``emb_micro_batches``.
+    ``grad_cache_chunk`` sequences, or each side's rows / ``emb_micro_batches``. A chunk's
+    dropout key (its side and index) is the same in steps 1 and 3.
     """
     f = partial(reps, params, config, lc)
     grouped = not config.is_moe  # the experts' shard_map splits the batch itself
@@ -268,80 +292,89 @@ def rep_loss_and_grad_cached(params, config, lc, batch):
     def size(arrays):
         return lc.grad_cache_chunk or arrays[0].shape[0] // lc.emb_micro_batches
 
-    def all_reps(arrays):
+    def all_reps(arrays, side):
         per = size(arrays) // groups
 
         def chunked(rows):
-            out = jax.lax.map(lambda a: jax.lax.stop_gradient(f(*a)), _chunks(rows, per))
+            xs = _chunks(rows, per)
+            out = jax.lax.map(lambda a: jax.lax.stop_gradient(f(*a[0], key(rng, side, a[1]))),
+                              (xs, jnp.arange(xs[0].shape[0])))
             return unshard_chunks(out, batch_shards())
         return per_group(chunked, tuple(arrays), rowwise=True) if grouped else chunked(arrays)
 
-    q, p = all_reps(_q(batch)), all_reps(_p(batch))
+    q, p = all_reps(_q(batch), 1), all_reps(_p(batch), 2)
     loss, (gq, gp) = jax.value_and_grad(contrastive_loss, argnums=(0, 1))(q, p, lc.temperature)
 
-    def backward(arrays, rep_grad):
+    def backward(arrays, rep_grad, side):
         per = size(arrays) // groups
 
         def chunk_grads(rows):
             def body(acc, xs):
-                *a, g = xs
-                grads = jax.grad(lambda prm: jnp.sum(reps(prm, config, lc, *a) * g))(params)
+                (*a, g), i = xs
+                k = key(rng, side, i)
+                grads = grad_of(lambda prm: jnp.sum(reps(prm, config, lc, *a, k) * g), params)
                 return jax.tree.map(jnp.add, acc, grads), None
 
-            acc, _ = jax.lax.scan(body, jax.tree.map(jnp.zeros_like, params), _chunks(rows, per))
+            xs = _chunks(rows, per)
+            acc, _ = jax.lax.scan(body, zero_grads(params), (xs, jnp.arange(xs[0].shape[0])))
             return acc
 
         rows = tuple(arrays) + (rep_grad,)
         return per_group(chunk_grads, rows) if grouped else chunk_grads(rows)
 
-    sides = {"both": ((_q, gq), (_p, gp)), "query": ((_q, gq),), "passage": ((_p, gp),)}
-    grads = [backward(side(batch), g) for side, g in sides[lc.emb_grad]]
+    sides = {"both": ((_q, gq, 1), (_p, gp, 2)), "query": ((_q, gq, 1),),
+             "passage": ((_p, gp, 2),)}
+    grads = [backward(rows(batch), g, side) for rows, g, side in sides[lc.emb_grad]]
     return loss, jax.tree.map(lambda *g: sum(g), *grads)
 
 
-def rep_loss_and_grad_split(params, config, lc, batch):
+def rep_loss_and_grad_split(params, config, lc, batch, rng=None):
     """split_emb: the query side and the passage side back-propagated in two passes."""
-    q_fixed = jax.lax.stop_gradient(reps(params, config, lc, *_q(batch)))
-    p_fixed = jax.lax.stop_gradient(reps(params, config, lc, *_p(batch)))
+    kq, kp = key(rng, 1), key(rng, 2)
+    q_fixed = jax.lax.stop_gradient(reps(params, config, lc, *_q(batch), kq))
+    p_fixed = jax.lax.stop_gradient(reps(params, config, lc, *_p(batch), kp))
     loss = contrastive_loss(q_fixed, p_fixed, lc.temperature)
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    gq = gp = zeros
+    gq = gp = zero_grads(params)
     if lc.emb_grad != "passage":
-        gq = jax.grad(lambda prm: contrastive_loss(reps(prm, config, lc, *_q(batch)), p_fixed,
-                                                   lc.temperature))(params)
+        gq = grad_of(lambda prm: contrastive_loss(reps(prm, config, lc, *_q(batch), kq), p_fixed,
+                                                  lc.temperature), params)
     if lc.emb_grad != "query":
-        gp = jax.grad(lambda prm: contrastive_loss(q_fixed, reps(prm, config, lc, *_p(batch)),
-                                                   lc.temperature))(params)
+        gp = grad_of(lambda prm: contrastive_loss(q_fixed, reps(prm, config, lc, *_p(batch), kp),
+                                                  lc.temperature), params)
     return loss, jax.tree.map(jnp.add, gq, gp)
 
 
-def loss_and_grads(params, config: ModelConfig, lc: LossConfig, batch):
+def loss_and_grads(params, config: ModelConfig, lc: LossConfig, batch, rng=None):
     """(metrics with loss, loss_rep, loss_gen (+ loss_aux, expert_frac_<i> for a mixture of
-    experts); gradients of the total) for one batch."""
-    zeros = jax.tree.map(jnp.zeros_like, params)
+    experts); gradients of the total w.r.t. the trainable parameters: all of them, or with LoRA
+    the adapters and an embedding head) for one batch. ``rng``: LoRA dropout's key (None: off)."""
+    zeros = zero_grads(params)
     loss_rep, g_rep = jnp.float32(0.0), zeros
     loss_gen, g_gen = jnp.float32(0.0), zeros
     gen_metrics = {"loss_gen": loss_gen}
     if lc.mode != "embedding":  # generative first, as the reference does
         rows = {k: v for k, v in batch.items() if k.startswith("gen_")}
         rows["gen_weights"] = gen_weights(batch, lc)
-        grad_fn = jax.value_and_grad(partial(gen_loss, lc=lc, config=config), has_aux=True)
+        def grad_fn(rows, i=0):
+            return grad_of(lambda p: gen_loss(p, config, lc, rows, key(rng, 0, i)), params,
+                           value=True, has_aux=True)
+
         if config.is_moe:  # the balancing loss couples all rows: no per-group gradients
             if lc.gen_micro_batches > 1:
                 raise ValueError("gen_micro_batches > 1 with a mixture of experts: the load-"
                                  "balancing loss couples all rows of the batch")
-            (loss_gen, gen_metrics), g_gen = grad_fn(params, batch=rows)
+            (loss_gen, gen_metrics), g_gen = grad_fn(rows)
         else:
             (loss_gen, gen_metrics), g_gen = per_group(
-                lambda r: accumulate(lambda m: grad_fn(params, batch=m), r, lc.gen_micro_batches),
-                rows)
+                lambda r: accumulate(grad_fn, r, lc.gen_micro_batches), rows)
     if lc.mode != "generative":
         if lc.grad_cache_chunk or lc.emb_micro_batches > 1:
-            loss_rep, g_rep = rep_loss_and_grad_cached(params, config, lc, batch)
+            loss_rep, g_rep = rep_loss_and_grad_cached(params, config, lc, batch, rng)
         elif lc.split_emb:
-            loss_rep, g_rep = rep_loss_and_grad_split(params, config, lc, batch)
+            loss_rep, g_rep = rep_loss_and_grad_split(params, config, lc, batch, rng)
         else:
-            loss_rep, g_rep = jax.value_and_grad(rep_loss)(params, config, lc, batch)
+            loss_rep, g_rep = grad_of(lambda p: rep_loss(p, config, lc, batch, rng), params,
+                                      value=True)
     grads = jax.tree.map(lambda a, b: a + lc.lambda_gen * b, g_rep, g_gen)
     loss = loss_rep + lc.lambda_gen * loss_gen
     return {"loss": loss, "loss_rep": loss_rep, **gen_metrics}, grads
@@ -364,10 +397,14 @@ def make_optimizer(lr: float, total_steps: int, warmup_ratio: float = 0.03,
 
 
 def train_step(state, batch, *, config: ModelConfig, lc: LossConfig, tx, schedule):
-    """One update: state = {"step", "params", "opt_state"} -> (new state, metrics)."""
-    metrics, grads = loss_and_grads(state["params"], config, lc, batch)
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
+    """One update: state = {"step", "params", "opt_state"} -> (new state, metrics). With LoRA
+    only the trainable parameters (lora.partition) are updated and have optimizer state.
+    LoRA dropout's key is the step's (the same on every process, and on resume)."""
+    rng = jax.random.fold_in(jax.random.PRNGKey(0), state["step"]) if config.lora_dropout else None
+    metrics, grads = loss_and_grads(state["params"], config, lc, batch, rng)
+    train, frozen = lora.partition(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], train)
+    params = lora.combine(optax.apply_updates(train, updates), frozen)
     metrics.update(grad_norm=optax.tree.norm(grads), lr=schedule(state["step"]))
     return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
@@ -376,8 +413,9 @@ def train_step(state, batch, *, config: ModelConfig, lc: LossConfig, tx, schedul
 # Sharding: the step as one pjit-partitioned program
 # ----------------------------------------------------------------------------------------------
 def init_state(params, tx):
-    """The train state for params."""
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+    """The train state for params (optimizer state for the trainable ones: lora.partition)."""
+    return {"step": jnp.zeros((), jnp.int32), "params": params,
+            "opt_state": tx.init(lora.partition(params)[0])}
 
 
 def state_shardings(config: ModelConfig, tx, mesh, rules=None):

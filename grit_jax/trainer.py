@@ -35,8 +35,32 @@ def model_config(config) -> ModelConfig:
     execution fields, or ``config.model`` for a random init."""
     if config.init_from:
         stored = weights.read_config(config.init_from)
-        return stored.replace(**{k: config.model[k] for k in EXECUTION_FIELDS if k in config.model})
+        model = stored.replace(**{k: config.model[k] for k in EXECUTION_FIELDS if k in config.model})
+        return model.replace(**added_parts(config, stored))
     return ModelConfig(**config.model.to_dict())
+
+
+# Parts a run may add to init_from's model (fresh parameters: weights.load_params), with the
+# fields that describe each.
+ADDABLE = {"projection_dim": ("projection_dim",),
+           "lora_rank": ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")}
+
+
+def added_parts(config, stored: ModelConfig) -> dict:
+    """The fields of config.model that add an embedding head or LoRA adapters to init_from's
+    model (0 keeps what it has); changing a part it already has is refused."""
+    out = {}
+    for size, fields in ADDABLE.items():
+        want = config.model.get(size, 0)
+        if not want or want == getattr(stored, size):
+            if size == "lora_rank" and stored.lora_rank and "lora_dropout" in config.model:
+                out["lora_dropout"] = config.model.lora_dropout  # a training knob only
+            continue
+        if getattr(stored, size):
+            raise ValueError(f"model.{size}={want}: {config.init_from} already has "
+                             f"{size}={getattr(stored, size)} (set 0 to keep it)")
+        out.update({f: config.model[f] for f in fields if f in config.model})
+    return out
 
 
 def loss_config(config) -> LossConfig:

@@ -60,9 +60,21 @@ def abstract(config: ModelConfig, shardings=None):
                         shapes, shardings)
 
 
-def load_params(path: str, config: ModelConfig, shardings, *, step: int | None = None):
+def load_params(path: str, config: ModelConfig, shardings, *, step: int | None = None,
+                new_params_seed: int | None = None):
     """Parameters of ``config``'s shapes and param_dtype from path, placed with ``shardings``
-    (a tree like the parameters). ``step``: a workdir checkpoint other than the newest."""
+    (a tree like the parameters). ``step``: a workdir checkpoint other than the newest.
+    ``new_params_seed``: an embedding head or LoRA adapters that config has and the stored
+    weights lack start from a fresh init with this seed (finetuning a pretrained model)."""
+    if new_params_seed is not None:
+        stored = read_config(path)
+        body = config
+        if config.projection_dim and not stored.projection_dim:
+            body = body.replace(projection_dim=0)
+        if config.lora_rank and not stored.lora_rank:
+            body = body.replace(lora_rank=0)
+        if body != config:
+            return _with_new_parts(path, config, body, shardings, step, new_params_seed)
     kind = source_kind(path)
     target = abstract(config, shardings)
     if kind == "workdir":
@@ -70,6 +82,25 @@ def load_params(path: str, config: ModelConfig, shardings, *, step: int | None =
     if kind == "params":
         return checkpoint.restore_params(path, target)
     return read_hf_sharded(path, config, target)
+
+
+def _with_new_parts(path, config, body, shardings, step, seed):
+    """load_params of body (what is stored) plus fresh parameters for what config adds."""
+    from grit_jax import lora
+    from grit_jax.model import init_projection
+
+    flat_sh = traverse_util.flatten_dict(shardings)
+    known = set(traverse_util.flatten_dict(abstract(body)))
+    params = traverse_util.flatten_dict(load_params(
+        path, body, traverse_util.unflatten_dict({p: s for p, s in flat_sh.items() if p in known}),
+        step=step))
+    shapes = traverse_util.flatten_dict(abstract(config))
+    head = init_projection(config, seed) if config.projection_dim else {}
+    for i, p in enumerate(sorted(set(shapes) - known)):
+        value = head[p[-1]] if p[0] == "projection" else lora.init_adapter(
+            p, shapes[p].shape, config, jax.random.fold_in(jax.random.PRNGKey(seed), i))
+        params[p] = jax.device_put(value, flat_sh[p])
+    return traverse_util.unflatten_dict(params)
 
 
 def load(path: str, *, dtype: str | None = None, param_dtype: str | None = None,
@@ -93,7 +124,7 @@ def load(path: str, *, dtype: str | None = None, param_dtype: str | None = None,
 def read_hf_sharded(hf_dir: str, config: ModelConfig, target):
     """Parameters from a Hugging Face directory, each device's shard read on its own: for every
     grit array, the callback reads exactly its slice of each HF tensor (per layer, per expert)."""
-    from grit_jax.convert.hf import checked_files, hf_tensor_slots, open_safetensors
+    from grit_jax.convert.hf import checked_files, hf_tensor_slots, key_in_file, open_safetensors
 
     files = checked_files(hf_dir, config)
     slots: dict[tuple, list] = {}
@@ -107,7 +138,7 @@ def read_hf_sharded(hf_dir: str, config: ModelConfig, target):
 
         def tensor(name):
             try:
-                return handles[files[name]].get_slice(name)
+                return handles[files[name]].get_slice(key_in_file(name, files[name]))
             except Exception as e:  # a tensor listed in the index but absent from its file
                 raise ValueError(f"{files[name]}: cannot read tensor {name}: {e}") from None
 

@@ -103,3 +103,42 @@ def test_truncation_keeps_instruction(tokenizer):
     assert (enc.mask == 0).sum() == (full.mask == 0).sum()
     with pytest.raises(ValueError, match="sentence 3: the instruction takes 25 tokens"):
         formats.encode_embed(tokenizer, "x", INSTRUCTION, max_length=10, where="sentence 3")
+
+
+def test_projection_head_is_saved_exported_and_equals_gritlms(mistral_dir, tmp_path):
+    """A model with an embedding head (projection_dim): its params directory, its Hugging Face
+    export (projection.safetensors beside the transformers files) and the official GritLM with
+    ``projection=N`` given that file's state dict all give the same embeddings."""
+    import jax
+    import torch
+    from gritlm import GritLM as RefGritLM
+    from safetensors.torch import load_file
+
+    from grit_jax import checkpoint, weights
+    from grit_jax.convert.hf import PROJECTION_FILE, grit_to_hf
+    from grit_jax.model import init_projection
+
+    params, config = weights.load(mistral_dir)
+    config = config.replace(projection_dim=16)
+    head = init_projection(config, seed=3)
+    head["bias"] = 0.1 * jax.random.normal(jax.random.PRNGKey(4), head["bias"].shape)
+    params = {**params, "projection": head}
+    checkpoint.save_params(str(tmp_path / "params"), params, config)
+    grit_to_hf(str(tmp_path / "params"), str(tmp_path / "hf"), tokenizer=mistral_dir)
+
+    texts = QUERIES + DOCS
+    got = GritLM.from_pretrained(str(tmp_path / "params"), tokenizer=mistral_dir).encode(
+        texts, instruction=INSTRUCTION)
+    from_hf = GritLM.from_pretrained(str(tmp_path / "hf")).encode(texts, instruction=INSTRUCTION)
+    ref = RefGritLM(str(tmp_path / "hf"), mode="embedding", pooling_method="mean", attn="bbcc",
+                    projection=16, device="cpu", dtype=torch.float32)
+    ref.projection.load_state_dict(load_file(str(tmp_path / "hf" / PROJECTION_FILE)))
+    want = ref.encode(texts, instruction=gritlm_instruction(INSTRUCTION), batch_size=6,
+                      max_length=128)
+    assert got.shape == (len(texts), 16)
+    np.testing.assert_allclose(from_hf, got, atol=1e-6)
+    diff = np.abs(got - want).max()
+    print(f"projection head: max |diff| vs gritlm = {diff:.2e}")
+    assert diff <= 1e-5
+    plain = GritLM.from_pretrained(mistral_dir).encode(texts, instruction=INSTRUCTION)
+    assert plain.shape[1] == config.hidden_size  # the head is what changed the width

@@ -150,6 +150,18 @@ def test_prefix_lm_generative_loss(params):
     assert abs(float(causal["loss_gen"]) - float(m["loss_gen"])) > 1e-4
 
 
+def test_projection_head_is_trained():
+    """With projection_dim the contrastive loss is over the head's outputs, and the head gets a
+    gradient."""
+    cfg = CFG.replace(projection_dim=8)
+    p, b = init_params(cfg, seed=1), make_batch()
+    lc = LossConfig(mode="embedding")
+    q = reps(p, cfg, lc, b["query_ids"], b["query_valid"], b["query_pool"])
+    assert q.shape == (8, 8)
+    m, g = jit_loss_and_grads(p, cfg, lc, b)
+    assert float(m["loss_rep"]) > 0 and float(optax_norm(g["projection"])) > 0
+
+
 def test_modes(params):
     b = make_batch()
     emb, _ = loss_and_grads(params, CFG, LossConfig(mode="embedding"), b)

@@ -205,6 +205,56 @@ def test_every_source_loads_into_its_shardings(source, hf_dir, tmp_path, monkeyp
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_init_from_adds_a_new_embedding_head_and_adapters(hf_dir):
+    """model.projection_dim / model.lora_rank on a pretrained model without them: the body is
+    read as stored, the head and the adapters start fresh (seeded; LoRA's B at zero, so the
+    model is unchanged), sharded like the rest; changing a part it has is refused."""
+    import flax
+    import ml_collections
+
+    from grit_jax import lora
+    from grit_jax.convert.hf import read_hf
+
+    run = ml_collections.ConfigDict({"init_from": hf_dir, "model": {
+        "projection_dim": 8, "lora_rank": 2, "lora_alpha": 4.0, "lora_targets": "q,down"}})
+    cfg = trainer.model_config(run)
+    assert (cfg.projection_dim, cfg.lora_rank, cfg.lora_alpha) == (8, 2, 4.0)
+    assert weights.read_config(hf_dir).projection_dim == 0
+    mesh, tx, state_sh, _ = setup_objects(cfg)
+    params = weights.load_params(hf_dir, cfg, state_sh["params"], new_params_seed=0)
+    head = params.pop("projection")
+    assert head["kernel"].shape == (cfg.hidden_size, 8) and float(np.abs(head["kernel"]).max()) > 0
+    assert head["kernel"].sharding == state_sh["params"]["projection"]["kernel"]
+    np.testing.assert_array_equal(np.asarray(head["bias"]), 0)
+    flat = flax.traverse_util.flatten_dict(params)
+    sh = flax.traverse_util.flatten_dict(state_sh["params"])
+    adapters = sorted(p for p in flat if lora.is_adapter(p))
+    assert {p[-1] for p in adapters} == {"q_lora_a", "q_lora_b", "down_lora_a", "down_lora_b"}
+    for p in adapters:
+        assert flat[p].sharding == sh[p]
+        assert (float(np.abs(flat[p]).max()) > 0) == p[-1].endswith("_a")
+    want = read_hf(hf_dir)[1]
+    body = {p: v for p, v in flat.items() if not lora.is_adapter(p)}
+    for p, v in flax.traverse_util.flatten_dict(want).items():
+        np.testing.assert_array_equal(np.asarray(body[p]), np.asarray(v))
+    stored = _with_head(hf_dir, cfg.replace(lora_rank=0), lora.merge(
+        flax.traverse_util.unflatten_dict(flat), cfg)[0], head)
+    with pytest.raises(ValueError, match="already has projection_dim=8"):
+        trainer.model_config(ml_collections.ConfigDict(
+            {"init_from": stored, "model": {"projection_dim": 4}}))
+
+
+def _with_head(hf_dir, cfg, params, head):
+    """A params directory of the HF model with the given head (for the refusal above)."""
+    import tempfile
+
+    from grit_jax import checkpoint
+
+    out = tempfile.mkdtemp()
+    checkpoint.save_params(out, jax.tree.map(np.asarray, {**params, "projection": head}), cfg)
+    return out
+
+
 def test_setup_fresh_and_resumed_under_the_watch(hf_dir, data_dir, tmp_path, monkeypatch):
     """train.setup end to end (mesh, data, workdir files, state, step) from an HF init_from,
     then again resuming the checkpoint it saved: the resume restores the checkpoint straight

@@ -42,6 +42,12 @@ def _main(argv) -> int:
     b.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="tensor dtype in the safetensors files (default: the params' dtype)")
     b.add_argument("--max-shard-gb", type=float, default=5.0, help="shard size limit in GiB")
+    b.add_argument("--lora-adapters", action="store_true",
+                   help="a LoRA model: write only its adapters, in the PEFT layout "
+                        "(adapter_config.json + adapter_model.safetensors; default: the "
+                        "adapters merged into full weights)")
+    b.add_argument("--base-model", default="",
+                   help="with --lora-adapters: base_model_name_or_path in adapter_config.json")
     b.add_argument("--overwrite", action="store_true",
                    help="replace every model file at --out (default: refuse if it holds any)")
     g = sub.add_parser("gguf-to-grit", help="llama-architecture GGUF file -> Orbax params "
@@ -68,7 +74,8 @@ def _main(argv) -> int:
     else:
         config = hf.grit_to_hf(args.params or args.workdir, args.out, dtype=args.dtype,
                                max_shard_bytes=int(args.max_shard_gb * 2**30),
-                               step=args.step, tokenizer=args.tokenizer, overwrite=args.overwrite)
+                               step=args.step, tokenizer=args.tokenizer, overwrite=args.overwrite,
+                               adapters_only=args.lora_adapters, base_model=args.base_model)
     print(f"{args.command}: {config.family} {config.num_params() / 1e6:.1f}M params -> {args.out} "
           f"({time.time() - t0:.1f}s, peak RSS {_peak_rss_gib():.2f} GiB)")
     return 0

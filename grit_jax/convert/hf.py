@@ -23,7 +23,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from grit_jax import checkpoint, outputs
+from grit_jax import checkpoint, lora, outputs
 from grit_jax.config import ModelConfig, RopeScaling
 from grit_jax.data.tokenizers import load_tokenizer
 
@@ -33,6 +33,10 @@ SLIDING_WINDOW_FAMILIES = ("mistral", "mixtral")
 # Defaults of config.json fields where transformers' MixtralConfig differs from the others'.
 FAMILY_DEFAULTS = {"mixtral": {"rope_theta": 1e6, "rms_norm_eps": 1e-5}}
 SAFE_SINGLE = "model.safetensors"
+# The embedding head (projection_dim > 0) beside the transformers checkpoint, which has no place
+# for it: torch.nn.Linear's state dict (weight (dim, hidden), bias (dim,)) and its shape.
+PROJECTION_FILE = "projection.safetensors"
+PROJECTION_CONFIG = "projection_config.json"
 SAFE_INDEX = "model.safetensors.index.json"
 REQUIRED_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                    "num_attention_heads")
@@ -239,6 +243,9 @@ def _layout_rows(c: ModelConfig):
         ]
     if not c.tie_word_embeddings:
         rows.append(("lm_head.weight", ("lm_head", "kernel"), "t", 0))
+    if c.projection_dim:
+        rows += [("projection.weight", ("projection", "kernel"), "t", 0),
+                 ("projection.bias", ("projection", "bias"), "same", 0)]
     return rows
 
 
@@ -249,6 +256,7 @@ def _layouts(c: ModelConfig):
 
 
 TRANSPOSED = ("gate_proj.weight", "up_proj.weight", "down_proj.weight", "lm_head.weight",
+              "projection.weight",
               "block_sparse_moe.gate.weight", ".w1.weight", ".w2.weight", ".w3.weight")
 
 
@@ -314,17 +322,28 @@ def _safetensors_files(hf_dir: str) -> dict[str, str]:
     """tensor name -> file, from the index or the single file."""
     index = os.path.join(hf_dir, SAFE_INDEX)
     single = os.path.join(hf_dir, SAFE_SINGLE)
+    head = os.path.join(hf_dir, PROJECTION_FILE)
+    extra = {}
+    if os.path.exists(head):
+        with open_safetensors(head) as f:
+            extra = {f"projection.{k}": head for k in f.keys()}
     if os.path.exists(index):
         with open(index, encoding="utf-8") as f:
             weight_map = json.load(f).get("weight_map")
         if not isinstance(weight_map, dict):
             raise ValueError(f"{index}: no 'weight_map' object")
-        return {k: os.path.join(hf_dir, v) for k, v in weight_map.items()}
+        return {**{k: os.path.join(hf_dir, v) for k, v in weight_map.items()}, **extra}
     if os.path.exists(single):
         with open_safetensors(single) as f:
-            return {k: single for k in f.keys()}
+            return {**{k: single for k in f.keys()}, **extra}
     raise FileNotFoundError(f"{hf_dir}: neither {SAFE_SINGLE} nor {SAFE_INDEX} found "
                             f"(only safetensors checkpoints are read)")
+
+
+def key_in_file(name: str, path: str) -> str:
+    """The key of tensor ``name`` inside the file at path: projection.safetensors holds a
+    torch.nn.Linear state dict (``weight``, ``bias``), the model files the full names."""
+    return name.split(".", 1)[1] if os.path.basename(path) == PROJECTION_FILE else name
 
 
 IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
@@ -389,7 +408,21 @@ def read_hf_config(hf_dir: str, **overrides) -> ModelConfig:
             hf_cfg = json.load(f)
         except json.JSONDecodeError as e:
             raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
-    return config_from_hf(hf_cfg, cfg_path, **overrides)
+    config = config_from_hf(hf_cfg, cfg_path, **overrides)
+    head = os.path.join(hf_dir, PROJECTION_CONFIG)
+    if os.path.exists(head) and "projection_dim" not in overrides:
+        try:
+            with open(head, encoding="utf-8") as f:
+                shape = json.load(f)
+            dim, width = int(shape["out_features"]), int(shape["in_features"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{head}: expected JSON with in_features and out_features ({e})") \
+                from None
+        if width != config.hidden_size:
+            raise ValueError(f"{head}: in_features={width}, but the model's hidden_size is "
+                             f"{config.hidden_size}")
+        config = config.replace(projection_dim=dim)
+    return config
 
 
 def checked_files(hf_dir: str, config: ModelConfig) -> dict[str, str]:
@@ -425,10 +458,11 @@ def read_hf(hf_dir: str, *, param_dtype: str = "float32", **config_overrides):
         with open_safetensors(path_) as f:
             available = set(f.keys())
             for name in names:
-                if name not in available:
+                key = key_in_file(name, path_)
+                if key not in available:
                     raise ValueError(f"{path_}: tensor {name} listed in the index is not in the file")
                 try:
-                    tensor = f.get_tensor(name)
+                    tensor = f.get_tensor(key)
                 except Exception as e:  # noqa: BLE001 - safetensors' own error type
                     raise ValueError(f"{path_}: tensor {name} cannot be read ({e}); the file is "
                                      f"damaged: copy or download it again") from e
@@ -480,7 +514,8 @@ def _copy_if_exists(src_dir, dst_dir, name):
 # ----------------------------------------------------------------------------------------------
 def write_hf(params, config: ModelConfig, out_dir: str, *, dtype: str | None = None,
              max_shard_bytes: int = 5 * 2**30) -> list[str]:
-    """Write params as HF safetensors (sharded above max_shard_bytes) plus config files."""
+    """Write params as HF safetensors (sharded above max_shard_bytes) plus config files; an
+    embedding head goes to projection.safetensors + projection_config.json beside them."""
     import flax
     import jax.numpy as jnp
     from safetensors.numpy import save_file
@@ -490,10 +525,14 @@ def write_hf(params, config: ModelConfig, out_dir: str, *, dtype: str | None = N
     dtype = dtype or config.param_dtype
     itemsize = jnp.dtype(dtype).itemsize
     # Plan shards from shapes alone, then materialise one shard at a time.
-    plan, cur, cur_bytes = [], [], 0
+    plan, cur, cur_bytes, head = [], [], 0, {}
     for name, path, index, _, to_hf in hf_tensor_names(config):
         if path not in flat:
             raise ValueError(f"params lack {'/'.join(path)} (needed for {name})")
+        if name.startswith("projection."):
+            head[name.split(".", 1)[1]] = np.ascontiguousarray(
+                to_hf(np.asarray(flat[path])).astype(jnp.dtype(dtype)))
+            continue
         nbytes = int(np.prod(slot_shape(flat[path].shape, index))) * itemsize
         if cur and cur_bytes + nbytes > max_shard_bytes:
             plan.append(cur)
@@ -517,6 +556,12 @@ def write_hf(params, config: ModelConfig, out_dir: str, *, dtype: str | None = N
     if n > 1:
         with open(os.path.join(out_dir, SAFE_INDEX), "w", encoding="utf-8") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    if head:
+        save_file(head, os.path.join(out_dir, PROJECTION_FILE), metadata={"format": "pt"})
+        files.append(os.path.join(out_dir, PROJECTION_FILE))
+        with open(os.path.join(out_dir, PROJECTION_CONFIG), "w", encoding="utf-8") as f:
+            json.dump({"in_features": config.hidden_size, "out_features": config.projection_dim,
+                       "bias": True}, f, indent=2)
     with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
         json.dump(config_to_hf(config, torch_dtype=str(jnp.dtype(dtype))), f, indent=2)
     gen = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
@@ -526,12 +571,41 @@ def write_hf(params, config: ModelConfig, out_dir: str, *, dtype: str | None = N
     return files
 
 
+def write_peft(params, config: ModelConfig, out_dir: str, *, dtype: str | None = None,
+               base_model: str = "") -> list[str]:
+    """The LoRA adapters alone as ``peft.PeftModel.from_pretrained`` reads them; an embedding
+    head goes beside them as in write_hf."""
+    import jax.numpy as jnp
+    from safetensors.numpy import save_file
+
+    os.makedirs(out_dir, exist_ok=True)
+    dt = jnp.dtype(dtype or config.param_dtype)
+    tensors = {k: v.astype(dt) for k, v in lora.peft_tensors(params, config).items()}
+    path = os.path.join(out_dir, "adapter_model.safetensors")
+    save_file(tensors, path, metadata={"format": "pt"})
+    with open(os.path.join(out_dir, "adapter_config.json"), "w", encoding="utf-8") as f:
+        json.dump(lora.peft_config(config, base_model), f, indent=2)
+    files = [path]
+    if config.projection_dim:
+        flat = {k: np.asarray(v) for k, v in params["projection"].items()}
+        head = {"weight": np.ascontiguousarray(flat["kernel"].T.astype(dt)),
+                "bias": flat["bias"].astype(dt)}
+        save_file(head, os.path.join(out_dir, PROJECTION_FILE), metadata={"format": "pt"})
+        with open(os.path.join(out_dir, PROJECTION_CONFIG), "w", encoding="utf-8") as f:
+            json.dump({"in_features": config.hidden_size, "out_features": config.projection_dim,
+                       "bias": True}, f, indent=2)
+        files.append(os.path.join(out_dir, PROJECTION_FILE))
+    return files
+
+
 def grit_to_hf(params_dir: str, out_dir: str, *, dtype: str | None = None,
                max_shard_bytes: int = 5 * 2**30, step: int | None = None,
-               tokenizer: str | None = None, overwrite: bool = False) -> ModelConfig:
+               tokenizer: str | None = None, overwrite: bool = False,
+               adapters_only: bool = False, base_model: str = "") -> ModelConfig:
     """Convert a grit_jax params directory or training workdir (latest or given step) into a
     Hugging Face directory with tokenizer files (written whole or not at all; a folder holding
-    files is replaced, all of it, only with ``overwrite``)."""
+    files is replaced, all of it, only with ``overwrite``). A LoRA model is written with its
+    adapters merged into the weights, or with ``adapters_only`` as PEFT adapters alone."""
     outputs.check_target(out_dir, overwrite=overwrite)
     if checkpoint.is_workdir(params_dir):
         params, config, _ = checkpoint.load_params_from_workdir(params_dir, step)
@@ -540,8 +614,14 @@ def grit_to_hf(params_dir: str, out_dir: str, *, dtype: str | None = None,
             raise ValueError(f"--step {step}: {params_dir} is a params directory (one state), "
                              f"not a training workdir")
         params, config = checkpoint.load_params(params_dir)
+    if adapters_only and not config.lora_rank:
+        raise ValueError(f"--lora-adapters: {params_dir} holds no LoRA adapters (lora_rank=0)")
     with outputs.staged_dir(out_dir, overwrite=overwrite) as staging:
-        write_hf(params, config, staging, dtype=dtype, max_shard_bytes=max_shard_bytes)
+        if adapters_only:
+            write_peft(params, config, staging, dtype=dtype, base_model=base_model)
+        else:
+            params, config = lora.merge(params, config)
+            write_hf(params, config, staging, dtype=dtype, max_shard_bytes=max_shard_bytes)
         try:
             load_tokenizer(tokenizer or params_dir).save(staging)
         except FileNotFoundError:

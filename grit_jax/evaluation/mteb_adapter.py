@@ -28,7 +28,7 @@ class MtebEncoder(AbsEncoder):
         self.mteb_model_meta = ModelMeta(
             loader=None, name=name, revision=revision, release_date=None, languages=None,
             n_parameters=cfg.num_params(), memory_usage_mb=None,
-            max_tokens=cfg.max_position_embeddings, embed_dim=cfg.hidden_size, license=None,
+            max_tokens=cfg.max_position_embeddings, embed_dim=cfg.embedding_dim, license=None,
             open_weights=True, public_training_code=None, public_training_data=None,
             framework=["JAX"], similarity_fn_name=ScoringFunction.COSINE, use_instructions=True,
             training_datasets=None)

@@ -112,7 +112,7 @@ class RAG:
         with outputs.staged_dir(directory, overwrite=overwrite) as staging:
             writer = (DocCacheWriter(os.path.join(staging, KV_DIR), fingerprint=model.fingerprint,
                                      attn=model.attn, config=model.config) if cache_docs else None)
-            emb = np.zeros((len(docs), model.config.hidden_size), np.float32)
+            emb = np.zeros((len(docs), model.config.embedding_dim), np.float32)
             truncated = 0
             for start in range(0, len(docs), batch_size):
                 texts = [document_text(d) for d in docs[start:start + batch_size]]
@@ -171,7 +171,7 @@ class RAG:
         if len(docs) != meta["docs"]:
             raise ValueError(f"{docs_path}: {len(docs)} documents, {meta_path} says {meta['docs']}")
         index = DenseIndex.load(directory, backend=backend, expect_rows=meta["docs"],
-                                expect_dim=model.config.hidden_size)
+                                expect_dim=model.config.embedding_dim)
         store = None
         if meta["cached"]:
             store = DocCacheStore(os.path.join(directory, KV_DIR), fingerprint=model.fingerprint,
