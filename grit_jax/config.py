@@ -16,6 +16,7 @@ ATTENTION_IMPLS = ("auto", "xla", "blocked", "splash", "splash_interpret")  # se
 REMAT_POLICIES = ("none", "full", "save_qkv_proj", "save_dot_except_mlp",
                   "save_dot_except_mlpwi", "minimal", "minimal_with_context", "qkv_proj_offloaded",
                   "minimal_offloaded", "dots", "dots_no_batch")
+BASE_QUANTS = ("none", "int8")  # storage of the frozen base under LoRA (grit_jax.quant)
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # projections LoRA can adapt
 DTYPES = ("float32", "bfloat16", "float16", "float64")  # float64: JAX_ENABLE_X64=1 (parity checks)
 CONFIG_FILE = "grit_config.json"
@@ -75,6 +76,7 @@ class ModelConfig:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     lora_targets: str = "q,k,v,o"  # comma-separated, from LORA_TARGETS
+    base_quant: str = "none"  # "int8": the frozen base's projections held in int8 (QLoRA-style)
 
     def __post_init__(self):
         problems = []
@@ -128,6 +130,11 @@ class ModelConfig:
                                                                                    "down"}:
             problems.append("lora_targets: a mixture of experts' MLP projections cannot take "
                             "adapters here; adapt the attention (q, k, v, o)")
+        if self.base_quant not in BASE_QUANTS:
+            problems.append(f"base_quant={self.base_quant!r} (expected one of {BASE_QUANTS})")
+        elif self.base_quant != "none" and (not self.lora_rank or self.family == "mixtral"):
+            problems.append(f"base_quant={self.base_quant!r} holds a frozen base: it needs "
+                            f"lora_rank > 0 and a dense model (family mistral or llama)")
         if self.projection_dim < 0:
             problems.append(f"projection_dim={self.projection_dim} must be >= 0 (0: no head)")
         if self.scan_unroll < 0:

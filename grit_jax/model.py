@@ -198,6 +198,23 @@ def _param(module: nn.Module, name: str, shape, axes, config: ModelConfig, init=
                         config.jnp_param_dtype)
 
 
+def _weight(module: nn.Module, name: str, shape, axes, n_in: int):
+    """A projection's weight in the compute dtype: a parameter, or with base_quant='int8' an
+    int8 parameter times its per-output-channel float32 ``<name>_scale`` (grit_jax.quant)."""
+    c = module.config
+    if c.base_quant == "none":
+        return _param(module, name, shape, axes, c).astype(c.jnp_dtype)
+    bound = math.sqrt(3.0) * c.initializer_range  # a random init uniform with that std
+
+    def q_init(key, shape_, dtype):
+        return jax.random.randint(key, shape_, -127, 128).astype(dtype)
+
+    q = module.param(name, nn.with_logical_partitioning(q_init, axes), shape, jnp.int8)
+    scale = module.param(name + "_scale", nn.with_logical_partitioning(
+        nn.initializers.constant(bound / 127.0), axes[n_in:]), shape[n_in:], jnp.float32)
+    return (q.astype(jnp.float32) * scale).astype(c.jnp_dtype)
+
+
 def _lora(module: nn.Module, name: str, x, in_shape, in_axes, out_shape, out_axes):
     """The LoRA term of projection ``name`` for input x (its last len(in_shape) dims contract):
     (alpha / rank) * dropout(x) A B, or None when the projection has no adapter. A starts as
@@ -248,10 +265,10 @@ class Attention(nn.Module):
         c = self.config
         e, h, g, d = c.hidden_size, c.num_heads, c.num_kv_heads, c.resolved_head_dim
         dt = c.jnp_dtype
-        wq = _param(self, "q", (e, h, d), ("embed", "heads", "head_dim"), c)
-        wk = _param(self, "k", (e, g, d), ("embed", "kv_heads", "head_dim"), c)
-        wv = _param(self, "v", (e, g, d), ("embed", "kv_heads", "head_dim"), c)
-        wo = _param(self, "o", (h, d, e), ("heads", "head_dim", "embed"), c)
+        wq = _weight(self, "q", (e, h, d), ("embed", "heads", "head_dim"), 1)
+        wk = _weight(self, "k", (e, g, d), ("embed", "kv_heads", "head_dim"), 1)
+        wv = _weight(self, "v", (e, g, d), ("embed", "kv_heads", "head_dim"), 1)
+        wo = _weight(self, "o", (h, d, e), ("heads", "head_dim", "embed"), 2)
         q = jnp.einsum("bte,ehd->bthd", x, wq.astype(dt))
         k = jnp.einsum("bte,ehd->bthd", x, wk.astype(dt))
         v = jnp.einsum("bte,ehd->bthd", x, wv.astype(dt))
@@ -292,9 +309,9 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         c, dt = self.config, self.config.jnp_dtype
-        gate = _param(self, "gate", (c.hidden_size, c.intermediate_size), ("embed", "mlp"), c)
-        up = _param(self, "up", (c.hidden_size, c.intermediate_size), ("embed", "mlp"), c)
-        down = _param(self, "down", (c.intermediate_size, c.hidden_size), ("mlp", "embed"), c)
+        gate = _weight(self, "gate", (c.hidden_size, c.intermediate_size), ("embed", "mlp"), 1)
+        up = _weight(self, "up", (c.hidden_size, c.intermediate_size), ("embed", "mlp"), 1)
+        down = _weight(self, "down", (c.intermediate_size, c.hidden_size), ("mlp", "embed"), 1)
         e, m = (c.hidden_size,), (c.intermediate_size,)
         g = _plus(x @ gate.astype(dt), _lora(self, "gate", x, e, ("embed",), m, ("mlp",)))
         u = _plus(x @ up.astype(dt), _lora(self, "up", x, e, ("embed",), m, ("mlp",)))

@@ -60,6 +60,8 @@ def added_parts(config, stored: ModelConfig) -> dict:
             raise ValueError(f"model.{size}={want}: {config.init_from} already has "
                              f"{size}={getattr(stored, size)} (set 0 to keep it)")
         out.update({f: config.model[f] for f in fields if f in config.model})
+    if config.model.get("base_quant", "none") != "none":  # int8 storage of a float base
+        out["base_quant"] = config.model.base_quant
     return out
 
 

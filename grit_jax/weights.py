@@ -66,6 +66,15 @@ def load_params(path: str, config: ModelConfig, shardings, *, step: int | None =
     (a tree like the parameters). ``step``: a workdir checkpoint other than the newest.
     ``new_params_seed``: an embedding head or LoRA adapters that config has and the stored
     weights lack start from a fresh init with this seed (finetuning a pretrained model)."""
+    if config.base_quant != "none" and read_config(path).base_quant == "none":
+        from grit_jax import quant  # float weights, quantized as they arrive
+
+        plain = config.replace(base_quant="none")
+        flat_sh = traverse_util.flatten_dict(shardings)
+        plain_sh = traverse_util.unflatten_dict(
+            {p: s for p, s in flat_sh.items() if not p[-1].endswith(quant.SCALE)})
+        params = load_params(path, plain, plain_sh, step=step, new_params_seed=new_params_seed)
+        return quant.quantize_sharded(params, config, shardings)
     if new_params_seed is not None:
         stored = read_config(path)
         body = config

@@ -80,6 +80,25 @@ def test_mixture_of_experts_compiles_with_megablox_and_expert_parallelism(tmp_pa
     assert r["hlo_flops_over_model"] > 1.0
 
 
+def test_qlora_step_compiles_for_v5e_with_less_argument_memory(tmp_path):
+    """LoRA on every projection over an int8 base, with PrefixLM, one-sided gradients and
+    micro-batches of both sides, compiles for a v5e slice; the arguments (params + Adam state)
+    per device are well under the full finetune's (adapters alone carry Adam moments)."""
+    common = ("--config.model.hidden_size=512", "--config.model.intermediate_size=1024",
+              "--config.model.num_heads=8")
+    for d in ("full", "lora"):
+        (tmp_path / d).mkdir()
+    full, rf = run(*common, tmp_path=tmp_path / "full", topology="v5e:2x2")
+    lora, rl = run(*common, "--config.model.lora_rank=8", "--config.model.base_quant=int8",
+                   "--config.model.lora_targets=q,k,v,o,gate,up,down",
+                   "--config.loss.gen_attention=prefix", "--config.loss.emb_grad=query",
+                   "--config.loss.gen_micro_batches=2", "--config.loss.emb_micro_batches=2",
+                   tmp_path=tmp_path / "lora", topology="v5e:2x2")
+    assert full.returncode == 0 and lora.returncode == 0, lora.stderr[-2000:]
+    assert rl["fits"] and rl["device_kind"] == rf["device_kind"]
+    assert rl["per_device_gib"]["arguments"] < 0.5 * rf["per_device_gib"]["arguments"]
+
+
 def test_too_big_exits_1_with_advice(tmp_path):
     # 64 queries x 16 passages of 2048 tokens without GradCache or remat: far beyond 95 GiB.
     proc, r = run("--lengths", "2048,2048,2048", "--config.data.query_batch=64",

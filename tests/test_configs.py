@@ -10,7 +10,7 @@ from grit_jax.train_step import LossConfig
 
 @pytest.mark.parametrize("name", ["tiny", "tiny_embedding", "tiny_generative", "tiny_cccc_weightedmean",
                                   "smollm2_grit", "gritlm_7b", "tiny_moe",
-                                  "gritlm_8x7b"])
+                                  "gritlm_8x7b", "smollm2_grit_lora", "gritlm_7b_lora"])
 def test_config_builds(name):
     c = importlib.import_module(f"configs.{name}").get_config()
     model = ModelConfig(**c.model.to_dict())
@@ -20,6 +20,9 @@ def test_config_builds(name):
     if name == "gritlm_7b":
         assert 7.0e9 < model.num_params() < 7.5e9
         assert (loss.grad_cache_chunk, c.data.query_batch, c.optim.lr) == (256, 2048, 2e-5)
+    if name == "gritlm_7b_lora":  # rank 16 on all 7 projections of 32 layers: 41.9M adapters
+        assert model.num_layers * model.lora_params_per_layer() == 41_943_040
+        assert model.param_dtype == "bfloat16" and loss.grad_cache_chunk == 64
     if name == "gritlm_8x7b":  # Mixtral-8x7B: 46.7B parameters, 12.9B active per token
         assert 46.5e9 < model.num_params() < 47e9
         assert 12.8e9 < model.num_params(active=True) < 13e9

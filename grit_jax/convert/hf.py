@@ -23,7 +23,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from grit_jax import checkpoint, lora, outputs
+from grit_jax import checkpoint, lora, outputs, quant
 from grit_jax.config import ModelConfig, RopeScaling
 from grit_jax.data.tokenizers import load_tokenizer
 
@@ -620,7 +620,7 @@ def grit_to_hf(params_dir: str, out_dir: str, *, dtype: str | None = None,
         if adapters_only:
             write_peft(params, config, staging, dtype=dtype, base_model=base_model)
         else:
-            params, config = lora.merge(params, config)
+            params, config = lora.merge(*quant.dequantize(params, config))
             write_hf(params, config, staging, dtype=dtype, max_shard_bytes=max_shard_bytes)
         try:
             load_tokenizer(tokenizer or params_dir).save(staging)
