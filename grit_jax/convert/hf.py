@@ -525,13 +525,11 @@ def write_hf(params, config: ModelConfig, out_dir: str, *, dtype: str | None = N
     dtype = dtype or config.param_dtype
     itemsize = jnp.dtype(dtype).itemsize
     # Plan shards from shapes alone, then materialise one shard at a time.
-    plan, cur, cur_bytes, head = [], [], 0, {}
+    plan, cur, cur_bytes = [], [], 0
     for name, path, index, _, to_hf in hf_tensor_names(config):
         if path not in flat:
             raise ValueError(f"params lack {'/'.join(path)} (needed for {name})")
-        if name.startswith("projection."):
-            head[name.split(".", 1)[1]] = np.ascontiguousarray(
-                to_hf(np.asarray(flat[path])).astype(jnp.dtype(dtype)))
+        if name.startswith("projection."):  # written beside the model (write_projection)
             continue
         nbytes = int(np.prod(slot_shape(flat[path].shape, index))) * itemsize
         if cur and cur_bytes + nbytes > max_shard_bytes:
@@ -556,12 +554,7 @@ def write_hf(params, config: ModelConfig, out_dir: str, *, dtype: str | None = N
     if n > 1:
         with open(os.path.join(out_dir, SAFE_INDEX), "w", encoding="utf-8") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-    if head:
-        save_file(head, os.path.join(out_dir, PROJECTION_FILE), metadata={"format": "pt"})
-        files.append(os.path.join(out_dir, PROJECTION_FILE))
-        with open(os.path.join(out_dir, PROJECTION_CONFIG), "w", encoding="utf-8") as f:
-            json.dump({"in_features": config.hidden_size, "out_features": config.projection_dim,
-                       "bias": True}, f, indent=2)
+    files += write_projection(params, config, out_dir, dtype)
     with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
         json.dump(config_to_hf(config, torch_dtype=str(jnp.dtype(dtype))), f, indent=2)
     gen = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
@@ -585,17 +578,26 @@ def write_peft(params, config: ModelConfig, out_dir: str, *, dtype: str | None =
     save_file(tensors, path, metadata={"format": "pt"})
     with open(os.path.join(out_dir, "adapter_config.json"), "w", encoding="utf-8") as f:
         json.dump(lora.peft_config(config, base_model), f, indent=2)
-    files = [path]
-    if config.projection_dim:
-        flat = {k: np.asarray(v) for k, v in params["projection"].items()}
-        head = {"weight": np.ascontiguousarray(flat["kernel"].T.astype(dt)),
-                "bias": flat["bias"].astype(dt)}
-        save_file(head, os.path.join(out_dir, PROJECTION_FILE), metadata={"format": "pt"})
-        with open(os.path.join(out_dir, PROJECTION_CONFIG), "w", encoding="utf-8") as f:
-            json.dump({"in_features": config.hidden_size, "out_features": config.projection_dim,
-                       "bias": True}, f, indent=2)
-        files.append(os.path.join(out_dir, PROJECTION_FILE))
-    return files
+    return [path] + write_projection(params, config, out_dir, dt)
+
+
+def write_projection(params, config: ModelConfig, out_dir: str, dtype) -> list[str]:
+    """The embedding head (if any) as torch.nn.Linear's state dict in projection.safetensors,
+    with its shape in projection_config.json; the files written."""
+    import jax.numpy as jnp
+    from safetensors.numpy import save_file
+
+    if not config.projection_dim:
+        return []
+    dt = jnp.dtype(dtype or config.param_dtype)
+    w, b = (np.asarray(params["projection"][k]) for k in ("kernel", "bias"))
+    path = os.path.join(out_dir, PROJECTION_FILE)
+    save_file({"weight": np.ascontiguousarray(w.T.astype(dt)), "bias": b.astype(dt)}, path,
+              metadata={"format": "pt"})
+    with open(os.path.join(out_dir, PROJECTION_CONFIG), "w", encoding="utf-8") as f:
+        json.dump({"in_features": config.hidden_size, "out_features": config.projection_dim,
+                   "bias": True}, f, indent=2)
+    return [path]
 
 
 def grit_to_hf(params_dir: str, out_dir: str, *, dtype: str | None = None,
