@@ -61,3 +61,14 @@ def gcs(tmp_path_factory):
                     "it there)")
     with gcs_emulator.running(str(tmp_path_factory.mktemp("gcs") / "emulator.log")) as env:
         yield env
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled_programs():
+    """Frees each module's compiled programs when it ends: one pytest process runs every module,
+    and XLA:CPU executables (hundreds by the end) would otherwise stay resident all run long."""
+    yield
+    import gc
+
+    jax.clear_caches()
+    gc.collect()

@@ -37,6 +37,11 @@ def make_batch(seed=0, q=8, g=2, n_gen=8):
     return b
 
 
+# Every loss-and-gradient call in this module is jitted: op-by-op float64 execution of the model's
+# backward pass crashed XLA:CPU late in full runs (never alone).
+jit_loss_and_grads = jax.jit(loss_and_grads, static_argnums=(1, 2))
+
+
 @pytest.fixture(scope="module")
 def params():
     return init_params(CFG, seed=1)
@@ -49,8 +54,7 @@ def assert_trees_close(a, b, atol=1e-5):
 
 def test_prefix_lm_generative_loss(params):
     """gen_attention='prefix': the loss of logits from a PrefixLM pass whose prompt is every
-    valid token outside the loss mask; it differs from the causal loss. (First in this module:
-    after its float64 tests it crashed XLA:CPU twice in full runs, never alone.)"""
+    valid token outside the loss mask; it differs from the causal loss."""
     b = make_batch()
     lc = LossConfig(mode="generative", gen_attention="prefix", gen_sub_batch=4)
     m, _ = jit_loss_and_grads(params, CFG, lc, b)
@@ -83,16 +87,13 @@ def test_grad_cache_and_split_emb_equal_plain_gradients(variant):
     with jax.enable_x64(True):
         cfg = CFG.replace(dtype="float64", param_dtype="float64")
         params, b = init_params(cfg, seed=1), make_batch()
-        plain_m, plain_g = loss_and_grads(params, cfg, LossConfig(), b)
-        m, g = loss_and_grads(params, cfg, LossConfig(**variant), b)
+        plain_m, plain_g = jit_loss_and_grads(params, cfg, LossConfig(), b)
+        m, g = jit_loss_and_grads(params, cfg, LossConfig(**variant), b)
         for k in plain_m:
             assert close64(float(m[k]), float(plain_m[k])), k
         jax.tree.map(lambda x, y: np.testing.assert_allclose(
             np.asarray(x), np.asarray(y), rtol=FLOAT64_RTOL, atol=FLOAT64_ATOL), g, plain_g)
         assert float(plain_m["loss_rep"]) > 0 and float(plain_m["loss_gen"]) > 0
-
-
-jit_loss_and_grads = jax.jit(loss_and_grads, static_argnums=(1, 2))
 
 
 def _assert_equal64(got, want):
@@ -137,7 +138,7 @@ def test_one_sided_gradients_take_only_that_sides_path(variant):
             p = reps(pp, cfg, lc, b["passage_ids"], b["passage_valid"], b["passage_pool"])
             return contrastive_loss(q, p, lc.temperature)
 
-        loss, (via_q, via_p) = jax.value_and_grad(two_copies, argnums=(0, 1))(params, params)
+        loss, (via_q, via_p) = jax.jit(jax.value_and_grad(two_copies, argnums=(0, 1)))(params, params)
         m_q, g_q = jit_loss_and_grads(params, cfg, LossConfig(mode="embedding", emb_grad="query",
                                                           **variant), b)
         m_p, g_p = jit_loss_and_grads(params, cfg, LossConfig(mode="embedding", emb_grad="passage",
@@ -170,9 +171,9 @@ def test_projection_head_is_trained():
 
 def test_modes(params):
     b = make_batch()
-    emb, _ = loss_and_grads(params, CFG, LossConfig(mode="embedding"), b)
-    gen, _ = loss_and_grads(params, CFG, LossConfig(mode="generative"), b)
-    both, _ = loss_and_grads(params, CFG, LossConfig(lambda_gen=0.5), b)
+    emb, _ = jit_loss_and_grads(params, CFG, LossConfig(mode="embedding"), b)
+    gen, _ = jit_loss_and_grads(params, CFG, LossConfig(mode="generative"), b)
+    both, _ = jit_loss_and_grads(params, CFG, LossConfig(lambda_gen=0.5), b)
     assert float(emb["loss_gen"]) == 0 and float(gen["loss_rep"]) == 0
     np.testing.assert_allclose(float(both["loss"]),
                                float(emb["loss_rep"]) + 0.5 * float(gen["loss_gen"]), rtol=1e-6)
