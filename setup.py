@@ -30,6 +30,7 @@ setup(
         "tensorflow-datasets>=4.9.10",
         "importlib_resources",  # imported by tensorflow-datasets' builders, not declared by it
         "grain>=0.2.18",
+        "qwix>=0.1.8,<0.2",  # quantized storage of a frozen base (grit_jax.quant)
         "sentencepiece>=0.2.0",
         "protobuf",
         "tokenizers>=0.21",

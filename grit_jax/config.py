@@ -16,7 +16,7 @@ ATTENTION_IMPLS = ("auto", "xla", "blocked", "splash", "splash_interpret")  # se
 REMAT_POLICIES = ("none", "full", "save_qkv_proj", "save_dot_except_mlp",
                   "save_dot_except_mlpwi", "minimal", "minimal_with_context", "qkv_proj_offloaded",
                   "minimal_offloaded", "dots", "dots_no_batch")
-BASE_QUANTS = ("none", "int8")  # storage of the frozen base under LoRA (grit_jax.quant)
+BASE_QUANTS = ("none", "int8", "int4", "nf4")  # the frozen base under LoRA (grit_jax.quant)
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # projections LoRA can adapt
 DTYPES = ("float32", "bfloat16", "float16", "float64")  # float64: JAX_ENABLE_X64=1 (parity checks)
 CONFIG_FILE = "grit_config.json"
@@ -76,7 +76,10 @@ class ModelConfig:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     lora_targets: str = "q,k,v,o"  # comma-separated, from LORA_TARGETS
-    base_quant: str = "none"  # "int8": the frozen base's projections held in int8 (QLoRA-style)
+    # QLoRA-style storage of the frozen base's projections (grit_jax.quant): "int8" (a scale per
+    # output channel), "int4" or "nf4" (a scale per quant_block inputs and output channel).
+    base_quant: str = "none"
+    quant_block: int = 64
 
     def __post_init__(self):
         problems = []
@@ -135,6 +138,15 @@ class ModelConfig:
         elif self.base_quant != "none" and (not self.lora_rank or self.family == "mixtral"):
             problems.append(f"base_quant={self.base_quant!r} holds a frozen base: it needs "
                             f"lora_rank > 0 and a dense model (family mistral or llama)")
+        elif self.base_quant in ("int4", "nf4"):
+            if self.quant_block <= 0:
+                problems.append(f"quant_block={self.quant_block} must be > 0")
+            else:
+                for name, size in (("hidden_size", self.hidden_size), ("intermediate_size",
+                                   self.intermediate_size), ("head_dim", self.resolved_head_dim)):
+                    if size % min(self.quant_block, size):
+                        problems.append(f"base_quant={self.base_quant!r}: {name}={size} is not "
+                                        f"a multiple of quant_block={self.quant_block}")
         if self.projection_dim < 0:
             problems.append(f"projection_dim={self.projection_dim} must be >= 0 (0: no head)")
         if self.scan_unroll < 0:

@@ -199,20 +199,25 @@ def _param(module: nn.Module, name: str, shape, axes, config: ModelConfig, init=
 
 
 def _weight(module: nn.Module, name: str, shape, axes, n_in: int):
-    """A projection's weight in the compute dtype: a parameter, or with base_quant='int8' an
-    int8 parameter times its per-output-channel float32 ``<name>_scale`` (grit_jax.quant)."""
+    """A projection's weight in the compute dtype: a parameter, or with base_quant its integer
+    codes and float32 ``<name>_scale`` dequantized (grit_jax.quant)."""
     c = module.config
     if c.base_quant == "none":
         return _param(module, name, shape, axes, c).astype(c.jnp_dtype)
+    from grit_jax import quant
+
+    lo, hi, top = quant.code_range(c)
     bound = math.sqrt(3.0) * c.initializer_range  # a random init uniform with that std
 
-    def q_init(key, shape_, dtype):
-        return jax.random.randint(key, shape_, -127, 128).astype(dtype)
+    def q_init(key, shape_, dtype):  # random codes: real bases are quantized as they are read
+        return jax.random.randint(key, shape_, lo, hi + 1).astype(dtype)
 
-    q = module.param(name, nn.with_logical_partitioning(q_init, axes), shape, jnp.int8)
-    scale = module.param(name + "_scale", nn.with_logical_partitioning(
-        nn.initializers.constant(bound / 127.0), axes[n_in:]), shape[n_in:], jnp.float32)
-    return (q.astype(jnp.float32) * scale).astype(c.jnp_dtype)
+    q = module.param(name, nn.with_logical_partitioning(q_init, axes), shape,
+                     quant.STORAGE[c.base_quant])
+    scale = module.param(name + quant.SCALE, nn.with_logical_partitioning(
+        nn.initializers.constant(bound / top), quant.scale_axes(axes, n_in, c, stacked=False)),
+        quant.scale_shape(shape, n_in, c, stacked=False), jnp.float32)
+    return quant.dequantize_weight(q, scale, c, c.jnp_dtype)
 
 
 def _lora(module: nn.Module, name: str, x, in_shape, in_axes, out_shape, out_axes):

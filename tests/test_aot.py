@@ -81,7 +81,7 @@ def test_mixture_of_experts_compiles_with_megablox_and_expert_parallelism(tmp_pa
 
 
 def test_qlora_step_compiles_for_v5e_with_less_argument_memory(tmp_path):
-    """LoRA on every projection over an int8 base, with PrefixLM, one-sided gradients and
+    """LoRA on every projection over an nf4 base (4-bit codes, block scales), with PrefixLM, one-sided gradients and
     micro-batches of both sides, compiles for a v5e slice; the arguments (params + Adam state)
     per device are well under the full finetune's (adapters alone carry Adam moments)."""
     common = ("--config.model.hidden_size=512", "--config.model.intermediate_size=1024",
@@ -89,7 +89,7 @@ def test_qlora_step_compiles_for_v5e_with_less_argument_memory(tmp_path):
     for d in ("full", "lora"):
         (tmp_path / d).mkdir()
     full, rf = run(*common, tmp_path=tmp_path / "full", topology="v5e:2x2")
-    lora, rl = run(*common, "--config.model.lora_rank=8", "--config.model.base_quant=int8",
+    lora, rl = run(*common, "--config.model.lora_rank=8", "--config.model.base_quant=nf4",
                    "--config.model.lora_targets=q,k,v,o,gate,up,down",
                    "--config.loss.gen_attention=prefix", "--config.loss.emb_grad=query",
                    "--config.loss.gen_micro_batches=2", "--config.loss.emb_micro_batches=2",
