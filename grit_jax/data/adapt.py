@@ -1,0 +1,301 @@
+"""``python -m grit_jax.data.adapt --input DOCS --output DIR``: a GRIT training set from your own
+unlabeled documents.
+
+Embedding records (self-supervised pairs, each with hard negatives from *other* documents of the
+same split, found by word overlap):
+- ``adapt_title``: a document's title -> its first passage;
+- ``adapt_heading``: "title: heading" of a section -> the section's first passage;
+- ``adapt_cloze``: a sentence -> the rest of its passage (the inverse cloze task);
+- ``adapt_next``: a passage -> the passage after it.
+Generative records: ``adapt_chat`` (a user asks about a document or a section, the assistant
+answers with its passage) and ``adapt_text`` (every passage as plain text, every token trained).
+
+Documents go whole to ``train`` or to the held-out ``eval`` split (a seeded hash of the
+document's id), duplicate documents and passages are dropped, and every choice is a function of
+the seed. Writes ``DIR/jsonl/{train,eval}/*.jsonl`` and ``DIR/adapt_report.json`` (counts, every
+skip with its reason, the skipped documents by name); ``--build`` also builds the datasets
+(``DIR/train``, ``DIR/eval``) for ``grit_jax.train``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import hashlib
+import json
+import math
+import os
+import re
+import sys
+
+import numpy as np
+
+from grit_jax.data import documents as docs_lib
+from grit_jax.data.records import SkipCounter
+
+# Instructions in GRIT's embedding format (``<|user|>\n{instruction}\n<|embed|>\n``): one per
+# task, saying what the query is and what it retrieves, as in the E5 data GritLM trained on.
+INSTRUCTIONS = {
+    "adapt_title": "Given the title of a document, retrieve the opening passage of that document",
+    "adapt_heading": "Given a document title and a section heading, retrieve the passage under "
+                     "that heading",
+    "adapt_cloze": "Given a sentence, retrieve the passage it was taken from",
+    "adapt_next": "Given a passage of a document, retrieve the passage that follows it",
+}
+GENERATIVE = ("adapt_chat", "adapt_text")
+STOPWORDS = frozenset("""a an and are as at be by for from has have in is it its of on or that
+the this to was were will with which not can you your we our they their these those also""".split())
+
+
+def _digest(*parts) -> int:
+    return int.from_bytes(hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()[:8],
+                          "little")
+
+
+def is_heldout(doc_id: str, seed: int, fraction: float) -> bool:
+    """Whether a document goes to ``eval``: a seeded hash of its id, so adding documents never
+    moves another one."""
+    return _digest("split", seed, doc_id) % 1_000_000 < fraction * 1_000_000
+
+
+def _norm(text: str) -> str:
+    return " ".join(re.sub(r"[^\w]+", " ", text.lower()).split())
+
+
+def deduplicate(documents, counts: collections.Counter):
+    """Documents whose text repeats an earlier one dropped (named), and passages seen before
+    removed from later documents; counted."""
+    seen_docs, seen_passages, out, dropped = set(), set(), [], []
+    for doc in documents:
+        key = hashlib.sha256(_norm(" ".join(doc.passages)).encode()).digest()
+        if key in seen_docs:
+            counts["duplicate document"] += 1
+            dropped.append(doc.id)
+            continue
+        seen_docs.add(key)
+        sections = []
+        for s in doc.sections:
+            kept = []
+            for p in s.passages:
+                k = hashlib.sha256(_norm(p).encode()).digest()
+                if k in seen_passages:
+                    counts["duplicate passage"] += 1
+                else:
+                    seen_passages.add(k)
+                    kept.append(p)
+            if kept:
+                sections.append(docs_lib.Section(s.heading, tuple(kept)))
+        if sections:
+            out.append(docs_lib.Document(doc.id, doc.title, tuple(sections)))
+        else:
+            counts["document made only of duplicate passages"] += 1
+            dropped.append(doc.id)
+    return out, dropped
+
+
+class NegativeIndex:
+    """Passages of one split, searchable by IDF-weighted word overlap: the hard negatives of a
+    query are the best-matching passages of other documents."""
+
+    def __init__(self, documents):
+        self.passages, self.owner = [], []
+        for d, doc in enumerate(documents):
+            for p in doc.passages:
+                self.passages.append(p)
+                self.owner.append(d)
+        self.terms = [self._terms(p) for p in self.passages]
+        df = collections.Counter(t for ts in self.terms for t in ts)
+        n = len(self.passages)
+        self.idf = {t: math.log(1 + n / c) for t, c in df.items()}
+        self.postings = collections.defaultdict(list)
+        for i, ts in enumerate(self.terms):
+            for t in ts:
+                self.postings[t].append(i)
+
+    @staticmethod
+    def _terms(text: str) -> frozenset:
+        return frozenset(w for w in _norm(text).split() if w not in STOPWORDS and len(w) > 1)
+
+    def negatives(self, query: str, doc: int, k: int, rng: np.random.Generator,
+                  max_postings: int = 2000) -> list[str]:
+        """k passages of documents other than ``doc``: the best overlap with the query (ties and
+        a shortfall filled in seeded order)."""
+        if k <= 0:
+            return []
+        scores = collections.Counter()
+        for t in sorted(self._terms(query), key=lambda t: -self.idf.get(t, 0.0))[:16]:
+            post = self.postings.get(t, ())
+            if len(post) > max_postings:  # a word in most passages says nothing
+                continue
+            for i in post:
+                if self.owner[i] != doc:
+                    scores[i] += self.idf[t]
+        ranked = sorted(scores, key=lambda i: (-scores[i], i))[:k]
+        for _ in range(50 * k):  # a shortfall: random passages of other documents
+            if len(ranked) == k:
+                break
+            i = int(rng.integers(len(self.passages)))
+            if self.owner[i] != doc and i not in ranked:
+                ranked.append(i)
+        return [self.passages[i] for i in ranked]
+
+
+def records_for(documents, *, seed: int, negatives: int, split: str) -> dict[str, list[dict]]:
+    """{file name: records} of one split's documents."""
+    index = NegativeIndex(documents)
+    out = {name: [] for name in list(INSTRUCTIONS) + list(GENERATIVE)}
+
+    def emb(task, query, positive, d, rng):
+        out[task].append({"query": [INSTRUCTIONS[task], query], "pos": [positive],
+                          "neg": index.negatives(query, d, negatives, rng)})
+
+    for d, doc in enumerate(documents):
+        rng = np.random.default_rng([seed, _digest("records", split, doc.id)])
+        ps = doc.passages
+        if doc.title:
+            emb("adapt_title", doc.title, ps[0], d, rng)
+            out["adapt_chat"].append({"messages": [
+                {"role": "user", "content": f"What is \"{doc.title}\" about?"},
+                {"role": "assistant", "content": ps[0]}]})
+        for s in doc.sections:
+            if s.heading:
+                query = f"{doc.title}: {s.heading}" if doc.title else s.heading
+                emb("adapt_heading", query, s.passages[0], d, rng)
+                out["adapt_chat"].append({"messages": [
+                    {"role": "user", "content": f"What does the section \"{s.heading}\""
+                                                + (f" of \"{doc.title}\"" if doc.title else "")
+                                                + " say?"},
+                    {"role": "assistant", "content": s.passages[0]}]})
+        for i, p in enumerate(ps):
+            sents = docs_lib.sentences(p)
+            if len(sents) >= 3:
+                j = int(rng.integers(len(sents)))
+                rest = " ".join(sents[:j] + sents[j + 1:])
+                emb("adapt_cloze", sents[j], rest, d, rng)
+            if i + 1 < len(ps):
+                emb("adapt_next", p, ps[i + 1], d, rng)
+            out["adapt_text"].append({"text": p})
+    return out
+
+
+def adapt(input_path: str, output: str, *, seed: int = 0, eval_fraction: float = 0.1,
+          passage_words: int = 120, min_words: int = 12, negatives: int = 3,
+          skip_invalid: bool = False, overwrite: bool = False, build: bool = False,
+          tokenizer: str | None = None, max_lengths: dict | None = None) -> dict:
+    """Write the training set (see the module); returns the report."""
+    from grit_jax import outputs
+
+    if not 0.0 <= eval_fraction < 1.0:
+        raise ValueError(f"--eval-fraction {eval_fraction}: must be in [0, 1)")
+    if passage_words < 8 or not 1 <= min_words <= passage_words:
+        raise ValueError(f"--passage-words {passage_words} / --min-words {min_words}: need "
+                         f"passage-words >= 8 and 1 <= min-words <= passage-words")
+    if negatives < 0:
+        raise ValueError(f"--negatives {negatives}: must be >= 0")
+    outputs.check_target(output, overwrite=overwrite, flag="--output")
+    skips = SkipCounter(enabled=skip_invalid)
+    found, empty = docs_lib.read_documents(input_path, skips, passage_words=passage_words,
+                                           min_words=min_words)
+    counts = collections.Counter(skips.counts)
+    if empty:
+        counts[f"no passage of {min_words}+ words"] += len(empty)
+    found, duplicates = deduplicate(found, counts)
+    if not found:
+        raise ValueError(f"{input_path}: no document has a passage of {min_words} or more words")
+    splits = {"train": [d for d in found if not is_heldout(d.id, seed, eval_fraction)],
+              "eval": [d for d in found if is_heldout(d.id, seed, eval_fraction)]}
+    if not splits["train"]:
+        raise ValueError(f"{input_path}: every document went to eval; lower --eval-fraction")
+    report = {"input": os.path.abspath(input_path), "seed": seed, "eval_fraction": eval_fraction,
+              "passage_words": passage_words, "min_words": min_words, "negatives": negatives,
+              "documents": {k: len(v) for k, v in splits.items()},
+              "passages": {k: sum(len(d.passages) for d in v) for k, v in splits.items()},
+              "records": {}, "skipped": dict(sorted(counts.items())),
+              "skipped_documents": {"no passage": empty, "duplicate": duplicates}}
+    with outputs.staged_dir(output, overwrite=overwrite, flag="--output") as staging:
+        for split, documents in splits.items():
+            if not documents:
+                continue
+            recs = records_for(documents, seed=seed, negatives=negatives, split=split)
+            recs = {k: v for k, v in recs.items() if v}
+            folder = os.path.join(staging, "jsonl", split)
+            os.makedirs(folder)
+            for name, rs in recs.items():
+                with open(os.path.join(folder, name + ".jsonl"), "w", encoding="utf-8") as f:
+                    f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rs)
+            report["records"][split] = {k: len(v) for k, v in recs.items()}
+            if build:
+                from grit_jax.data.dataset import build as build_dataset
+
+                build_dataset(folder, os.path.join(staging, split), tokenizer=tokenizer,
+                              max_lengths=max_lengths)
+        with open(os.path.join(staging, "adapt_report.json"), "w") as f:
+            json.dump(report, f, indent=1)
+    return report
+
+
+def summary(report: dict) -> str:
+    lines = []
+    for split, recs in report["records"].items():
+        lines.append(f"{split}: {report['documents'][split]} documents, "
+                     f"{report['passages'][split]} passages -> "
+                     + ", ".join(f"{k} {v}" for k, v in recs.items()))
+    if report["skipped"]:
+        lines.append("skipped: " + ", ".join(f"{k} {v}" for k, v in report["skipped"].items()))
+    for why, ids in report["skipped_documents"].items():
+        if ids:
+            more = f" (+{len(ids) - 5} more, see adapt_report.json)" if len(ids) > 5 else ""
+            lines.append(f"documents skipped ({why}): {', '.join(ids[:5])}{more}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    from grit_jax import cli
+
+    return cli.run(_main, argv)
+
+
+def _main(argv) -> int:
+    from grit_jax.data.dataset import DEFAULT_MAX_LENGTHS
+
+    p = argparse.ArgumentParser(prog="python -m grit_jax.data.adapt", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", required=True,
+                   help="a folder (searched recursively) or a file of .txt/.md/.rst/.jsonl")
+    p.add_argument("--output", required=True, help="folder to write (refused if it exists)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-fraction", type=float, default=0.1,
+                   help="share of documents held out whole for evaluation (default 0.1)")
+    p.add_argument("--passage-words", type=int, default=120,
+                   help="paragraphs are merged or split into passages of about this many words")
+    p.add_argument("--min-words", type=int, default=12,
+                   help="shorter passages are dropped (a short remainder joins its neighbour)")
+    p.add_argument("--negatives", type=int, default=3, help="hard negatives per query")
+    p.add_argument("--skip-invalid", action="store_true",
+                   help="skip files that are not UTF-8 and bad JSONL lines, counted, instead of "
+                        "stopping at the first")
+    p.add_argument("--build", action="store_true",
+                   help="also build the train/eval datasets (tokenised) for grit_jax.train")
+    p.add_argument("--tokenizer", default=None, help="for --build (default: bundled Mistral)")
+    for name in ("query", "passage", "generative"):
+        p.add_argument(f"--max-{name}-length", type=int, default=DEFAULT_MAX_LENGTHS[name],
+                       help=f"for --build (default {DEFAULT_MAX_LENGTHS[name]})")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing folder at --output (default: refuse)")
+    args = p.parse_args(argv)
+    lengths = {n: getattr(args, f"max_{n}_length") for n in ("query", "passage", "generative")}
+    for name, n in lengths.items():
+        if n <= 0:
+            raise ValueError(f"--max-{name}-length {n}: must be > 0")
+    report = adapt(args.input, args.output, seed=args.seed, eval_fraction=args.eval_fraction,
+                   passage_words=args.passage_words, min_words=args.min_words,
+                   negatives=args.negatives, skip_invalid=args.skip_invalid,
+                   overwrite=args.overwrite, build=args.build, tokenizer=args.tokenizer,
+                   max_lengths=lengths)
+    print(summary(report))
+    print(f"-> {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
