@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test demo clean
+.PHONY: venv test demo corpus clean
 
 venv: $(STAMP)
 
@@ -29,6 +29,20 @@ test: venv
 
 demo: venv
 	$(PY) -m grit_jax.demo
+
+# A real corpus for grit_jax.data.adapt: the reStructuredText sources of the Python 3.11
+# documentation (497 files, 12 MB; PSF License), from Debian's python3.11-doc package.
+CORPUS := corpora/python3.11-doc
+corpus: $(CORPUS)/.done
+
+$(CORPUS)/.done:
+	rm -rf $(CORPUS) $(CORPUS).partial && mkdir -p $(CORPUS).partial
+	cd $(CORPUS).partial && apt-get download python3.11-doc && dpkg-deb -x python3.11-doc_*.deb deb
+	mv $(CORPUS).partial/deb/usr/share/doc/python3.11/html/_sources $(CORPUS).partial/sources
+	cp $(CORPUS).partial/deb/usr/share/doc/python3.11-doc/copyright $(CORPUS).partial/COPYRIGHT
+	ls $(CORPUS).partial/python3.11-doc_*.deb | sed 's|.*/||' > $(CORPUS).partial/PACKAGE
+	rm -rf $(CORPUS).partial/deb $(CORPUS).partial/python3.11-doc_*.deb
+	mv $(CORPUS).partial $(CORPUS) && touch $@
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -94,73 +94,89 @@ def deduplicate(documents, counts: collections.Counter):
 
 
 class NegativeIndex:
-    """Passages of one split, searchable by IDF-weighted word overlap: the hard negatives of a
-    query are the best-matching passages of other documents."""
+    """Passages of one split, searchable by IDF-weighted word overlap (a sparse term matrix):
+    the hard negatives of a query are the best-matching passages of *other* documents."""
 
-    def __init__(self, documents):
-        self.passages, self.owner = [], []
+    def __init__(self, documents, max_df: int = 2000):
+        from scipy import sparse
+
+        self.passages, owner, vocab, rows, cols = [], [], {}, [], []
         for d, doc in enumerate(documents):
             for p in doc.passages:
+                for t in self.terms(p):
+                    rows.append(len(self.passages))
+                    cols.append(vocab.setdefault(t, len(vocab)))
                 self.passages.append(p)
-                self.owner.append(d)
-        self.terms = [self._terms(p) for p in self.passages]
-        df = collections.Counter(t for ts in self.terms for t in ts)
+                owner.append(d)
+        self.owner, self.vocab = np.asarray(owner), vocab
         n = len(self.passages)
-        self.idf = {t: math.log(1 + n / c) for t, c in df.items()}
-        self.postings = collections.defaultdict(list)
-        for i, ts in enumerate(self.terms):
-            for t in ts:
-                self.postings[t].append(i)
+        df = np.bincount(np.asarray(cols, np.int64), minlength=len(vocab))
+        # A word in most passages says nothing about any of them.
+        self.idf = np.where(df <= max_df, np.log1p(n / np.maximum(df, 1)), 0.0)
+        self.matrix = sparse.csr_matrix((np.ones(len(rows), np.float32), (rows, cols)),
+                                        shape=(n, len(vocab))).T.tocsr()  # terms x passages
 
     @staticmethod
-    def _terms(text: str) -> frozenset:
+    def terms(text: str) -> frozenset:
         return frozenset(w for w in _norm(text).split() if w not in STOPWORDS and len(w) > 1)
 
-    def negatives(self, query: str, doc: int, k: int, rng: np.random.Generator,
-                  max_postings: int = 2000) -> list[str]:
-        """k passages of documents other than ``doc``: the best overlap with the query (ties and
-        a shortfall filled in seeded order)."""
-        if k <= 0:
-            return []
-        scores = collections.Counter()
-        for t in sorted(self._terms(query), key=lambda t: -self.idf.get(t, 0.0))[:16]:
-            post = self.postings.get(t, ())
-            if len(post) > max_postings:  # a word in most passages says nothing
-                continue
-            for i in post:
-                if self.owner[i] != doc:
-                    scores[i] += self.idf[t]
-        ranked = sorted(scores, key=lambda i: (-scores[i], i))[:k]
-        for _ in range(50 * k):  # a shortfall: random passages of other documents
-            if len(ranked) == k:
-                break
-            i = int(rng.integers(len(self.passages)))
-            if self.owner[i] != doc and i not in ranked:
-                ranked.append(i)
-        return [self.passages[i] for i in ranked]
+    def negatives(self, queries, k: int, seed: int, chunk: int = 512) -> list[list[str]]:
+        """For each (query text, document number, name): k passages of other documents, the
+        best overlap first (its 16 rarest words weighted by IDF; ties by position); a shortfall
+        filled with random passages of other documents, seeded by (seed, name)."""
+        from scipy import sparse
+
+        out = []
+        for start in range(0, len(queries), chunk):
+            part = queries[start:start + chunk]
+            rows, cols, vals = [], [], []
+            for r, (text, _, _) in enumerate(part):
+                ids = [self.vocab[t] for t in self.terms(text) if t in self.vocab]
+                for j in sorted(ids, key=lambda j: (-self.idf[j], j))[:16]:
+                    rows.append(r)
+                    cols.append(j)
+                    vals.append(self.idf[j])
+            q = sparse.csr_matrix((vals, (rows, cols)), shape=(len(part), len(self.vocab)))
+            scores = np.asarray((q @ self.matrix).todense())
+            docs = np.asarray([d for _, d, _ in part])
+            scores[self.owner[None, :] == docs[:, None]] = -1.0  # never the query's document
+            for r, (_, d, name) in enumerate(part):
+                row = scores[r]
+                best = np.argsort(-row, kind="stable")[:k]
+                picked = [int(i) for i in best if row[i] > 0]
+                rng = np.random.default_rng([seed, _digest("negatives", name)])
+                for _ in range(50 * k):  # a shortfall: random passages of other documents
+                    if len(picked) >= k:
+                        break
+                    i = int(rng.integers(len(self.passages)))
+                    if self.owner[i] != d and i not in picked:
+                        picked.append(i)
+                out.append([self.passages[i] for i in picked])
+        return out
 
 
 def records_for(documents, *, seed: int, negatives: int, split: str) -> dict[str, list[dict]]:
     """{file name: records} of one split's documents."""
-    index = NegativeIndex(documents)
     out = {name: [] for name in list(INSTRUCTIONS) + list(GENERATIVE)}
+    queries, records = [], []  # (query, document number, name) of every embedding record
 
-    def emb(task, query, positive, d, rng):
-        out[task].append({"query": [INSTRUCTIONS[task], query], "pos": [positive],
-                          "neg": index.negatives(query, d, negatives, rng)})
+    def emb(task, query, positive, d):
+        records.append({"query": [INSTRUCTIONS[task], query], "pos": [positive], "neg": []})
+        out[task].append(records[-1])
+        queries.append((query, d, f"{split}/{task}/{len(out[task])}"))
 
     for d, doc in enumerate(documents):
         rng = np.random.default_rng([seed, _digest("records", split, doc.id)])
         ps = doc.passages
         if doc.title:
-            emb("adapt_title", doc.title, ps[0], d, rng)
+            emb("adapt_title", doc.title, ps[0], d)
             out["adapt_chat"].append({"messages": [
                 {"role": "user", "content": f"What is \"{doc.title}\" about?"},
                 {"role": "assistant", "content": ps[0]}]})
         for s in doc.sections:
             if s.heading:
                 query = f"{doc.title}: {s.heading}" if doc.title else s.heading
-                emb("adapt_heading", query, s.passages[0], d, rng)
+                emb("adapt_heading", query, s.passages[0], d)
                 out["adapt_chat"].append({"messages": [
                     {"role": "user", "content": f"What does the section \"{s.heading}\""
                                                 + (f" of \"{doc.title}\"" if doc.title else "")
@@ -170,11 +186,13 @@ def records_for(documents, *, seed: int, negatives: int, split: str) -> dict[str
             sents = docs_lib.sentences(p)
             if len(sents) >= 3:
                 j = int(rng.integers(len(sents)))
-                rest = " ".join(sents[:j] + sents[j + 1:])
-                emb("adapt_cloze", sents[j], rest, d, rng)
+                emb("adapt_cloze", sents[j], " ".join(sents[:j] + sents[j + 1:]), d)
             if i + 1 < len(ps):
-                emb("adapt_next", p, ps[i + 1], d, rng)
+                emb("adapt_next", p, ps[i + 1], d)
             out["adapt_text"].append({"text": p})
+    if negatives:
+        for r, neg in zip(records, NegativeIndex(documents).negatives(queries, negatives, seed)):
+            r["neg"] = neg
     return out
 
 

@@ -67,6 +67,7 @@ def _inline(text: str) -> str:
     text = re.sub(r"`+([^`]+)`+_?", r"\1", text)  # ``code``, `code`, `ref`_
     text = re.sub(r"</?[A-Za-z][^>]*>", "", text)  # HTML tags
     text = re.sub(r"(\*\*|__|\*)(\S(?:.*?\S)?)\1", r"\2", text)  # emphasis
+    text = re.sub(r"(?<=\s)---?(?=\s)", "\u2014", text)  # rst/Markdown dashes
     return " ".join(text.split())
 
 
