@@ -75,7 +75,8 @@ def chance(eval_dir, draws: int = 2000, seed: int = 0):
             continue
         d = load_task(f"{kind}:{name}={os.path.join(eval_dir, file)}").data
         shape = (len(d["queries"]), len(d["corpus"]))
-        out[name] = float(np.mean([retrieval_metrics(rng.random(shape), d["relevant"])["ndcg_at_10"]
+        out[name] = float(np.mean([retrieval_metrics(rng.random(shape), d["relevant"],
+                                                     bootstrap=0)["ndcg_at_10"]
                                    for _ in range(draws)]))
         out[f"{name}_documents"] = shape[1]
     return out

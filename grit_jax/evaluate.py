@@ -40,7 +40,7 @@ def _main(argv) -> int:
     args = p.parse_args(argv)
 
     from grit_jax import outputs
-    from grit_jax.evaluation.tasks import evaluate_task, load_task
+    from grit_jax.evaluation.tasks import evaluate_task, load_tasks
     from grit_jax.inference import GritLM
 
     for flag, value in (("--max-length", args.max_length), ("--batch-size", args.batch_size)):
@@ -49,7 +49,8 @@ def _main(argv) -> int:
     if args.out and os.path.exists(args.out) and not args.overwrite:
         raise cli.UserError(f"--out {args.out}: already exists; choose a new path, or pass "
                             f"--overwrite")
-    tasks = [load_task(spec) for spec in args.task]  # all inputs checked before the model loads
+    # all inputs checked before the model loads
+    tasks = [t for spec in args.task for t in load_tasks(spec)]
     model = GritLM.from_pretrained(args.model, attn=args.attn, pooling_method=args.pooling)
     results = {"model": args.model, "fingerprint": model.fingerprint, "attn": args.attn,
                "pooling": args.pooling, "tasks": {}}
@@ -59,7 +60,8 @@ def _main(argv) -> int:
                           batch_size=args.batch_size, max_length=args.max_length)
         r["seconds"] = round(time.time() - t0, 2)
         results["tasks"][task.name] = r
-        shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}
+        shown = {k: round(v, 4) if isinstance(v, float) else
+                 [round(x, 4) for x in v] if isinstance(v, list) else v for k, v in r.items()}
         print(f"{task.name}: {shown}")
     if args.out:
         outputs.write_file(args.out, json.dumps(results, indent=1), overwrite=args.overwrite)

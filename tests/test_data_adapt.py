@@ -178,6 +178,16 @@ def test_training_set_from_documents(corpus, tmp_path, capsys):
             assert kind == (records.GENERATIVE if name in adapt.GENERATIVE
                             else records.EMBEDDING) and len(rows) == len(recs[name])
     assert not split_docs["train"] & split_docs["eval"]  # held out whole
+    # Held-out retrieval: every eval passage a candidate; a title's relevant passage opens it.
+    by_id = {d.id: d for d in docs}
+    folder = out / "retrieval" / "adapt_title"
+    texts = {r["id"]: r["text"] for r in map(json.loads, open(folder / "corpus.jsonl"))}
+    queries = {r["id"]: r["text"] for r in map(json.loads, open(folder / "queries.jsonl"))}
+    assert sorted(texts.values()) == sorted(r["text"] for r in read_split(out, "eval")["adapt_text"])
+    for q in map(json.loads, open(folder / "qrels.jsonl")):
+        doc = by_id[owner[texts[q["doc_id"]]]]
+        assert doc.title == queries[q["query_id"]] and doc.passages[0] == texts[q["doc_id"]]
+    assert len(queries) == report["documents"]["eval"] == report["retrieval"]["adapt_title"]["queries"]
     assert len(split_docs["eval"]) == report["documents"]["eval"]
     # The same seed gives the same bytes; another seed another split.
     assert run("--input", corpus, "--output", tmp_path / "again", "--eval-fraction", "0.25") == 0

@@ -12,6 +12,7 @@ import pytest
 
 from grit_jax.evaluation import (classification_accuracy, clustering_v_measure, evaluate_task,
                                  load_task, retrieval_metrics, sts_spearman)
+from grit_jax.evaluation.metrics import bootstrap_ci, per_query_retrieval
 from grit_jax.inference import GritLM
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,8 +47,26 @@ def test_retrieval_metrics_by_hand():
     assert m["mrr_at_10"] == pytest.approx((1 / 2 + 1) / 2)
     assert m["recall_at_1"] == pytest.approx((0 + 1 / 2) / 2)
     assert m["recall_at_2"] == pytest.approx((1 + 1) / 2)
+    per = per_query_retrieval(scores, rel, ks=(1, 2))
+    np.testing.assert_allclose(per["ndcg_at_10"], [ndcg0, ndcg1], atol=1e-12)
+    np.testing.assert_allclose(per["mrr_at_10"], [1 / 2, 1])
+    # Two queries: the bootstrap means lie between the two per-query values.
+    lo, hi = m["ndcg_at_10_ci95"]
+    assert ndcg0 - 1e-12 <= lo < m["ndcg_at_10"] < hi <= ndcg1 + 1e-12
     with pytest.raises(ValueError, match="at least one relevant"):
         retrieval_metrics(scores, [{2: 1}, {0: 0}])
+
+
+def test_bootstrap_interval_covers_the_mean_and_narrows_with_more_queries():
+    rng = np.random.default_rng(0)
+    values = rng.random(4000) < 0.3  # hits of a retriever that finds 30%
+    small, large = bootstrap_ci(values[:100]), bootstrap_ci(values)
+    assert small[0] < values[:100].mean() < small[1] and large[0] < values.mean() < large[1]
+    assert large[1] - large[0] < 0.25 * (small[1] - small[0])
+    # 95%: about 1.96 standard errors each side.
+    se = values.std() / np.sqrt(len(values))
+    assert abs((large[1] - large[0]) / (2 * 1.96 * se) - 1) < 0.15
+    assert bootstrap_ci(values, seed=3) == bootstrap_ci(values, seed=3)
 
 
 def test_classification_and_clustering_on_separable_and_random_data():
@@ -204,17 +223,34 @@ def test_cli_writes_json_and_refuses_bad_tasks(mistral_dir, tmp_path):
             json.dumps({"text": t, "label": i % 2}) + "\n" for i, t in enumerate(DOCS)))
     clu = tmp_path / "clu.jsonl"
     clu.write_text("".join(json.dumps({"text": t, "label": i % 3}) + "\n" for i, t in enumerate(DOCS)))
+    from grit_jax.data import adapt
+    from grit_jax.data.wiki_demo import articles
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i, (title, paras) in enumerate(articles()[:12]):
+        (docs / f"{i}.md").write_text(f"# {title}\n\n" + "\n\n".join(paras[:2]) + "\n\n## More"
+                                      "\n\n" + "\n\n".join(paras[2:4]) + "\n")
+    report = adapt.adapt(str(docs), str(tmp_path / "adapted"), eval_fraction=0.5)
+    assert set(report["retrieval"]) == set(adapt.RETRIEVAL)
     out = tmp_path / "results.json"
     cmd = [sys.executable, "-m", "grit_jax.evaluate", "--model", mistral_dir,
            "--task", f"retrieval:{tmp_path / 'beir'}", "--task", f"retrieval:wiki={grit}",
            "--task", f"generative:{gen}", "--task", f"classification:{cls}",
-           "--task", f"clustering:{clu}", "--out", str(out)]
+           "--task", f"clustering:{clu}", "--task", f"adapted:{tmp_path / 'adapted'}",
+           "--out", str(out)]
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(out.read_text())["tasks"]
+    held_out = {f"retrieval/adapted/{t}" for t in adapt.RETRIEVAL} | {"generative/adapted/chat"}
     assert set(r) == {"retrieval/beir", "retrieval/wiki", "generative/gen",
-                      "classification/cls", "clustering/clu"}
+                      "classification/cls", "clustering/clu"} | held_out
+    for t in adapt.RETRIEVAL:  # every eval passage is a candidate; intervals around the mean
+        m = r[f"retrieval/adapted/{t}"]
+        assert m["documents"] == report["retrieval"][t]["corpus"] == report["passages"]["eval"]
+        assert m["queries"] == report["retrieval"][t]["queries"]
+        assert m["ndcg_at_10_ci95"][0] <= m["ndcg_at_10"] <= m["ndcg_at_10_ci95"][1]
     assert r["retrieval/wiki"]["documents"] == 5 and r["retrieval/beir"]["documents"] == 6
     assert 0 <= r["retrieval/beir"]["ndcg_at_10"] <= 1 and r["generative/gen"]["loss"] > 0
     bad = subprocess.run(cmd[:5] + ["--task", f"sts:{gen}"], capture_output=True, text=True,

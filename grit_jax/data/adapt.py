@@ -12,9 +12,11 @@ answers with its passage) and ``adapt_text`` (every passage as plain text, every
 
 Documents go whole to ``train`` or to the held-out ``eval`` split (a seeded hash of the
 document's id), duplicate documents and passages are dropped, and every choice is a function of
-the seed. Writes ``DIR/jsonl/{train,eval}/*.jsonl`` and ``DIR/adapt_report.json`` (counts, every
-skip with its reason, the skipped documents by name); ``--build`` also builds the datasets
-(``DIR/train``, ``DIR/eval``) for ``grit_jax.train``.
+the seed. Writes ``DIR/jsonl/{train,eval}/*.jsonl``, the held-out retrieval tasks over every
+eval passage (``DIR/retrieval/<task>/{queries,corpus,qrels}.jsonl``; ``python -m
+grit_jax.evaluate --task adapted:DIR`` runs them and the held-out generative loss) and
+``DIR/adapt_report.json`` (counts, every skip with its reason, the skipped documents by name);
+``--build`` also builds the datasets (``DIR/train``, ``DIR/eval``) for ``grit_jax.train``.
 """
 
 from __future__ import annotations
@@ -196,6 +198,49 @@ def records_for(documents, *, seed: int, negatives: int, split: str) -> dict[str
     return out
 
 
+RETRIEVAL = ("adapt_title", "adapt_heading", "adapt_cloze")  # held-out tasks, BEIR layout
+
+
+def retrieval_tasks(documents) -> dict[str, dict[str, list[dict]]]:
+    """Held-out retrieval over *every* passage of the documents: {task: {"corpus", "queries",
+    "qrels"}} (title / "title: heading" -> the passage that opens it; a sentence -> the passage
+    that holds it)."""
+    corpus, first, qs = [], {}, {t: [] for t in RETRIEVAL}
+    for doc in documents:
+        for s in doc.sections:
+            for j, p in enumerate(s.passages):
+                if j == 0:
+                    first[id(s)] = len(corpus)
+                corpus.append({"id": f"p{len(corpus)}", "text": p})
+    n = 0
+    for doc in documents:
+        doc_start = None
+        for s in doc.sections:
+            k = first[id(s)]
+            doc_start = k if doc_start is None else doc_start
+            if s.heading:
+                query = f"{doc.title}: {s.heading}" if doc.title else s.heading
+                qs["adapt_heading"].append((query, k))
+            for j, p in enumerate(s.passages):
+                sents = docs_lib.sentences(p)
+                if len(sents) >= 3:  # the middle sentence: neither an opening nor a closing
+                    qs["adapt_cloze"].append((sents[len(sents) // 2], k + j))
+        if doc.title:
+            qs["adapt_title"].append((doc.title, doc_start))
+        n += 1
+    out = {}
+    for task, pairs in qs.items():
+        if not pairs:
+            continue
+        out[task] = {
+            "corpus": corpus,
+            "queries": [{"id": f"q{i}", "instruction": INSTRUCTIONS[task], "text": q}
+                        for i, (q, _) in enumerate(pairs)],
+            "qrels": [{"query_id": f"q{i}", "doc_id": f"p{k}", "score": 1}
+                      for i, (_, k) in enumerate(pairs)]}
+    return out
+
+
 def adapt(input_path: str, output: str, *, seed: int = 0, eval_fraction: float = 0.1,
           passage_words: int = 120, min_words: int = 12, negatives: int = 3,
           skip_invalid: bool = False, overwrite: bool = False, build: bool = False,
@@ -242,6 +287,16 @@ def adapt(input_path: str, output: str, *, seed: int = 0, eval_fraction: float =
                 with open(os.path.join(folder, name + ".jsonl"), "w", encoding="utf-8") as f:
                     f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rs)
             report["records"][split] = {k: len(v) for k, v in recs.items()}
+            if split == "eval":
+                for task, files in retrieval_tasks(documents).items():
+                    task_dir = os.path.join(staging, "retrieval", task)
+                    os.makedirs(task_dir)
+                    for name, rows in files.items():
+                        with open(os.path.join(task_dir, name + ".jsonl"), "w",
+                                  encoding="utf-8") as f:
+                            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+                    report.setdefault("retrieval", {})[task] = {
+                        "queries": len(files["queries"]), "corpus": len(files["corpus"])}
             if build:
                 from grit_jax.data.dataset import build as build_dataset
 
@@ -258,6 +313,9 @@ def summary(report: dict) -> str:
         lines.append(f"{split}: {report['documents'][split]} documents, "
                      f"{report['passages'][split]} passages -> "
                      + ", ".join(f"{k} {v}" for k, v in recs.items()))
+    for task, n in report.get("retrieval", {}).items():
+        lines.append(f"held-out retrieval {task}: {n['queries']} queries over {n['corpus']} "
+                     f"passages")
     if report["skipped"]:
         lines.append("skipped: " + ", ".join(f"{k} {v}" for k, v in report["skipped"].items()))
     for why, ids in report["skipped_documents"].items():

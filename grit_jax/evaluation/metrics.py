@@ -8,12 +8,25 @@ import numpy as np
 
 
 def retrieval_metrics(scores: np.ndarray, relevant: Sequence[Mapping[int, float]],
-                      ks: Sequence[int] = (1, 5, 10, 100)) -> dict[str, float]:
-    """nDCG@10, MRR@10 and Recall@k of a (queries, documents) score matrix.
+                      ks: Sequence[int] = (1, 5, 10, 100), *, bootstrap: int = 1000,
+                      seed: int = 0) -> dict[str, float]:
+    """nDCG@10, MRR@10 and Recall@k of a (queries, documents) score matrix, with 95% bootstrap
+    intervals of nDCG@10 and MRR@10 over queries (``*_ci95``: [low, high]; ``bootstrap=0``: none).
 
     ``relevant[i]`` maps document index -> graded relevance (> 0 is relevant) for query i.
     nDCG uses scikit-learn's ``ndcg_score`` (linear gains, log2 discount, ties averaged).
     """
+    per = per_query_retrieval(scores, relevant, ks)
+    out = {k: float(np.mean(v)) for k, v in per.items()}
+    if bootstrap:
+        for k in ("ndcg_at_10", "mrr_at_10"):
+            out[f"{k}_ci95"] = bootstrap_ci(per[k], n=bootstrap, seed=seed)
+    return out
+
+
+def per_query_retrieval(scores: np.ndarray, relevant: Sequence[Mapping[int, float]],
+                        ks: Sequence[int] = (1, 5, 10, 100)) -> dict[str, np.ndarray]:
+    """The metrics of retrieval_metrics for each query (their means are the task's)."""
     from sklearn.metrics import ndcg_score
 
     scores = np.asarray(scores, np.float64)
@@ -26,15 +39,25 @@ def retrieval_metrics(scores: np.ndarray, relevant: Sequence[Mapping[int, float]
     for i, r in enumerate(relevant):
         for j, g in r.items():
             gains[i, j] = g
-    out = {"ndcg_at_10": float(ndcg_score(gains, scores, k=10)) if d > 1 else 1.0}
+    out = {"ndcg_at_10": np.asarray([ndcg_score(gains[i:i + 1], scores[i:i + 1], k=10)
+                                     if d > 1 else 1.0 for i in range(q)])}
     order = np.argsort(-scores, axis=1, kind="stable")
     hits = np.take_along_axis(gains > 0, order, axis=1)
     first = np.where(hits.any(1), hits.argmax(1), d)
-    out["mrr_at_10"] = float(np.mean(np.where(first < 10, 1.0 / (first + 1), 0.0)))
+    out["mrr_at_10"] = np.where(first < 10, 1.0 / (first + 1), 0.0)
     n_rel = (gains > 0).sum(1)
     for k in ks:
-        out[f"recall_at_{k}"] = float(np.mean(hits[:, :k].sum(1) / n_rel))
+        out[f"recall_at_{k}"] = hits[:, :k].sum(1) / n_rel
     return out
+
+
+def bootstrap_ci(values, *, n: int = 1000, seed: int = 0, level: float = 0.95) -> list[float]:
+    """Percentile bootstrap interval of the mean of ``values`` (resampled with replacement)."""
+    values = np.asarray(values, np.float64)
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), (n, len(values)))].mean(1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return [float(lo), float(hi)]
 
 
 def _cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -11,6 +11,8 @@ Kinds and their files (JSONL, one object per line; errors name ``file:line: fiel
 - ``clustering``: ``{"text", "label"}``.
 - ``generative``: GRIT's generative format (``{"messages": [...]}`` or ``{"text": ...}``); the
   loss covers what training would (assistant turns).
+- ``adapted``: the output folder of ``grit_jax.data.adapt``: its held-out retrieval tasks
+  (``retrieval/<task>``) and the held-out generative loss of its chat set.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from grit_jax.evaluation import metrics
 from grit_jax.evaluation.generative import heldout_loss
 from grit_jax.inference import document_text
 
-TASK_KINDS = ("retrieval", "sts", "classification", "clustering", "generative")
+TASK_KINDS = ("retrieval", "sts", "classification", "clustering", "generative", "adapted")
 
 
 @dataclasses.dataclass
@@ -126,10 +128,30 @@ LOADERS: dict[str, Callable[[str], dict]] = {
 }
 
 
+def load_tasks(spec: str) -> list[Task]:
+    """``kind:path`` (or ``kind:name=path``) -> its tasks (one, or several for ``adapted``)."""
+    kind, _, rest = spec.partition(":")
+    if kind != "adapted":
+        return [load_task(spec)]
+    name, eq, path = rest.partition("=")
+    if not eq:
+        name, path = os.path.basename(rest.rstrip("/")), rest
+    folder = os.path.join(path, "retrieval")
+    chat = os.path.join(path, "jsonl", "eval", "adapt_chat.jsonl")
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"task {spec!r}: {folder} does not exist (expected the output "
+                                f"folder of python -m grit_jax.data.adapt)")
+    tasks = [load_task(f"retrieval:{name}/{t}={os.path.join(folder, t)}")
+             for t in sorted(os.listdir(folder))]
+    if os.path.exists(chat):
+        tasks.append(load_task(f"generative:{name}/chat={chat}"))
+    return tasks
+
+
 def load_task(spec: str) -> Task:
     """``kind:path`` (or ``kind:name=path``) -> Task."""
     kind, sep, rest = spec.partition(":")
-    if not sep or kind not in TASK_KINDS:
+    if not sep or kind not in TASK_KINDS or kind == "adapted":
         raise ValueError(f"task {spec!r}: expected KIND:PATH with KIND one of {TASK_KINDS}")
     name, eq, path = rest.partition("=")
     if not eq:
