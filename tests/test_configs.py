@@ -10,7 +10,8 @@ from grit_jax.train_step import LossConfig
 
 @pytest.mark.parametrize("name", ["tiny", "tiny_embedding", "tiny_generative", "tiny_cccc_weightedmean",
                                   "smollm2_grit", "gritlm_7b", "tiny_moe",
-                                  "gritlm_8x7b", "smollm2_grit_lora", "gritlm_7b_lora"])
+                                  "gritlm_8x7b", "smollm2_grit_lora", "gritlm_7b_lora",
+                                  "smollm2_adapt"])
 def test_config_builds(name):
     c = importlib.import_module(f"configs.{name}").get_config()
     model = ModelConfig(**c.model.to_dict())
@@ -23,6 +24,7 @@ def test_config_builds(name):
     if name == "gritlm_7b_lora":  # rank 16 on all 7 projections of 32 layers: 41.9M adapters
         assert model.num_layers * model.lora_params_per_layer() == 41_943_040
         assert model.param_dtype == "bfloat16" and loss.grad_cache_chunk == 64
+        assert model.base_quant == "nf4" and model.quant_block == 64
     if name == "gritlm_8x7b":  # Mixtral-8x7B: 46.7B parameters, 12.9B active per token
         assert 46.5e9 < model.num_params() < 47e9
         assert 12.8e9 < model.num_params(active=True) < 13e9
