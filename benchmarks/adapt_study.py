@@ -21,7 +21,6 @@ import argparse
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -30,23 +29,13 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from benchmarks.grit_miniature import chatml_reply, run  # noqa: E402
+
 MODES = {"unified": "unified", "embedding only": "embedding", "generative only": "generative"}
 LENGTHS = ("--max-query-length", "64", "--max-passage-length", "128",
            "--max-generative-length", "128")
 PROMPTS = ["What is the purpose of the pathlib module?",
            "How do I read a file line by line in Python?"]
-
-
-def run(cmd, log):
-    """Run a command on one CPU device, its output to log; fail loudly."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
-               JAX_PLATFORMS="cpu")
-    t = time.time()
-    with open(log, "w") as f:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
-    if proc.returncode:
-        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}; see {log}")
-    return time.time() - t
 
 
 def held_out_tasks(data_dir, max_queries, seed=0, max_chats=200):
@@ -80,15 +69,6 @@ def evaluate(model, tasks):
         else:
             out["chat_loss"] = r["loss"]
     return out
-
-
-def chatml_reply(model, prompt, max_new_tokens=48):
-    """SmolLM2's own chat format, greedy."""
-    text = (f"<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by "
-            f"Hugging Face<|im_end|>\n<|im_start|>user\n{prompt}<|im_end|>\n"
-            f"<|im_start|>assistant\n")
-    out = model.generate_tokens([model.tokenizer.encode(text)], max_new_tokens=max_new_tokens)
-    return model.tokenizer.decode(out[0]).strip()
 
 
 def main(argv=None) -> int:
