@@ -14,6 +14,7 @@ import tempfile
 import time
 
 from grit_jax.data import wiki_demo
+from grit_jax.data.records import write_jsonl
 from grit_jax.data.dataset import build
 from grit_jax.data.pipeline import GritBatches, PipelineConfig
 
@@ -28,7 +29,7 @@ def main():
     try:
         files = wiki_demo.make_records(wiki_demo.articles())
         files = {k: v * args.copies for k, v in files.items()}
-        wiki_demo.write_jsonl(os.path.join(work, "jsonl"), files)
+        write_jsonl(os.path.join(work, "jsonl"), files)
         n_records = sum(len(v) for v in files.values())
         t0 = time.perf_counter()
         builder = build(os.path.join(work, "jsonl"), os.path.join(work, "data"),

@@ -33,7 +33,7 @@ import sys
 import numpy as np
 
 from grit_jax.data import documents as docs_lib
-from grit_jax.data.records import SkipCounter
+from grit_jax.data.records import SkipCounter, write_jsonl
 
 # Instructions in GRIT's embedding format (``<|user|>\n{instruction}\n<|embed|>\n``): one per
 # task, saying what the query is and what it retrieves, as in the E5 data GritLM trained on.
@@ -212,7 +212,6 @@ def retrieval_tasks(documents) -> dict[str, dict[str, list[dict]]]:
                 if j == 0:
                     first[id(s)] = len(corpus)
                 corpus.append({"id": f"p{len(corpus)}", "text": p})
-    n = 0
     for doc in documents:
         doc_start = None
         for s in doc.sections:
@@ -227,7 +226,6 @@ def retrieval_tasks(documents) -> dict[str, dict[str, list[dict]]]:
                     qs["adapt_cloze"].append((sents[len(sents) // 2], k + j))
         if doc.title:
             qs["adapt_title"].append((doc.title, doc_start))
-        n += 1
     out = {}
     for task, pairs in qs.items():
         if not pairs:
@@ -282,19 +280,11 @@ def adapt(input_path: str, output: str, *, seed: int = 0, eval_fraction: float =
             recs = records_for(documents, seed=seed, negatives=negatives, split=split)
             recs = {k: v for k, v in recs.items() if v}
             folder = os.path.join(staging, "jsonl", split)
-            os.makedirs(folder)
-            for name, rs in recs.items():
-                with open(os.path.join(folder, name + ".jsonl"), "w", encoding="utf-8") as f:
-                    f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rs)
+            write_jsonl(folder, recs)
             report["records"][split] = {k: len(v) for k, v in recs.items()}
             if split == "eval":
                 for task, files in retrieval_tasks(documents).items():
-                    task_dir = os.path.join(staging, "retrieval", task)
-                    os.makedirs(task_dir)
-                    for name, rows in files.items():
-                        with open(os.path.join(task_dir, name + ".jsonl"), "w",
-                                  encoding="utf-8") as f:
-                            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+                    write_jsonl(os.path.join(staging, "retrieval", task), files)
                     report.setdefault("retrieval", {})[task] = {
                         "queries": len(files["queries"]), "corpus": len(files["corpus"])}
             if build:

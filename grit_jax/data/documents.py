@@ -319,8 +319,8 @@ def read_documents(root: str, skips: SkipCounter, *, passage_words: int = 120,
             found = _jsonl_documents(path, rel, text, skips, passage_words, min_words)
         else:
             found = [parse(rel, text, kind, passage_words=passage_words, min_words=min_words)]
-        for doc in found:
-            (docs if doc.sections else empty).append(doc if doc.sections else doc.id)
+        docs += [d for d in found if d.sections]
+        empty += [d.id for d in found if not d.sections]
     return docs, empty
 
 

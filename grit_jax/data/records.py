@@ -210,6 +210,14 @@ def read_records(path: str, skips: SkipCounter) -> tuple[str, list[tuple[int, di
     return kind, out
 
 
+def write_jsonl(directory: str, files: dict[str, list[dict]]) -> None:
+    """{name: records} as ``directory/<name>.jsonl``, one JSON object per line (UTF-8)."""
+    os.makedirs(directory, exist_ok=True)
+    for name, recs in files.items():
+        with open(os.path.join(directory, f"{name}.jsonl"), "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in recs)
+
+
 def list_jsonl(directory: str) -> list[str]:
     """The *.jsonl files of a folder, sorted; a folder without any is an error."""
     if not os.path.isdir(directory):

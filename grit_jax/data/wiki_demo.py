@@ -13,13 +13,14 @@ import argparse
 import bz2
 import hashlib
 import importlib.util
-import json
 import os
 import re
 import sys
 import xml.etree.ElementTree as ET
 
 import numpy as np
+
+from grit_jax.data.records import write_jsonl
 
 WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 TITLE_INSTRUCTION = "Given a Wikipedia article title, retrieve a passage from that article"
@@ -134,14 +135,6 @@ def make_records(arts, seed: int = 0):
                                         f"on {title}?"},
             {"role": "assistant", "content": _first_sentence(paras[0])}]})
     return out
-
-
-def write_jsonl(directory: str, files: dict) -> None:
-    os.makedirs(directory, exist_ok=True)
-    for name, recs in files.items():
-        with open(os.path.join(directory, f"{name}.jsonl"), "w", encoding="utf-8") as f:
-            for r in recs:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
 def make_demo_data(out: str, *, max_lengths: dict | None = None, seed: int = 0,

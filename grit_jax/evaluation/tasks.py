@@ -128,14 +128,20 @@ LOADERS: dict[str, Callable[[str], dict]] = {
 }
 
 
+def _name_and_path(rest: str) -> tuple[str, str]:
+    """``name=path`` or ``path`` (named after its file or folder, suffix dropped)."""
+    name, eq, path = rest.partition("=")
+    if not eq:
+        return os.path.splitext(os.path.basename(rest.rstrip("/")))[0], rest
+    return name, path
+
+
 def load_tasks(spec: str) -> list[Task]:
     """``kind:path`` (or ``kind:name=path``) -> its tasks (one, or several for ``adapted``)."""
     kind, _, rest = spec.partition(":")
     if kind != "adapted":
         return [load_task(spec)]
-    name, eq, path = rest.partition("=")
-    if not eq:
-        name, path = os.path.basename(rest.rstrip("/")), rest
+    name, path = _name_and_path(rest)
     folder = os.path.join(path, "retrieval")
     chat = os.path.join(path, "jsonl", "eval", "adapt_chat.jsonl")
     if not os.path.isdir(folder):
@@ -153,9 +159,7 @@ def load_task(spec: str) -> Task:
     kind, sep, rest = spec.partition(":")
     if not sep or kind not in TASK_KINDS or kind == "adapted":
         raise ValueError(f"task {spec!r}: expected KIND:PATH with KIND one of {TASK_KINDS}")
-    name, eq, path = rest.partition("=")
-    if not eq:
-        name, path = os.path.splitext(os.path.basename(rest.rstrip("/")))[0], rest
+    name, path = _name_and_path(rest)
     if not os.path.exists(path):
         raise FileNotFoundError(f"task {spec!r}: {path} does not exist")
     return Task(kind, f"{kind}/{name}", LOADERS[kind](path))
