@@ -1,24 +1,45 @@
-"""Adapt SmolLM2-135M-Instruct to your documents with GRIT LoRA on CPU (the adaptation study,
-benchmarks/adapt_study.py): rank-16 adapters on every projection, 32 queries x 2 passages per
-step through GradCache chunks of 16 (31 negatives per query), 4 generative samples, one padded
-shape per kind (one compiled step).
+"""Adapt SmolLM2-135M-Instruct to your documents with GRIT LoRA (the adaptation study,
+benchmarks/adapt_study.py). Two settings:
+
+- ``cpu`` (default, sized for 2 CPU cores: ~20 s a step): rank-16 adapters on every projection,
+  16 queries x (passage + hard negative) per step through GradCache chunks of 8 (31 in-batch
+  passages per query), 4 generative samples, 48 optimizer steps; one padded shape per kind
+  (query 48, passage 96, generative 128 tokens) so one compiled step.
+- ``demo`` (``make demo``): the cpu setting at 8 queries a step for 24 steps (~2 minutes).
+- ``accelerator`` (one GPU/TPU chip): 256 queries x 2 passages through GradCache chunks of 32
+  (511 passages per query, the in-batch scale the paper's recipe relies on), 32 generative
+  samples, passages of 256 tokens, 1000 steps.
 
 python -m grit_jax.data.adapt --input DOCS --output /tmp/adapted --build --tokenizer /tmp/smollm2 \\
-    --max-query-length 64 --max-passage-length 128 --max-generative-length 128
+    --passage-words 64 --max-query-length 48 --max-passage-length 96 --max-generative-length 128
 python -m grit_jax.train --config configs/smollm2_adapt.py --workdir /tmp/smol_adapt \\
     --config.init_from=/tmp/smollm2 --config.data.data_dir=/tmp/adapted/train
 """
 
 from configs import smollm2_grit_lora
 
+PRESETS = {
+    "cpu": dict(steps=48, query_batch=16, generative_batch=4, chunk=8,
+                buckets=dict(query="48", passage="96", generative="128")),
+    "demo": dict(steps=24, query_batch=8, generative_batch=4, chunk=8,  # make demo: ~2 minutes
+                 buckets=dict(query="48", passage="96", generative="128")),
+    "accelerator": dict(steps=1000, query_batch=256, generative_batch=32, chunk=32,
+                        buckets=dict(query="64", passage="256", generative="512")),
+}
 
-def get_config():
+
+def get_config(setting: str = "cpu"):
+    if setting not in PRESETS:
+        raise ValueError(f"configs/smollm2_adapt.py:{setting}: no such setting "
+                         f"(settings: {', '.join(PRESETS)})")
+    p = PRESETS[setting]
     c = smollm2_grit_lora.get_config()
-    c.total_steps = 150
-    c.checkpoint_every = 150
+    c.total_steps = p["steps"]
+    c.checkpoint_every = p["steps"]
     c.model.update(dict(lora_rank=16, lora_alpha=32.0))
-    c.data.update(dict(query_batch=32, generative_batch=4, group_size=2))
-    c.data.buckets.update(dict(query="64", passage="128", generative="128"))
-    c.loss.update(dict(grad_cache_chunk=16))
+    c.data.update(dict(query_batch=p["query_batch"], generative_batch=p["generative_batch"],
+                       group_size=2))
+    c.data.buckets.update(p["buckets"])
+    c.loss.update(dict(grad_cache_chunk=p["chunk"]))
     c.optim.update(dict(lr=5e-4, warmup_ratio=0.1))
     return c

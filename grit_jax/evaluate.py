@@ -54,10 +54,11 @@ def _main(argv) -> int:
     model = GritLM.from_pretrained(args.model, attn=args.attn, pooling_method=args.pooling)
     results = {"model": args.model, "fingerprint": model.fingerprint, "attn": args.attn,
                "pooling": args.pooling, "tasks": {}}
+    memo = {}  # tasks over one corpus embed it once
     for task in tasks:
         t0 = time.time()
         r = evaluate_task(model, task, instruction=args.instruction,
-                          batch_size=args.batch_size, max_length=args.max_length)
+                          batch_size=args.batch_size, max_length=args.max_length, memo=memo)
         r["seconds"] = round(time.time() - t0, 2)
         results["tasks"][task.name] = r
         shown = {k: round(v, 4) if isinstance(v, float) else

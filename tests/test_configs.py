@@ -31,6 +31,16 @@ def test_config_builds(name):
         assert (loss.lambda_gen, loss.gen_aggregation, loss.split_emb) == (0.003, "token", True)
 
 
+def test_adapt_settings():
+    """The adaptation study's accelerator setting differs from the CPU one only in scale."""
+    cfg = importlib.import_module("configs.smollm2_adapt")
+    cpu, acc = cfg.get_config(), cfg.get_config("accelerator")
+    assert (cpu.data.query_batch, acc.data.query_batch) == (16, 256)
+    assert acc.loss.grad_cache_chunk == 32 and acc.model.lora_rank == cpu.model.lora_rank == 16
+    with pytest.raises(ValueError, match="settings: cpu, demo, accelerator"):
+        cfg.get_config("tpu")
+
+
 def test_float64_needs_x64():
     import jax
 

@@ -169,6 +169,26 @@ def test_mteb_runs_our_encoder_and_agrees_with_our_metrics(model, tmp_path):
     assert encoder.instruction_for(retrieval.metadata, PromptType.document) == ""
 
 
+def test_memo_embeds_a_shared_corpus_once(model, tmp_path):
+    """Tasks over one corpus share its embeddings through ``memo``; the metrics do not change."""
+    write_beir(tmp_path / "beir")
+    task = load_task(f"retrieval:{tmp_path / 'beir'}")
+    calls = []
+    encode = model.encode
+    model.encode = lambda texts, **kw: calls.append(len(texts)) or encode(texts, **kw)
+    try:
+        plain = evaluate_task(model, task)
+        per_task = len(calls)  # the corpus and the queries
+        memo = {}
+        first = evaluate_task(model, task, memo=memo)
+        second = evaluate_task(model, task, memo=memo)
+    finally:
+        del model.encode
+    assert per_task >= 2 and len(task.data["corpus"]) in calls
+    assert len(calls) == 2 * per_task  # the second memo call embedded nothing
+    assert plain == first == second
+
+
 def test_generative_loss_equals_unchunked_cross_entropy(model, tmp_path):
     from grit_jax.data import formats
     from grit_jax.losses import token_cross_entropy

@@ -166,11 +166,23 @@ def load_task(spec: str) -> Task:
 
 
 def evaluate_task(model, task: Task, *, instruction: str = "", batch_size: int = 16,
-                  max_length: int | None = None, seed: int = 0) -> dict:
-    """The task's metrics for a GritLM (embedding tasks embed with its attention and pooling)."""
+                  max_length: int | None = None, seed: int = 0,
+                  memo: dict | None = None) -> dict:
+    """The task's metrics for a GritLM (embedding tasks embed with its attention and pooling).
+
+    ``memo``: a dict shared across calls with the same model, so tasks over one corpus (the
+    held-out tasks of ``adapted``) embed it once.
+    """
     d = task.data
-    enc = lambda texts, instr="": model.encode(texts, instruction=instr, batch_size=batch_size,
-                                               max_length=max_length)
+
+    def enc(texts, instr=""):
+        key = (instr, max_length, tuple(texts))
+        if memo is not None and key in memo:
+            return memo[key]
+        out = model.encode(texts, instruction=instr, batch_size=batch_size, max_length=max_length)
+        if memo is not None:
+            memo[key] = out
+        return out
     if task.kind == "retrieval":
         docs = enc(d["corpus"])
         q = np.zeros((len(d["queries"]), docs.shape[1]), np.float32)
