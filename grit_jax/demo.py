@@ -7,10 +7,10 @@ Default (``--model smollm2``, a few minutes on 2 CPU cores):
    ``grit_jax.data.adapt`` (whole documents held out for evaluation);
 3. held-out retrieval (title -> opening passage, sentence -> its passage) zero-shot;
 4. a short GRIT LoRA finetune (configs/smollm2_adapt.py, both losses in one step);
-5. held-out retrieval again, and a chat reply;
-6. RAG over every passage: retrieve for a question about a held-out article and answer with the
-   retrieved passage's key/value states reused from indexing (doc caching), beside plain RAG,
-   with both latencies.
+5. held-out retrieval again;
+6. RAG over the held-out articles' passages: a question about one of them answered without
+   retrieval, with plain RAG, and with doc caching (the retrieved passage's key/value states
+   reused from indexing), with both RAG latencies.
 
 ``--model tiny``: the from-scratch run (configs/tiny.py, a 9M-parameter model trained on the
 same pages, exported to Hugging Face format and reloaded by transformers and gritlm).
@@ -28,12 +28,12 @@ import time
 import numpy as np
 
 
-def load_config(path: str = "configs/tiny.py"):
-    """A config file's get_config() (run from the repository root)."""
+def load_config(path: str = "configs/tiny.py", setting: str | None = None):
+    """A config file's get_config([setting]) (run from the repository root)."""
     spec = importlib.util.spec_from_file_location("demo_config", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config()
+    return module.get_config() if setting is None else module.get_config(setting)
 
 
 def plot_losses(metrics_path: str, png: str) -> None:
@@ -149,7 +149,7 @@ def rag_demo(model, jsonl: str, index_dir: str, n_docs: int = 32) -> None:
 # -----------------------------------------------------------------------------------------------
 # The default demo: SmolLM2-135M-Instruct adapted to the demo documents
 # -----------------------------------------------------------------------------------------------
-SMOL_LENGTHS = {"query": 48, "passage": 96, "generative": 128}  # configs/smollm2_adapt.py
+SMOL_LENGTHS = {"query": 48, "passage": 96, "generative": 192}  # configs/smollm2_adapt.py:demo
 HELDOUT = {"adapt_title": "title -> opening passage", "adapt_cloze": "sentence -> its passage"}
 
 
@@ -162,16 +162,17 @@ def smollm2_gguf() -> str:
     return os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
-def write_documents(folder: str) -> int:
-    """The demo's documents as JSONL (title, text: paragraphs separated by blank lines)."""
+def write_documents(folder: str, paragraphs: int = 6) -> int:
+    """The demo's documents as JSONL: each article's title and its first ``paragraphs``
+    paragraphs (the whole articles hold 8,000 passages: more than a few minutes can embed)."""
     from grit_jax.data import wiki_demo
 
     arts = wiki_demo.articles()
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "wikipedia.jsonl"), "w") as f:
-        for title, paragraphs in arts:
-            f.write(json.dumps({"id": title, "title": title, "text": "\n\n".join(paragraphs)})
-                    + "\n")
+        for title, paras in arts:
+            f.write(json.dumps({"id": title, "title": title,
+                                "text": "\n\n".join(paras[:paragraphs])}) + "\n")
     return len(arts)
 
 
@@ -231,9 +232,10 @@ def smollm2_demo(args) -> int:
     docs_dir, data = os.path.join(args.out, "docs"), os.path.join(args.out, "adapted")
     if not os.path.isdir(data):
         n = write_documents(docs_dir)
-        print(f"{n} Wikipedia articles (gensim's test data, CC BY-SA) -> {docs_dir}")
+        print(f"{n} Wikipedia articles, their first 6 paragraphs (gensim's test data, "
+              f"CC BY-SA) -> {docs_dir}")
         adapt(docs_dir, data, seed=0, eval_fraction=0.15, passage_words=64, build=True,
-              tokenizer=smol, max_lengths=SMOL_LENGTHS)
+              tokenizer=smol, max_lengths=SMOL_LENGTHS, rag_chats=True)
     with open(os.path.join(data, "adapt_report.json")) as f:
         report = json.load(f)
     print(f"documents train/held out {report['documents']['train']}/"
@@ -250,12 +252,9 @@ def smollm2_demo(args) -> int:
     del zero
 
     # -------------------------------------------------------------------------------------------
-    args.config = args.config or "configs/smollm2_adapt.py"
-    config = load_config(args.config)
-    if args.config.endswith("smollm2_adapt.py"):
-        from configs import smollm2_adapt
-
-        config = smollm2_adapt.get_config("demo")
+    # default: configs/smollm2_adapt.py's demo setting
+    config = load_config(args.config or "configs/smollm2_adapt.py", setting=(
+        None if args.config else "demo"))
     if args.steps:
         config.total_steps = args.steps
     config.checkpoint_every = config.total_steps
@@ -279,19 +278,20 @@ def smollm2_demo(args) -> int:
     print_retrieval("adapted", heldout_retrieval(model, tasks), before)
 
     # -------------------------------------------------------------------------------------------
-    print("\n== RAG over every passage, with the passages' key/value states stored at indexing")
-    passages = []
-    for split in ("train", "eval"):
-        with open(os.path.join(data, "jsonl", split, "adapt_text.jsonl")) as f:
-            passages += [json.loads(line)["text"] for line in f]
+    print("\n== RAG over the held-out articles' passages, their key/value states stored at "
+          "indexing")
+    with open(os.path.join(data, "retrieval", "adapt_title", "corpus.jsonl")) as f:
+        passages = [json.loads(line)["text"] for line in f]
     t = time.time()
     rag = RAG.build(model, passages, os.path.join(args.out, "rag_index"), overwrite=True,
                     max_length=SMOL_LENGTHS["passage"],
-                    query_instruction=INSTRUCTIONS["adapt_cloze"])
+                    query_instruction=INSTRUCTIONS["adapt_title"])
     print(f"indexed {len(passages)} passages in {time.time() - t:.0f}s")
     with open(os.path.join(data, "retrieval", "adapt_title", "queries.jsonl")) as f:
         title = json.loads(f.readline())["text"]
     question = f"What is {title}?"
+    a = rag.answer(question, retrieval=False, max_new_tokens=48)
+    print(f"[no retrieval] {question!r} -> {a.text.strip()!r}")
     for cache, label in ((None, "plain RAG"), ("doc", "doc caching")):
         ms, a = _median_ms(lambda: rag.answer(question, cache=cache, max_new_tokens=48))
         print(f"[{label}] {question!r} -> passage {a.doc_ids[0]} (score {a.scores[0]:.2f}): "

@@ -8,6 +8,7 @@ import pytest
 
 from grit_jax.data import adapt, documents, records
 from grit_jax.data.records import SkipCounter
+from grit_jax.rag import prompts
 
 MARKDOWN = """---
 layout: page
@@ -155,7 +156,7 @@ def test_training_set_from_documents(corpus, tmp_path, capsys):
     split_docs = {}
     for split in ("train", "eval"):
         recs = read_split(out, split)
-        assert set(recs) == set(adapt.INSTRUCTIONS) | set(adapt.GENERATIVE)
+        assert set(recs) == (set(adapt.INSTRUCTIONS) | set(adapt.GENERATIVE)) - {"adapt_rag"}
         assert {k: len(v) for k, v in recs.items()} == report["records"][split]
         split_docs[split] = {owner[r["text"]] for r in recs["adapt_text"]}
         for task, instruction in adapt.INSTRUCTIONS.items():
@@ -204,11 +205,23 @@ def test_build_makes_trainable_datasets(corpus, tmp_path):
     from grit_jax.data.dataset import open_dataset
 
     out = tmp_path / "out"
-    assert run("--input", corpus, "--output", out, "--build", "--max-query-length", "64",
-               "--max-passage-length", "128", "--max-generative-length", "128") == 0
+    assert run("--input", corpus, "--output", out, "--build", "--rag-chats", "--max-query-length",
+               "64", "--max-passage-length", "128", "--max-generative-length", "256") == 0
     meta = open_dataset(str(out / "train"))[1]
     report = json.loads((out / "adapt_report.json").read_text())
     assert {n: v["examples"] for n, v in meta["datasets"].items()} == report["records"]["train"]
+    # RAG chats: each question twice, the passage cached before it and inside it, answered with
+    # the passage's opening
+    rag = [json.loads(x) for x in (out / "jsonl" / "train" / "adapt_rag.jsonl").open()]
+    chats = [json.loads(x) for x in (out / "jsonl" / "train" / "adapt_chat.jsonl").open()]
+    assert len(rag) == 2 * len(chats) > 0
+    for cached, inline in zip(rag[::2], rag[1::2]):
+        passage, answer = cached["context"], cached["messages"][1]["content"]
+        assert "context" not in inline and inline["messages"][1]["content"] == answer
+        assert passage.startswith(answer) and 0 < len(answer.split()) <= max(
+            adapt.ANSWER_WORDS, len(documents.sentences(passage)[0].split()))
+        assert cached["messages"][0]["content"].endswith(prompts.DOC_FIRST)
+        assert passage in inline["messages"][0]["content"]
 
 
 def test_bad_documents_are_named_or_counted(corpus, tmp_path, capsys):

@@ -42,6 +42,14 @@ BAD_GEN = [
     ("wrong_type", json.dumps({"messages": [{"role": "user"}]}), "messages[0]", "expected"),
     ("wrong_type", json.dumps({"messages": [{"role": "assistant", "content": "a"}]}), "turn 0",
      "expected a user turn"),
+    ("wrong_type", json.dumps({"text": "t", "context": "doc"}), "context", "goes with messages"),
+    ("wrong_type", json.dumps({"text": ["u", "a"], "context": "d"}), "context", "goes with messages"),
+    ("wrong_type", json.dumps({"messages": [{"role": "user", "content": "u"},
+                                            {"role": "assistant", "content": "a"}],
+                               "context": 3}), "context", "non-empty string"),
+    ("empty_field", json.dumps({"messages": [{"role": "user", "content": "u"},
+                                             {"role": "assistant", "content": "a"}],
+                                "context": " "}), "context", "non-empty string"),
 ]
 
 
@@ -82,6 +90,8 @@ def test_normalised_forms():
                                                {"role": "assistant", "content": "a"}]}, "f", 1)
     assert g == m == {"messages": [{"role": "user", "content": "u"},
                                    {"role": "assistant", "content": "a"}]}
+    c = records.parse_generative(dict(m, context="a document"), "f", 1)
+    assert c == dict(m, context="a document")
 
 
 def test_build_cli_stops_or_skips_with_counts(tmp_path, capsys):

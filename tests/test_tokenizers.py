@@ -85,6 +85,23 @@ def test_chat_loss_mask_is_exactly_assistant_tokens_and_eos(tokenizer):
     assert alt.ids.tolist() == ids and alt.mask.tolist() == mask
 
 
+def test_chat_after_a_context_is_what_doc_cached_rag_reads(tokenizer):
+    """A chat with a context: the document's embedding-format prefix (as RAG caches it), then the
+    prompt RAG puts after a cached document; loss on the answer only."""
+    from grit_jax.rag import prompts
+
+    doc, query, answer = "Tides are caused by the Moon.", "What causes tides?", "The Moon."
+    turn = f"{query}\n\n{prompts.DOC_FIRST}"
+    prefix = formats.encode_embed(tokenizer, doc).ids.tolist()
+    read = prefix + tokenizer.encode(prompts.after_cache("doc", query, [doc]))
+    prompt = formats.encode_chat(tokenizer, turn, add_generation_prompt=True, context=doc)
+    assert prompt.ids.tolist() == read and prompt.mask.sum() == 0
+    full = formats.encode_chat(tokenizer, [turn, answer], context=doc)
+    assert full.ids.tolist()[:len(read)] == read
+    assert tokenizer.decode(full.ids[full.mask == 1][:-1]) == answer
+    assert full.ids[-1] == tokenizer.eos_id
+
+
 def test_bad_chat_input(tokenizer):
     with pytest.raises(ValueError, match="message 1: role 'system' is not supported"):
         formats.encode_chat(tokenizer, [{"role": "user", "content": "a"},

@@ -8,7 +8,10 @@ same split, found by word overlap):
 - ``adapt_cloze``: a sentence -> the rest of its passage (the inverse cloze task);
 - ``adapt_next``: a passage -> the passage after it.
 Generative records: ``adapt_chat`` (a user asks about a document or a section, the assistant
-answers with its passage) and ``adapt_text`` (every passage as plain text, every token trained).
+answers with its passage) and ``adapt_text`` (every passage as plain text, every token trained);
+with ``--rag-chats`` also ``adapt_rag``: the same questions asked in GRIT's two RAG layouts (the
+passage cached before the question, and in the question: ``grit_jax.rag.prompts``), answered with
+the passage's opening sentences, so the model learns to answer from the retrieved context.
 
 Documents go whole to ``train`` or to the held-out ``eval`` split (a seeded hash of the
 document's id), duplicate documents and passages are dropped, and every choice is a function of
@@ -44,7 +47,8 @@ INSTRUCTIONS = {
     "adapt_cloze": "Given a sentence, retrieve the passage it was taken from",
     "adapt_next": "Given a passage of a document, retrieve the passage that follows it",
 }
-GENERATIVE = ("adapt_chat", "adapt_text")
+GENERATIVE = ("adapt_chat", "adapt_text", "adapt_rag")
+ANSWER_WORDS = 40  # an adapt_rag answer: the passage's opening sentences, up to about this many
 STOPWORDS = frozenset("""a an and are as at be by for from has have in is it its of on or that
 the this to was were will with which not can you your we our they their these those also""".split())
 
@@ -157,8 +161,32 @@ class NegativeIndex:
         return out
 
 
-def records_for(documents, *, seed: int, negatives: int, split: str) -> dict[str, list[dict]]:
-    """{file name: records} of one split's documents."""
+def opening(passage: str, words: int = ANSWER_WORDS) -> str:
+    """The passage's first sentences, at least one, while they stay within ``words`` words."""
+    sents = docs_lib.sentences(passage)
+    out = sents[:1]
+    for s in sents[1:]:
+        if docs_lib.words(" ".join(out + [s])) > words:
+            break
+        out.append(s)
+    return " ".join(out)
+
+
+def rag_records(question: str, passage: str) -> list[dict]:
+    """A question answered from its passage in both of GRIT's RAG layouts: the passage as the
+    cached document before the question (doc caching), and inside the question (plain RAG)."""
+    from grit_jax.rag import prompts
+
+    answer = {"role": "assistant", "content": opening(passage)}
+    return [{"context": passage, "messages": [
+                {"role": "user", "content": f"{question}\n\n{prompts.DOC_FIRST}"}, answer]},
+            {"messages": [{"role": "user", "content": f"{question}\n\n{passage}\n\n"
+                                                      f"{prompts.QUERY_FIRST}"}, answer]}]
+
+
+def records_for(documents, *, seed: int, negatives: int, split: str,
+                rag: bool = False) -> dict[str, list[dict]]:
+    """{file name: records} of one split's documents (``rag``: also ``adapt_rag``)."""
     out = {name: [] for name in list(INSTRUCTIONS) + list(GENERATIVE)}
     queries, records = [], []  # (query, document number, name) of every embedding record
 
@@ -175,6 +203,8 @@ def records_for(documents, *, seed: int, negatives: int, split: str) -> dict[str
             out["adapt_chat"].append({"messages": [
                 {"role": "user", "content": f"What is \"{doc.title}\" about?"},
                 {"role": "assistant", "content": ps[0]}]})
+            if rag:
+                out["adapt_rag"] += rag_records(f"What is {doc.title}?", ps[0])
         for s in doc.sections:
             if s.heading:
                 query = f"{doc.title}: {s.heading}" if doc.title else s.heading
@@ -184,6 +214,10 @@ def records_for(documents, *, seed: int, negatives: int, split: str) -> dict[str
                                                 + (f" of \"{doc.title}\"" if doc.title else "")
                                                 + " say?"},
                     {"role": "assistant", "content": s.passages[0]}]})
+                if rag:
+                    about = f" of \"{doc.title}\"" if doc.title else ""
+                    question = f"What does the section \"{s.heading}\"{about} say?"
+                    out["adapt_rag"] += rag_records(question, s.passages[0])
         for i, p in enumerate(ps):
             sents = docs_lib.sentences(p)
             if len(sents) >= 3:
@@ -242,7 +276,8 @@ def retrieval_tasks(documents) -> dict[str, dict[str, list[dict]]]:
 def adapt(input_path: str, output: str, *, seed: int = 0, eval_fraction: float = 0.1,
           passage_words: int = 120, min_words: int = 12, negatives: int = 3,
           skip_invalid: bool = False, overwrite: bool = False, build: bool = False,
-          tokenizer: str | None = None, max_lengths: dict | None = None) -> dict:
+          tokenizer: str | None = None, max_lengths: dict | None = None,
+          rag_chats: bool = False) -> dict:
     """Write the training set (see the module); returns the report."""
     from grit_jax import outputs
 
@@ -269,6 +304,7 @@ def adapt(input_path: str, output: str, *, seed: int = 0, eval_fraction: float =
         raise ValueError(f"{input_path}: every document went to eval; lower --eval-fraction")
     report = {"input": os.path.abspath(input_path), "seed": seed, "eval_fraction": eval_fraction,
               "passage_words": passage_words, "min_words": min_words, "negatives": negatives,
+              "rag_chats": rag_chats,
               "documents": {k: len(v) for k, v in splits.items()},
               "passages": {k: sum(len(d.passages) for d in v) for k, v in splits.items()},
               "records": {}, "skipped": dict(sorted(counts.items())),
@@ -277,7 +313,8 @@ def adapt(input_path: str, output: str, *, seed: int = 0, eval_fraction: float =
         for split, documents in splits.items():
             if not documents:
                 continue
-            recs = records_for(documents, seed=seed, negatives=negatives, split=split)
+            recs = records_for(documents, seed=seed, negatives=negatives, split=split,
+                               rag=rag_chats)
             recs = {k: v for k, v in recs.items() if v}
             folder = os.path.join(staging, "jsonl", split)
             write_jsonl(folder, recs)
@@ -340,6 +377,9 @@ def _main(argv) -> int:
     p.add_argument("--skip-invalid", action="store_true",
                    help="skip files that are not UTF-8 and bad JSONL lines, counted, instead of "
                         "stopping at the first")
+    p.add_argument("--rag-chats", action="store_true",
+                   help="also write adapt_rag: questions answered from their passage in GRIT's "
+                        "RAG layouts (doc-cached and plain)")
     p.add_argument("--build", action="store_true",
                    help="also build the train/eval datasets (tokenised) for grit_jax.train")
     p.add_argument("--tokenizer", default=None, help="for --build (default: bundled Mistral)")
@@ -357,7 +397,7 @@ def _main(argv) -> int:
                    passage_words=args.passage_words, min_words=args.min_words,
                    negatives=args.negatives, skip_invalid=args.skip_invalid,
                    overwrite=args.overwrite, build=args.build, tokenizer=args.tokenizer,
-                   max_lengths=lengths)
+                   max_lengths=lengths, rag_chats=args.rag_chats)
     print(summary(report))
     print(f"-> {args.output}")
     return 0

@@ -47,7 +47,7 @@ def encode_record(tok: Tokenizer, kind: str, rec: dict, max_lengths: dict, path:
         num_pos = len(rec["pos"])
     else:
         enc = (formats.encode_text(tok, rec["text"]) if "text" in rec
-               else formats.encode_chat(tok, rec["messages"]))
+               else formats.encode_chat(tok, rec["messages"], context=rec.get("context")))
         n = max_lengths["generative"]
         segs = [formats.Encoded(enc.ids[:n], enc.mask[:n], cut=max(len(enc) - n, 0))]
         fields, num_pos = [("text", None, "generative")], 0

@@ -113,16 +113,19 @@ def normalize_messages(chat) -> list[dict]:
     return messages
 
 
-def encode_chat(tok: Tokenizer, chat, *, add_generation_prompt: bool = False) -> Encoded:
+def encode_chat(tok: Tokenizer, chat, *, add_generation_prompt: bool = False,
+                context: str | None = None) -> Encoded:
     """Tokenise a chat in the GRIT format; the mask is 1 on assistant tokens and their ``</s>``.
 
     Text between two EOS tokens is tokenised as its own run, exactly as Hugging Face's
-    Mistral/Llama tokenizer treats text after a special token.
+    Mistral/Llama tokenizer treats text after a special token. ``context``: the chat follows a
+    document in the embedding format, ``<s><|embed|>\n{context}\n<|user|>...``, the tokens GRIT's
+    doc-cached RAG reads (the document's cached prefix, then the prompt after it).
     """
     messages = normalize_messages(chat)
     runs: list[list[tuple[str, int]]] = [[]]  # runs of (piece, is_assistant), split at EOS
     for i, m in enumerate(messages):
-        sep = "\n" if i else ""
+        sep = "\n" if i or context is not None else ""
         if m["role"] == "user":
             runs[-1].append((f"{sep}{USER}{m['content']}\n", 0))
         else:
@@ -134,6 +137,8 @@ def encode_chat(tok: Tokenizer, chat, *, add_generation_prompt: bool = False) ->
     if add_generation_prompt:
         runs[-1].append((ASSISTANT, 0))
     ids: list[int] = [tok.bos_id] if tok.bos_id is not None else []
+    if context is not None:  # the cached prefix is tokenised on its own, as RAG does
+        ids = [int(i) for i in encode_embed(tok, context).ids]
     mask: list[int] = [0] * len(ids)
     for r, run in enumerate(runs):
         pieces = [p for p, _ in run if p]

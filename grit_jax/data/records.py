@@ -4,7 +4,9 @@ Embedding records:  ``{"query": Q, "pos": [P, ...], "neg": [P, ...]}`` where eac
 or an ``[instruction, text]`` pair (``neg`` may be absent or empty).
 Generative records: ``{"text": "..."}`` (plain text, every token trained),
 ``{"text": [user, assistant, user, assistant, ...]}`` or
-``{"messages": [{"role": "user" | "assistant", "content": "..."}, ...]}`` (assistant turns trained).
+``{"messages": [{"role": "user" | "assistant", "content": "..."}, ...]}`` (assistant turns trained),
+optionally with ``"context": "..."``: a document the chat follows in the embedding format, as in
+GRIT's doc-cached RAG (``formats.encode_chat``).
 """
 
 from __future__ import annotations
@@ -145,7 +147,11 @@ def parse_embedding(obj: dict, path: str, line: int) -> dict:
 
 
 def parse_generative(obj: dict, path: str, line: int) -> dict:
-    """Normalised ``{"messages": [...]}`` (alternating user/assistant) or ``{"text": str}``."""
+    """Normalised ``{"messages": [...]}`` (alternating user/assistant; ``context`` kept) or
+    ``{"text": str}``."""
+    if "context" in obj and "messages" not in obj:
+        raise RecordError(path, line, "context", "a context goes with messages, not text",
+                          "wrong_type")
     if "messages" in obj:
         msgs = obj["messages"]
         if not isinstance(msgs, list) or not msgs:
@@ -181,7 +187,14 @@ def parse_generative(obj: dict, path: str, line: int) -> dict:
     if turns[-1][0] != "assistant":
         raise RecordError(path, line, f"turn {len(turns) - 1}", "a chat must end with an "
                                                                  "assistant turn", "wrong_type")
-    return {"messages": [{"role": r, "content": c} for r, c in turns]}
+    out = {"messages": [{"role": r, "content": c} for r, c in turns]}
+    if "context" in obj:
+        if not isinstance(obj["context"], str) or not obj["context"].strip():
+            raise RecordError(path, line, "context", "expected a non-empty string",
+                              "wrong_type" if not isinstance(obj["context"], str)
+                              else "empty_field")
+        out["context"] = obj["context"]
+    return out
 
 
 def read_records(path: str, skips: SkipCounter) -> tuple[str, list[tuple[int, dict]]]:
