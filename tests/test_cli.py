@@ -403,6 +403,11 @@ COMMANDS = {
                        ["--config.optim.lr", "--config.data.query_batch", "--config.total_steps",
                         "--config.optim.b1", "--config.mesh.data", "--workdir", "--config",
                         "--config.model.attention_impl", "--num_processes"]),
+    "grit_jax.data.adapt": (["--input", "{jsonl}", "--output", "{new}", "--eval-fraction", "1.5"],
+                            ["--eval-fraction", "--passage-words", "--min-words", "--negatives",
+                             "--input", "--output"]),
+    "grit_jax.demo": (["--out", "{new}", "--steps", "0"], ["--steps", "--config", "--model",
+                                                           "--out"]),
     "grit_jax.aot": (["--config", TINY, "--topology", "v5p:2x2x1", "--lengths", "0,0,0"],
                      ["--topology", "--lengths", "--slices", "--config"]),
 }
