@@ -4,6 +4,8 @@ data in the same order, for the same number of optimizer steps.
 
     make corpus   # the Python 3.11 documentation's sources (Debian's python3.11-doc)
     python benchmarks/adapt_study.py [--steps 48] [--seeds 0] [--max-queries 300] [--out DIR]
+    python benchmarks/adapt_study.py --config configs/smollm2_adapt.py:accelerator --steps 1000 \\
+        --seeds 0,1,2   # on a GPU/TPU
 
 Data: grit_jax.data.adapt on the corpus (documents held out whole for evaluation, seed 0).
 Held-out metrics: retrieval nDCG@10 and MRR@10 over every held-out passage for three tasks
@@ -32,10 +34,15 @@ sys.path.insert(0, ROOT)
 from benchmarks.grit_miniature import chatml_reply, run  # noqa: E402
 
 MODES = {"unified": "unified", "embedding only": "embedding", "generative only": "generative"}
-# configs/smollm2_adapt.py's cpu setting: passages of ~64 words in 96 tokens, 2% of the documents
-# held out (about 10 documents, ~600 passages: the retrieval corpus every query is ranked against)
-ADAPT = ("--passage-words", "64", "--eval-fraction", "0.02", "--max-query-length", "48",
-         "--max-passage-length", "96", "--max-generative-length", "128")
+# grit_jax.data.adapt's flags per setting of configs/smollm2_adapt.py. cpu: passages of ~64 words
+# in 96 tokens, 2% of the documents held out (10 documents, 735 passages: the retrieval corpus
+# every query is ranked against); accelerator: ~180 words in 256 tokens, 10% held out.
+ADAPT = {
+    "cpu": ("--passage-words", "64", "--eval-fraction", "0.02", "--max-query-length", "48",
+            "--max-passage-length", "96", "--max-generative-length", "128"),
+    "accelerator": ("--passage-words", "180", "--eval-fraction", "0.1", "--max-query-length",
+                    "64", "--max-passage-length", "256", "--max-generative-length", "512"),
+}
 PROMPTS = ["What is the purpose of the pathlib module?",
            "How do I read a file line by line in Python?"]
 
@@ -58,12 +65,12 @@ def held_out_tasks(data_dir, max_queries, seed=0, max_chats=200):
     return tasks
 
 
-def evaluate(model, tasks):
+def evaluate(model, tasks, max_length=128):
     from grit_jax.evaluation import evaluate_task
 
     out, memo = {}, {}  # the three tasks share one corpus: embedded once
     for t in tasks:
-        r = evaluate_task(model, t, max_length=128, memo=memo)
+        r = evaluate_task(model, t, max_length=max_length, memo=memo)
         short = t.name.split("/")[-1]
         if t.kind == "retrieval":
             out[short] = {k: r[k] for k in ("ndcg_at_10", "ndcg_at_10_ci95", "mrr_at_10",
@@ -87,6 +94,10 @@ def main(argv=None) -> int:
     if not os.path.isdir(args.corpus):
         raise SystemExit(f"{args.corpus}: not found; run `make corpus` first")
     seeds = [int(s) for s in args.seeds.split(",")]
+    setting = args.config.partition(":")[2] or "cpu"
+    if setting not in ADAPT:
+        raise SystemExit(f"--config {args.config}: setting {setting!r} unknown ({', '.join(ADAPT)})")
+    eval_length = {"cpu": 128, "accelerator": 512}[setting]  # passages are never cut at eval
     t0 = time.time()
     logs = os.path.join(args.out, "logs")
     os.makedirs(logs, exist_ok=True)
@@ -103,7 +114,7 @@ def main(argv=None) -> int:
     data = os.path.join(args.out, "data")
     if not os.path.isdir(data):
         run([sys.executable, "-m", "grit_jax.data.adapt", "--input", args.corpus, "--output",
-             data, "--build", "--tokenizer", smol, *ADAPT], os.path.join(logs, "adapt.log"))
+             data, "--build", "--tokenizer", smol, *ADAPT[setting]], os.path.join(logs, "adapt.log"))
     with open(os.path.join(data, "adapt_report.json")) as f:
         report = json.load(f)
     tasks = held_out_tasks(data, args.max_queries)
@@ -112,7 +123,7 @@ def main(argv=None) -> int:
                    "documents", "passages", "records", "retrieval")}, "runs": {}}
 
     zero = GritLM.from_pretrained(smol, attn="bbcc", pooling_method="mean")
-    results["runs"]["zero-shot"] = {"seeds": {"-": evaluate(zero, tasks)}}
+    results["runs"]["zero-shot"] = {"seeds": {"-": evaluate(zero, tasks, eval_length)}}
     results["generations"] = {"zero-shot": {q: chatml_reply(zero, q) for q in PROMPTS}}
     print("zero-shot:", results["runs"]["zero-shot"], flush=True)
     del zero
@@ -127,7 +138,7 @@ def main(argv=None) -> int:
                            f"--config.data.data_dir={os.path.join(data, 'train')}"],
                           os.path.join(logs, f"{mode}_seed{seed}.log"))
             model = GritLM.from_pretrained(workdir, attn="bbcc", pooling_method="mean")
-            runs[str(seed)] = dict(evaluate(model, tasks), train_seconds=round(seconds))
+            runs[str(seed)] = dict(evaluate(model, tasks, eval_length), train_seconds=round(seconds))
             if seed == seeds[0]:
                 results["generations"][label] = {q: chatml_reply(model, q) for q in PROMPTS}
             print(f"{label} seed {seed}: {runs[str(seed)]}", flush=True)

@@ -309,7 +309,7 @@ def _claim_out(out: str) -> None:
     """Mark OUT as the demo's folder; refuse a non-empty folder the demo did not make."""
     if os.path.isdir(out) and os.listdir(out) and not os.path.exists(os.path.join(out, _MARK)):
         raise ValueError(f"--out {out}: exists and was not made by the demo, which remakes its "
-                         "train/, hf/ and index/; choose a new or empty folder")
+                         "results (model, index, exports); choose a new or empty folder")
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--out {out}: is a file, not a folder")
     os.makedirs(out, exist_ok=True)
