@@ -97,7 +97,7 @@ def main(argv=None) -> int:
     setting = args.config.partition(":")[2] or "cpu"
     if setting not in ADAPT:
         raise SystemExit(f"--config {args.config}: setting {setting!r} unknown ({', '.join(ADAPT)})")
-    eval_length = {"cpu": 128, "accelerator": 512}[setting]  # passages are never cut at eval
+    eval_length = {"cpu": 128, "accelerator": 512}[setting]  # above training's passage length
     t0 = time.time()
     logs = os.path.join(args.out, "logs")
     os.makedirs(logs, exist_ok=True)
@@ -138,7 +138,8 @@ def main(argv=None) -> int:
                            f"--config.data.data_dir={os.path.join(data, 'train')}"],
                           os.path.join(logs, f"{mode}_seed{seed}.log"))
             model = GritLM.from_pretrained(workdir, attn="bbcc", pooling_method="mean")
-            runs[str(seed)] = dict(evaluate(model, tasks, eval_length), train_seconds=round(seconds))
+            runs[str(seed)] = dict(evaluate(model, tasks, eval_length),
+                                   train_seconds=round(seconds))
             if seed == seeds[0]:
                 results["generations"][label] = {q: chatml_reply(model, q) for q in PROMPTS}
             print(f"{label} seed {seed}: {runs[str(seed)]}", flush=True)
