@@ -209,7 +209,10 @@ def plot(results, png):
                                             .values()]) for n in names], color="tab:green")
     ax[1].set_yticks(range(len(names)), [""] * len(names))
     ax[1].invert_yaxis()
-    ax[1].set_xlabel("held-out chat loss (lower is better)")
+    losses = [np.mean([r["chat_loss"] for r in results["runs"][n]["seeds"].values()])
+              for n in names]
+    ax[1].set_xlim(0.9 * min(losses), 1.02 * max(losses))  # the differences, not the zero
+    ax[1].set_xlabel("held-out chat loss (lower is better; axis from 0.9 x the lowest)")
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)
