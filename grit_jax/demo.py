@@ -166,13 +166,12 @@ def write_documents(folder: str, paragraphs: int = 6) -> int:
     """The demo's documents as JSONL: each article's title and its first ``paragraphs``
     paragraphs (the whole articles hold 8,000 passages: more than a few minutes can embed)."""
     from grit_jax.data import wiki_demo
+    from grit_jax.data.records import write_jsonl
 
     arts = wiki_demo.articles()
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "wikipedia.jsonl"), "w") as f:
-        for title, paras in arts:
-            f.write(json.dumps({"id": title, "title": title,
-                                "text": "\n\n".join(paras[:paragraphs])}) + "\n")
+    write_jsonl(folder, {"wikipedia": [{"id": title, "title": title,
+                                        "text": "\n\n".join(paras[:paragraphs])}
+                                       for title, paras in arts]})
     return len(arts)
 
 
@@ -180,10 +179,12 @@ def heldout_retrieval(model, tasks) -> dict:
     """{task: metrics} of the held-out retrieval tasks (one corpus, embedded once)."""
     from grit_jax.evaluation import evaluate_task
 
-    memo = {}
-    return {t.name.split("/")[-1]: evaluate_task(model, t, max_length=SMOL_LENGTHS["passage"],
-                                                 memo=memo)
-            for t in tasks if t.kind == "retrieval" and t.name.split("/")[-1] in HELDOUT}
+    memo, out = {}, {}
+    for t in tasks:
+        short = t.name.split("/")[-1]
+        if short in HELDOUT:
+            out[short] = evaluate_task(model, t, max_length=SMOL_LENGTHS["passage"], memo=memo)
+    return out
 
 
 def print_retrieval(label: str, results: dict, before: dict | None = None) -> None:
@@ -198,14 +199,15 @@ def print_retrieval(label: str, results: dict, before: dict | None = None) -> No
               f"{hi:.3f}], top-1 {r['recall_at_1']:.2f}{delta}")
 
 
-def _median_ms(fn, repeats: int = 3) -> tuple[float, object]:
-    fn()  # compile
-    times, out = [], None
+def _median_ms(fn, repeats: int = 3) -> float:
+    """Median wall time of ``fn()`` in ms, after one call that compiles."""
+    fn()
+    times = []
     for _ in range(repeats):
         t = time.perf_counter()
-        out = fn()
+        fn()
         times.append((time.perf_counter() - t) * 1000)
-    return float(np.median(times)), out
+    return float(np.median(times))
 
 
 def smollm2_demo(args) -> int:
@@ -295,7 +297,7 @@ def smollm2_demo(args) -> int:
     for cache, label in ((None, "plain RAG"), ("doc", "doc caching")):
         a = rag.answer(question, cache=cache, max_new_tokens=48)
         # latency to the first answer token (retrieval + prefill), the part caching shortens
-        ms, _ = _median_ms(lambda: rag.answer(question, cache=cache, max_new_tokens=1), 5)
+        ms = _median_ms(lambda: rag.answer(question, cache=cache, max_new_tokens=1), 5)
         print(f"[{label}] {question!r} -> passage {a.doc_ids[0]} (score {a.scores[0]:.2f}): "
               f"{passages[a.doc_ids[0]][:90]!r}...\n   read {a.prompt_tokens} new prompt tokens "
               f"(reused {a.cached_tokens} cached), first token in {ms:.0f} ms (median of 5) -> "
