@@ -5,7 +5,7 @@ benchmarks/adapt_study.py). Two settings:
   16 queries x (passage + hard negative) per step through GradCache chunks of 8 (31 in-batch
   passages per query), 4 generative samples, 48 optimizer steps; one padded shape per kind
   (query 48, passage 96, generative 128 tokens) so one compiled step.
-- ``demo`` (``make demo``): 8 queries a step for 8 steps, generative samples of up to 192
+- ``demo`` (``make demo``): 8 queries a step for 6 steps, generative samples of up to 192
   tokens drawn mostly from ``adapt_rag`` (answers from a passage in GRIT's RAG layouts).
 - ``accelerator`` (one GPU/TPU chip): 256 queries x 2 passages through GradCache chunks of 32
   (511 passages per query, the in-batch scale the paper's recipe relies on), 32 generative
@@ -22,7 +22,7 @@ from configs import smollm2_grit_lora
 PRESETS = {
     "cpu": dict(steps=48, query_batch=16, generative_batch=4, chunk=8,
                 buckets=dict(query="48", passage="96", generative="128")),
-    "demo": dict(steps=8, query_batch=8, generative_batch=4, chunk=8,  # make demo: ~17 s a step
+    "demo": dict(steps=6, query_batch=8, generative_batch=4, chunk=8,  # make demo: ~19 s a step
                  buckets=dict(query="48", passage="96", generative="192"),
                  mixture="adapt_text=0.1x,adapt_rag=4x"),  # mostly answers from a passage
     "accelerator": dict(steps=1000, query_batch=256, generative_batch=32, chunk=32,
