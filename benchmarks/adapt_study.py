@@ -167,14 +167,14 @@ def table(results):
     head = " | ".join(f"{t[6:]} nDCG@10 [95% CI]" for t in tasks)
     lines = [f"| run | {head} | held-out chat loss | train s |",
              "|---|" + "---|" * (len(tasks) + 2)]
-    for name, run in results["runs"].items():
+    for name, entry in results["runs"].items():
         cells = []
         for t in tasks:
-            mean, (lo, hi), per = _summary(run, t)
+            mean, (lo, hi), per = _summary(entry, t)
             spread = f" (seeds {min(per):.3f}-{max(per):.3f})" if len(per) > 1 else ""
             cells.append(f"{mean:.3f} [{lo:.3f}, {hi:.3f}]{spread}")
-        loss = np.mean([r["chat_loss"] for r in run["seeds"].values()])
-        secs = [r.get("train_seconds") for r in run["seeds"].values() if "train_seconds" in r]
+        loss = np.mean([r["chat_loss"] for r in entry["seeds"].values()])
+        secs = [r.get("train_seconds") for r in entry["seeds"].values() if "train_seconds" in r]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {loss:.3f} | "
                      f"{round(np.mean(secs)) if secs else ''} |")
     return "\n".join(lines)

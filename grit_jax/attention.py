@@ -22,13 +22,11 @@ Which kernel runs (``attention_impl``, resolved per call by ``resolve``):
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from functools import partial
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 BLOCK = 256  # query rows per block: with S keys the scores block is (heads per group, 256, S)
 MIN_BLOCKED_QUERIES = 64  # shorter (decode steps, short prompts): XLA's call, no loop overhead

@@ -1,5 +1,6 @@
 """Test setup: 8 fake CPU devices (set before jax is imported) and tiny real-library models."""
 
+import json
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -48,6 +49,22 @@ def mixtral_dir(tmp_path_factory):
 def llama_dir(tmp_path_factory):
     """A random tiny LlamaForCausalLM (tied embeddings, llama3 rope scaling) saved by transformers."""
     return hf_models.save_tiny(tmp_path_factory.mktemp("llama"), "llama", seed=1)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """A built dataset of 24 embedding and 12 generative records (the train CLI tests')."""
+    from grit_jax.data.dataset import build
+
+    src = tmp_path_factory.mktemp("src")
+    recs = [{"query": ["Find the passage", f"query number {i}"], "pos": [f"passage number {i}"],
+             "neg": [f"unrelated text {i}", f"other text {i}"]} for i in range(24)]
+    (src / "emb.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    gen = [{"text": [f"say {i}", f"{i} is my answer"]} for i in range(12)]
+    (src / "gen.jsonl").write_text("\n".join(json.dumps(r) for r in gen) + "\n")
+    out = tmp_path_factory.mktemp("data")
+    build(str(src), str(out), max_lengths={"query": 32, "passage": 32, "generative": 32})
+    return str(out)
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ from grit_jax.data.build import main as build_main
 
 def write(tmp_path, name, lines):
     path = tmp_path / name
-    data = b"".join((l if isinstance(l, bytes) else (l + "\n").encode()) for l in lines)
+    data = b"".join((x if isinstance(x, bytes) else (x + "\n").encode()) for x in lines)
     path.write_bytes(data)
     return str(path)
 

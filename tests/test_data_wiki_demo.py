@@ -32,7 +32,7 @@ def test_articles_are_real_and_split(demo):
     titles = {}
     for split in ("train", "eval"):
         with open(os.path.join(out, "jsonl", split, "wiki_title_to_passage.jsonl")) as f:
-            titles[split] = {json.loads(l)["query"][1] for l in f}
+            titles[split] = {json.loads(row)["query"][1] for row in f}
     assert titles["train"] and titles["eval"] and not titles["train"] & titles["eval"]
 
 

@@ -57,7 +57,8 @@ def test_loop_that_steps_by_two():
     """XLA's windowed einsum loops (the weight all-gather fused into the matmul on TPU) count
     their induction variable up by 2: the trips are (bound - start) / step, not the bound."""
     def f(x, w):
-        body = lambda c: (c[0] + 2, jnp.sin(c[1] @ w))
+        def body(c):
+            return c[0] + 2, jnp.sin(c[1] @ w)
         return jax.lax.while_loop(lambda c: c[0] < 16, body, (jnp.int32(0), x))[1].sum()
     text = compiled(f, jnp.ones((16, 32)), jnp.ones((32, 32))).as_text()
     # XLA:CPU annotates this loop's trip count; TPU's windowed einsum loops carry none.

@@ -119,7 +119,8 @@ def test_prefix_mode_matches_independent_reference(params, window):
 
 def test_prefix_mode_between_causal_and_bidirectional_and_never_sees_a_later_reply(params):
     ids, valid = batch()
-    run = lambda mode, x=ids, **kw: np.asarray(forward(params, CFG, x, valid, mode=mode, **kw).hidden)
+    def run(mode, x=ids, **kw):
+        return np.asarray(forward(params, CFG, x, valid, mode=mode, **kw).hidden)
     v = valid[..., None]
     np.testing.assert_allclose(run("prefix", prompt=np.zeros_like(valid)) * v, run("causal") * v,
                                atol=1e-6)

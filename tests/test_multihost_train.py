@@ -24,7 +24,7 @@ import pytest
 
 from grit_jax.convert.hf import hf_to_grit
 from tests import hf_models
-from tests.test_train import SMALL, data_dir, finish, losses  # noqa: F401 (data_dir: fixture)
+from tests.test_train import SMALL, finish, losses
 
 STEPS = ["--config.total_steps=4", "--config.checkpoint_every=2",
          "--config.data.query_batch=8", "--config.data.generative_batch=8"]
@@ -91,7 +91,7 @@ def pretrained(tmp_path_factory):
     return str(root / "hf"), str(root / "params")
 
 
-def test_two_processes_and_two_slices_equal_one(tmp_path, data_dir, pretrained):  # noqa: F811
+def test_two_processes_and_two_slices_equal_one(tmp_path, data_dir, pretrained):
     """From a converted params directory on an FSDP mesh over both processes, and from the HF
     shards with the processes as two slices (DCN data axis) and GradCache: step for step the
     single-process run, in float64."""
@@ -119,7 +119,7 @@ def test_two_processes_and_two_slices_equal_one(tmp_path, data_dir, pretrained):
         assert (tmp_path / run / "grit_config.json").exists()
 
 
-def test_killed_peer_stops_the_survivor(tmp_path, data_dir):  # noqa: F811
+def test_killed_peer_stops_the_survivor(tmp_path, data_dir):
     procs = pair(tmp_path / "w", data_dir, "--config.total_steps=400",
                  "--config.checkpoint_every=1000")
     metrics = tmp_path / "w" / "metrics.jsonl"
@@ -162,7 +162,7 @@ def gcs_losses(env, workdir):
     return rows
 
 
-def test_sigterm_on_one_host_saves_to_gcs_and_both_resume(tmp_path, data_dir, gcs):  # noqa: F811
+def test_sigterm_on_one_host_saves_to_gcs_and_both_resume(tmp_path, data_dir, gcs):
     """A gs:// workdir: SIGTERM on one host stops both at one step with a checkpoint written
     straight to the bucket; restarting both resumes there and finishes; a time-based checkpoint
     interval saves too."""

@@ -10,26 +10,11 @@ import time
 
 import pytest
 
-from grit_jax.data.dataset import build
-
 SMALL = ["--config.model.hidden_size=32", "--config.model.intermediate_size=64",
          "--config.model.num_layers=1", "--config.model.num_heads=2",
          "--config.model.num_kv_heads=1", "--config.data.query_batch=4",
          "--config.data.generative_batch=4", "--config.data.num_threads=0",
          "--config.log_every=1", "--config.checkpoint_every=4", "--config.total_steps=16"]
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    src = tmp_path_factory.mktemp("src")
-    recs = [{"query": ["Find the passage", f"query number {i}"], "pos": [f"passage number {i}"],
-             "neg": [f"unrelated text {i}", f"other text {i}"]} for i in range(24)]
-    (src / "emb.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
-    gen = [{"text": [f"say {i}", f"{i} is my answer"]} for i in range(12)]
-    (src / "gen.jsonl").write_text("\n".join(json.dumps(r) for r in gen) + "\n")
-    out = tmp_path_factory.mktemp("data")
-    build(str(src), str(out), max_lengths={"query": 32, "passage": 32, "generative": 32})
-    return str(out)
 
 
 def launch(workdir, data_dir, *extra, config="configs/tiny.py", env=None):

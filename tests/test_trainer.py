@@ -20,7 +20,6 @@ from grit_jax import hlo_cost, sharding, trainer, weights
 from grit_jax.config import ModelConfig
 from grit_jax.train_step import init_state
 from tests import hf_models
-from tests.test_train import data_dir  # noqa: F401 (a fixture)
 
 
 class ShardWatch:

@@ -28,7 +28,6 @@ import argparse
 import collections
 import hashlib
 import json
-import math
 import os
 import re
 import sys

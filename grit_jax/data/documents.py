@@ -125,7 +125,7 @@ def _rst_blocks(text: str):
     entry = None  # inside an API entry's body: lines indented deeper than this
     i = 0
     while i < len(lines):
-        line, stripped, ind = lines[i], lines[i].strip(), _indent(lines[i])
+        stripped, ind = lines[i].strip(), _indent(lines[i])
         nxt = lines[i + 1].strip() if i + 1 < len(lines) else ""
         i += 1
         if header:
