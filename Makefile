@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test demo corpus clean
+.PHONY: venv lint test demo corpus clean
 
 venv: $(STAMP)
 
@@ -24,7 +24,11 @@ $(STAMP): setup.py Makefile
 	$(PY) -m pip install -q --no-deps --target $(VENV)/libtpu libtpu==0.0.42.1
 	touch $(STAMP)
 
-test: venv
+# pyflakes + pycodestyle at line length 100 (pyproject.toml), before the tests.
+lint: venv
+	$(VENV)/bin/ruff check .
+
+test: venv lint
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -v -p no:faulthandler --durations=20 tests
 
 demo: venv

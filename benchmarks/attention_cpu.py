@@ -43,7 +43,8 @@ def main(argv=None):
         for mode in ("bidirectional", "causal"):
             mask = attention_mask(pos, pos, jnp.ones((1, t), bool), mode)
             kernels = {
-                "xla": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask, scale=d ** -0.5),
+                "xla": lambda q, k, v: jax.nn.dot_product_attention(
+                    q, k, v, mask=mask, scale=d ** -0.5),
                 # causal: as the model calls it, each query block reads only visible keys
                 "blocked": lambda q, k, v: blocked_attention(
                     q, k, v, mask, d ** -0.5, reach=1 if mode == "causal" else None),
@@ -70,12 +71,14 @@ def main(argv=None):
                 grad = jax.jit(jax.grad(lambda q, k, v, fn=fn: jnp.sum(fn(q, k, v) * wj),
                                         argnums=(0, 1, 2)))
                 fwd_s = median_seconds(lambda: fwd(qj, kj, vj).block_until_ready(), args.repeats)
-                grad_s = median_seconds(lambda: jax.block_until_ready(grad(qj, kj, vj)), args.repeats)
+                grad_s = median_seconds(lambda: jax.block_until_ready(grad(qj, kj, vj)),
+                                        args.repeats)
                 cell[f"{name}_s"] = round(fwd_s, 4)
                 cell[f"{name}_grad_s"] = round(grad_s, 4)
                 cell[f"{name}_over_torch"] = round(fwd_s / torch_fwd, 2)
                 cell[f"{name}_grad_over_torch"] = round(grad_s / cell["torch_sdpa_grad_s"], 2)
-                cell[f"{name}_max_abs_diff"] = float(np.abs(np.asarray(fwd(qj, kj, vj)) - want).max())
+                cell[f"{name}_max_abs_diff"] = float(
+                    np.abs(np.asarray(fwd(qj, kj, vj)) - want).max())
             row[mode] = cell
         out[str(t)] = row
     return peers.write_result(args.name, {"machine": peers.machine(),

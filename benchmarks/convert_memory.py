@@ -76,7 +76,8 @@ def main():
         size = write_random_hf(os.path.join(work, "hf"), CONFIG)
         gib = size / 2**30
         print(f"model: {CONFIG.num_params() / 1e9:.2f}B params, {gib:.2f} GiB float32")
-        imp = run(["hf-to-grit", "--hf", os.path.join(work, "hf"), "--out", os.path.join(work, "grit")])
+        imp = run(["hf-to-grit", "--hf", os.path.join(work, "hf"), "--out",
+                   os.path.join(work, "grit")])
         exp = run(["grit-to-hf", "--params", os.path.join(work, "grit"), "--out",
                    os.path.join(work, "back"), "--max-shard-gb", "1"])
         result = {"params_b": CONFIG.num_params() / 1e9, "model_gib": gib,

@@ -36,7 +36,8 @@ def main():
                         max_lengths={"query": 256, "passage": 512, "generative": 512})
         build_s = time.perf_counter() - t0
         tokens = sum(d["tokens"] for d in builder.info.metadata["datasets"].values())
-        result = {"records": n_records, "build_s": build_s, "build_records_per_s": n_records / build_s,
+        result = {"records": n_records, "build_s": build_s,
+                  "build_records_per_s": n_records / build_s,
                   "build_tokens_per_s": tokens / build_s}
         for threads in (0, 4):
             cfg = PipelineConfig(os.path.join(work, "data"), query_batch=32, generative_batch=32,
@@ -48,8 +49,10 @@ def main():
                 t0, ex, tok = time.perf_counter(), 0, 0
                 for _ in range(args.steps):
                     b = next(it)
-                    ex += b["query_ids"].shape[0] * 3 + b["gen_ids"].shape[0]  # q + 2 passages + gen
-                    tok += int(b["query_valid"].sum() + b["passage_valid"].sum() + b["gen_valid"].sum())
+                    # q + 2 passages + gen
+                    ex += b["query_ids"].shape[0] * 3 + b["gen_ids"].shape[0]
+                    tok += int(b["query_valid"].sum() + b["passage_valid"].sum()
+                               + b["gen_valid"].sum())
                 dt = time.perf_counter() - t0
                 rates.append((args.steps / dt, ex / dt, tok / dt))
             med = [statistics.median(x) for x in zip(*rates)]

@@ -24,7 +24,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shape", default="m283", choices=sorted(peers.SHAPES))
     parser.add_argument("--texts", type=int, default=32)
-    parser.add_argument("--words", type=int, default=160, help="words per passage (~1.4 tokens each)")
+    parser.add_argument("--words", type=int, default=160,
+                        help="words per passage (~1.4 tokens each)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)

@@ -172,7 +172,8 @@ def main(argv=None) -> int:
     with open(os.path.join(args.results, "grit_miniature.json"), "w") as f:
         json.dump(results, f, indent=1)
     plot(results, os.path.join(args.results, "grit_miniature.png"))
-    print("\n| run | nDCG@10 title->passage | nDCG@10 sentence->passage | held-out gen loss | train s |")
+    print("\n| run | nDCG@10 title->passage | nDCG@10 sentence->passage | held-out gen loss "
+          "| train s |")
     print("|---|---|---|---|---|")
     c = results["random_ranking"]
     print(f"| random ranking ({c['title_documents']} / {c['sentence_documents']} held-out "

@@ -23,7 +23,8 @@ import tempfile
 import peers
 
 KINDS = (  # (kind, pattern on an XLA op name / aten op name), first match wins
-    ("matmul", r"^(ynn_fusion|xnn_fusion|onednn|dot|custom-call|aten::(mm|bmm|addmm|matmul|linear))"),
+    ("matmul", r"^(ynn_fusion|xnn_fusion|onednn|dot|custom-call|"
+               r"aten::(mm|bmm|addmm|matmul|linear))"),
     ("attention", r"^aten::_scaled_dot_product"),
     ("layout copies", r"copy|transpose"),
     ("scan slicing", r"dynamic-slice|dynamic-update-slice|aten::(slice|select|index|cat|stack)"),

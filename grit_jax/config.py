@@ -56,7 +56,8 @@ class ModelConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype of activations and matmuls
     remat_policy: str = "none"
-    attention_impl: str = "auto"  # auto: blocked on CPU, splash on TPU, XLA elsewhere (attention.py)
+    # auto: blocked on CPU, splash on TPU, XLA elsewhere (attention.py)
+    attention_impl: str = "auto"
     # Layers per iteration of the layer scan: 1 keeps one loop body (fast compiles, TPU pods);
     # 0 or >= num_layers unrolls it into straight-line code (on XLA:CPU measured no faster: the
     # per-layer weight slices are copied either way; see README, Performance).
@@ -152,14 +153,16 @@ class ModelConfig:
         if self.scan_unroll < 0:
             problems.append(f"scan_unroll={self.scan_unroll} must be >= 0 (0: fully unrolled)")
         if self.remat_policy not in REMAT_POLICIES:
-            problems.append(f"remat_policy={self.remat_policy!r} (expected one of {REMAT_POLICIES})")
+            problems.append(f"remat_policy={self.remat_policy!r} "
+                            f"(expected one of {REMAT_POLICIES})")
         if problems:
             raise ValueError("Invalid ModelConfig: " + "; ".join(problems))
 
     @property
     def resolved_head_dim(self) -> int:
         """Per-head width: explicit ``head_dim`` or ``hidden_size // num_heads``."""
-        return self.head_dim if self.head_dim is not None else self.hidden_size // max(self.num_heads, 1)
+        return (self.head_dim if self.head_dim is not None
+                else self.hidden_size // max(self.num_heads, 1))
 
     @property
     def lora_target_set(self) -> frozenset:

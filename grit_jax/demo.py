@@ -114,7 +114,8 @@ def export_and_compare(workdir: str, out: str, model) -> None:
         want = ref_emb.encode(["Anarchism", "Albedo"],
                               instruction=f"<|user|>\n{instruction}\n<|embed|>\n")
         got = model.encode(["Anarchism", "Albedo"], instruction=instruction)
-        print(f"embeddings, grit_jax vs official gritlm: max |diff| = {np.abs(got - want).max():.2e}")
+        print("embeddings, grit_jax vs official gritlm: max |diff| = "
+              f"{np.abs(got - want).max():.2e}")
 
 
 def rag_demo(model, jsonl: str, index_dir: str, n_docs: int = 32) -> None:

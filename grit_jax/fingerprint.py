@@ -1,4 +1,5 @@
-"""A model's identity for stored artifacts (RAG key/value caches, indexes): config, tokenizer, weights.
+"""A model's identity for stored artifacts (RAG key/value caches, indexes): config, tokenizer,
+weights.
 
 The weights enter through a strided sample of every parameter (at most 9 values per axis),
 read exactly (no arithmetic), so the fingerprint is cheap for a 7B model, equal for any

@@ -244,8 +244,9 @@ def visible_blocks(t: int, s: int, bq: int, bkv: int, mode: str, window: int | N
 
 
 def splash_flops(instr: Instr, comp: Computation) -> float:
-    """FLOPs of one splash kernel call from its q ([B,] H, T, D) and k ([B,] G, S, D) operands, the block
-    sizes in its metadata and the mask named in its scope (bidirectional if none is named)."""
+    """FLOPs of one splash kernel call from its q ([B,] H, T, D) and k ([B,] G, S, D) operands, the
+    block sizes in its metadata and the mask named in its scope (bidirectional if none is
+    named)."""
     kernel = re.search(r"splash_m[hq]a_(fwd|dq|dkv)", instr.name) or re.search(
         r"op_name=\"[^\"]*splash_m[hq]a_(fwd|dq|dkv)", instr.attrs)
     phase = kernel.group(1) if kernel else "fwd"
@@ -600,7 +601,8 @@ class Module:
                     continue
                 if ins.opcode == "conditional":  # one branch runs; price the costliest
                     branches = (_called(ins, "branch_computations")
-                                + _called(ins, "true_computation") + _called(ins, "false_computation"))
+                                + _called(ins, "true_computation")
+                                + _called(ins, "false_computation"))
                     costs = [(self.matmul_flops(b), b) for b in branches if b in self.comps]
                     if costs:
                         walk(max(costs)[1], times)

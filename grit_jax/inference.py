@@ -50,7 +50,8 @@ class GritLM:
         if mode not in ("unified", "embedding", "generative"):
             raise ValueError(f"mode must be unified, embedding or generative, got {mode!r}")
         if pooling_method not in POOLING_METHODS:
-            raise ValueError(f"pooling_method must be one of {POOLING_METHODS}, got {pooling_method!r}")
+            raise ValueError(f"pooling_method must be one of {POOLING_METHODS}, "
+                             f"got {pooling_method!r}")
         self.config, self.tokenizer, self.mesh = config, tokenizer, mesh
         self.mode, self.pooling_method, self.normalized = mode, pooling_method, normalized
         self.attn, self.embed_eos = attn, embed_eos
@@ -268,8 +269,8 @@ class GritLM:
                 prefix = to_kv_cache([prefixes[i] for i in idx], cached, self.config.jnp_dtype)
             total = cached + length + max_new_tokens
             if max(plen[i] + len(prompts[i]) for i in idx) + max_new_tokens > limit:
-                raise ValueError(f"cached prefix + prompt + max_new_tokens={max_new_tokens} exceeds "
-                                 f"max_position_embeddings={limit}")
+                raise ValueError(f"cached prefix + prompt + max_new_tokens={max_new_tokens} "
+                                 f"exceeds max_position_embeddings={limit}")
             ids, valid, _ = formats.pad_batch(rows, length, self.tokenizer.pad_id)
             rng, key = jax.random.split(rng)
             with self._scope():

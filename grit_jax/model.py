@@ -3,7 +3,8 @@
 
 The attention mask mode (``"causal"``, ``"bidirectional"`` or ``"prefix"``) is an argument of
 every call, not a property of the model: GRIT runs the same weights bidirectionally to embed and
-causally to generate (PrefixLM: bidirectionally within each prompt span, causally elsewhere). Parameters carry logical axis names (see ``grit_jax.sharding``).
+causally to generate (PrefixLM: bidirectionally within each prompt span, causally elsewhere).
+Parameters carry logical axis names (see ``grit_jax.sharding``).
 
 Parameter layout (leading ``layers`` axis on everything under ``layers``)::
 
@@ -124,7 +125,8 @@ def attention_mask(q_pos: jnp.ndarray, k_pos: jnp.ndarray, k_valid: jnp.ndarray,
         if sliding_window is not None:
             seen = seen & (diff < sliding_window)
         if mode == "prefix":
-            if spans is None or spans.shape[1] != q_pos.shape[1] or spans.shape[1] != k_pos.shape[1]:
+            if (spans is None or spans.shape[1] != q_pos.shape[1]
+                    or spans.shape[1] != k_pos.shape[1]):
                 raise ValueError("mode='prefix' needs the prompt spans of a self-attention call "
                                  "(queries and keys the same tokens)")
             seen = seen | ((spans[:, :, None] == spans[:, None, :]) & (spans[:, :, None] >= 0))
@@ -322,7 +324,8 @@ class MLP(nn.Module):
         u = _plus(x @ up.astype(dt), _lora(self, "up", x, e, ("embed",), m, ("mlp",)))
         g, u = checkpoint_name(g, "mlp_gate"), checkpoint_name(u, "mlp_up")
         hidden = nn.silu(g) * u
-        out = _plus(hidden @ down.astype(dt), _lora(self, "down", hidden, m, ("mlp",), e, ("embed",)))
+        out = _plus(hidden @ down.astype(dt),
+                    _lora(self, "down", hidden, m, ("mlp",), e, ("embed",)))
         return checkpoint_name(out, "mlp_down")
 
 
@@ -506,7 +509,8 @@ class Transformer(nn.Module):
         return x, new_kv, stats
 
     def logits(self, hidden):
-        """LM-head logits in float32 (float64 models: float64); tied embeddings reuse the embedding."""
+        """LM-head logits in float32 (float64 models: float64); tied embeddings reuse the
+        embedding."""
         if self.config.tie_word_embeddings:
             return self.embed.attend(hidden).astype(self.config.accum_dtype)
         return self.lm_head(hidden).astype(self.config.accum_dtype)
@@ -632,7 +636,8 @@ def project(params, config: ModelConfig, reps):
 
 def init_projection(config: ModelConfig, seed: int = 0):
     """A fresh embedding head (as Transformer initialises it), to add one to pretrained weights."""
-    kernel = jax.random.normal(jax.random.PRNGKey(seed), (config.hidden_size, config.projection_dim))
+    kernel = jax.random.normal(jax.random.PRNGKey(seed),
+                               (config.hidden_size, config.projection_dim))
     return {"kernel": (kernel * config.initializer_range).astype(config.jnp_param_dtype),
             "bias": jnp.zeros((config.projection_dim,), config.jnp_param_dtype)}
 

@@ -61,7 +61,8 @@ def router_stats(probs, top_i, valid) -> RouterStats:
     """RouterStats of one layer; padding (valid == 0) is left out, as transformers does."""
     w = valid.reshape(-1).astype(probs.dtype)
     n_exp = probs.shape[-1]
-    counts = jnp.sum(jax.nn.one_hot(top_i, n_exp, dtype=probs.dtype) * w[:, None, None], axis=(0, 1))
+    counts = jnp.sum(jax.nn.one_hot(top_i, n_exp, dtype=probs.dtype) * w[:, None, None],
+                     axis=(0, 1))
     return RouterStats(counts, jnp.sum(probs * w[:, None], axis=0), jnp.sum(w))
 
 
@@ -264,4 +265,5 @@ def experts(x, top_w, top_i, gate, up, down, impl: str = "auto"):
                          out_specs=batch,
                          # Pallas outputs carry no varying-axes type; the same step with the
                          # check off equals one device too (checked with the tiled kernel).
-                         check_vma=kernel is not experts_megablox)(x, top_w, top_i, gate, up, down)[:n]
+                         check_vma=kernel is not experts_megablox)(
+        x, top_w, top_i, gate, up, down)[:n]

@@ -47,8 +47,8 @@ class PrefixCache:
         want = (config.num_layers, config.num_kv_heads, config.resolved_head_dim)
         got = (self.k.shape[0], self.k.shape[2], self.k.shape[3])
         if got != want:
-            raise ValueError(f"a cache of (layers, kv_heads, head_dim) = {got} does not fit a model "
-                             f"with {want}")
+            raise ValueError(f"a cache of (layers, kv_heads, head_dim) = {got} does not fit a "
+                             f"model with {want}")
 
 
 def join(parts: Sequence[PrefixCache], config: ModelConfig, *, rerotate: bool = True,

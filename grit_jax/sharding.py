@@ -138,8 +138,8 @@ def check_divisible(boxed_abstract, mesh: Mesh, rules=LOGICAL_RULES) -> None:
                 continue
             n = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
             if size % n:
-                problems.append(f"{jax.tree_util.keystr(path)} dim {dim} ({leaf.names[dim]}={size}) "
-                                f"over mesh axes {axes} (size {n})")
+                problems.append(f"{jax.tree_util.keystr(path)} dim {dim} "
+                                f"({leaf.names[dim]}={size}) over mesh axes {axes} (size {n})")
     if problems:
         raise ValueError("Parameters do not divide over the mesh: " + "; ".join(problems))
 

@@ -412,7 +412,8 @@ def restore_newest_intact(manager: ocp.CheckpointManager, target, strict: bool =
             raise cli.UserError(what + ("; strict_resume is on: repair or remove it, or set "
                                         "--config.strict_resume=False to resume from an older one"
                                         if strict and i < len(steps) - 1 else
-                                        "; no older checkpoint restores either: use a new --workdir"))
+                                        "; no older checkpoint restores either: "
+                                        "use a new --workdir"))
         if is_lead():
             kept = storage.set_aside(storage.join(root, str(step)),
                                      storage.join(os.path.dirname(root), "damaged_checkpoints"))

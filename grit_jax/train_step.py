@@ -41,7 +41,8 @@ class LossConfig:
     lambda_gen: float = 1.0
     gen_aggregation: str = "mixed"
     gen_sub_batch: int = 32
-    grad_cache_chunk: int = 0  # >0: GradCache, chunks of this many sequences (global: a multiple of data x fsdp x expert)
+    # >0: GradCache, chunks of this many sequences (global: a multiple of data x fsdp x expert)
+    grad_cache_chunk: int = 0
     split_emb: bool = False  # back-propagate queries and passages in two passes
     logits_chunk: int = 1024  # tokens per chunk of the LM head (bounds logits memory)
     gen_attention: str = "causal"  # "prefix": PrefixLM, the prompt read bidirectionally
@@ -57,13 +58,15 @@ class LossConfig:
         if self.pooling not in POOLING_METHODS:
             problems.append(f"pooling={self.pooling!r} (expected one of {POOLING_METHODS})")
         if self.gen_aggregation not in AGGREGATIONS:
-            problems.append(f"gen_aggregation={self.gen_aggregation!r} (expected one of {AGGREGATIONS})")
+            problems.append(f"gen_aggregation={self.gen_aggregation!r} "
+                            f"(expected one of {AGGREGATIONS})")
         if self.temperature <= 0:
             problems.append(f"temperature={self.temperature} must be > 0")
         if self.grad_cache_chunk < 0 or self.gen_sub_batch < 1 or self.logits_chunk < 1:
             problems.append("grad_cache_chunk must be >= 0, gen_sub_batch and logits_chunk >= 1")
         if self.gen_attention not in GEN_ATTENTIONS:
-            problems.append(f"gen_attention={self.gen_attention!r} (expected one of {GEN_ATTENTIONS})")
+            problems.append(f"gen_attention={self.gen_attention!r} "
+                            f"(expected one of {GEN_ATTENTIONS})")
         if self.emb_grad not in EMB_GRADS:
             problems.append(f"emb_grad={self.emb_grad!r} (expected one of {EMB_GRADS})")
         if self.gen_micro_batches < 1 or self.emb_micro_batches < 1:

@@ -35,7 +35,8 @@ def model_config(config) -> ModelConfig:
     execution fields, or ``config.model`` for a random init."""
     if config.init_from:
         stored = weights.read_config(config.init_from)
-        model = stored.replace(**{k: config.model[k] for k in EXECUTION_FIELDS if k in config.model})
+        model = stored.replace(**{k: config.model[k] for k in EXECUTION_FIELDS
+                                  if k in config.model})
         return model.replace(**added_parts(config, stored))
     return ModelConfig(**config.model.to_dict())
 

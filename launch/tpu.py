@@ -164,7 +164,8 @@ def train_script(args) -> str:
     if args.workdir.startswith("gs://"):  # every worker's log beside the checkpoints
         dest = shlex.quote(args.workdir.rstrip("/") + "/logs/")
         keep = f"; gcloud storage cp {LOG} {dest}$(hostname).log"
-    return f"cd ~/grit_jax && nohup bash -c {shlex.quote(f'{run} > {LOG} 2>&1{keep}')} >/dev/null 2>&1 &"
+    return (f"cd ~/grit_jax && nohup bash -c {shlex.quote(f'{run} > {LOG} 2>&1{keep}')}"
+            " >/dev/null 2>&1 &")
 
 
 def train_commands(args) -> list[list[str]]:

@@ -47,7 +47,8 @@ def mixtral_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def llama_dir(tmp_path_factory):
-    """A random tiny LlamaForCausalLM (tied embeddings, llama3 rope scaling) saved by transformers."""
+    """A random tiny LlamaForCausalLM (tied embeddings, llama3 rope scaling) saved by
+    transformers."""
     return hf_models.save_tiny(tmp_path_factory.mktemp("llama"), "llama", seed=1)
 
 

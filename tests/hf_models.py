@@ -62,7 +62,8 @@ def randomise_moe(model):
     apart) and a router with logits of std ~2, so routing is decisive and not near-uniform."""
     import torch
 
-    with torch.no_grad():  # 5.x names (mlp.experts.gate_up_proj, mlp.gate) or 4.x (block_sparse_moe)
+    # 5.x names (mlp.experts.gate_up_proj, mlp.gate) or 4.x (block_sparse_moe)
+    with torch.no_grad():
         for name, p in model.named_parameters():
             if ".experts." in name:
                 p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5)

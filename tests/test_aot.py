@@ -81,9 +81,10 @@ def test_mixture_of_experts_compiles_with_megablox_and_expert_parallelism(tmp_pa
 
 
 def test_qlora_step_compiles_for_v5e_with_less_argument_memory(tmp_path):
-    """LoRA on every projection over an nf4 base (4-bit codes, block scales), with PrefixLM, one-sided gradients and
-    micro-batches of both sides, compiles for a v5e slice; the arguments (params + Adam state)
-    per device are well under the full finetune's (adapters alone carry Adam moments)."""
+    """LoRA on every projection over an nf4 base (4-bit codes, block scales), with PrefixLM,
+    one-sided gradients and micro-batches of both sides, compiles for a v5e slice; the arguments
+    (params + Adam state) per device are well under the full finetune's (adapters alone carry
+    Adam moments)."""
     common = ("--config.model.hidden_size=512", "--config.model.intermediate_size=1024",
               "--config.model.num_heads=8")
     for d in ("full", "lora"):

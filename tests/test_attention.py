@@ -61,7 +61,8 @@ def test_blocked_causal_and_bidirectional_differ():
     q, k, v = inputs(2, 40, 4, 2, 8)
     pos = jnp.broadcast_to(jnp.arange(40), (2, 40))
     valid = jnp.ones((2, 40), bool)
-    out = {m: np.asarray(attn.blocked_attention(q, k, v, attention_mask(pos, pos, valid, m), 0.3, 16))
+    out = {m: np.asarray(attn.blocked_attention(q, k, v, attention_mask(pos, pos, valid, m),
+                                                0.3, 16))
            for m in ("causal", "bidirectional")}
     assert np.abs(out["causal"] - out["bidirectional"]).max() > 1e-2
     np.testing.assert_allclose(out["causal"][:, -1], out["bidirectional"][:, -1], atol=1e-6)
@@ -92,13 +93,15 @@ def test_resolve():
     assert attn.resolve("auto", 512) == ("blocked" if cpu else "xla")
     assert attn.resolve("auto", 1) == "xla"  # decode steps
     assert attn.resolve("xla", 512) == "xla" and attn.resolve("blocked", 1) == "blocked"
-    assert attn.resolve("auto", 512, "tpu") == "splash" and attn.resolve("auto", 512, "cpu") == "blocked"
+    assert (attn.resolve("auto", 512, "tpu") == "splash"
+            and attn.resolve("auto", 512, "cpu") == "blocked")
     assert attn.resolve("auto", 512, "gpu") == "xla"
     # Splash builds its own masks: calls with a cache or explicit positions take XLA's kernel.
     assert attn.resolve("auto", 512, "tpu", self_attention=False) == "xla"
     assert attn.resolve("splash_interpret", 64, self_attention=False) == "xla"
     # AOT compilation for TPUs traces on a CPU host: "auto" is pinned for the target.
-    assert attn.for_platform("auto", "tpu") == "splash" and attn.for_platform("auto", "cpu") == "auto"
+    assert (attn.for_platform("auto", "tpu") == "splash"
+            and attn.for_platform("auto", "cpu") == "auto")
     assert attn.for_platform("auto", "gpu") == "xla"
     assert attn.for_platform("blocked", "tpu") == "blocked"
     with pytest.raises(ValueError, match="needs a TPU.*splash_interpret"):

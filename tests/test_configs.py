@@ -8,8 +8,8 @@ from grit_jax.config import ModelConfig
 from grit_jax.train_step import LossConfig
 
 
-@pytest.mark.parametrize("name", ["tiny", "tiny_embedding", "tiny_generative", "tiny_cccc_weightedmean",
-                                  "smollm2_grit", "gritlm_7b", "tiny_moe",
+@pytest.mark.parametrize("name", ["tiny", "tiny_embedding", "tiny_generative",
+                                  "tiny_cccc_weightedmean", "smollm2_grit", "gritlm_7b", "tiny_moe",
                                   "gritlm_8x7b", "smollm2_grit_lora", "gritlm_7b_lora",
                                   "smollm2_adapt"])
 def test_config_builds(name):

@@ -162,7 +162,8 @@ def test_missing_tensor(tmp_path, mistral_dir):
 
 def test_unexpected_tensor(tmp_path, mistral_dir):
     d = _copy(mistral_dir, tmp_path / "m")
-    _rewrite_tensors(d, lambda t: {**t, "model.layers.0.self_attn.q_proj.bias": np.zeros(48, np.float32)})
+    _rewrite_tensors(d, lambda t: {**t, "model.layers.0.self_attn.q_proj.bias":
+                                   np.zeros(48, np.float32)})
     with pytest.raises(ValueError, match="unexpected tensor.*q_proj.bias"):
         hf.read_hf(d)
 

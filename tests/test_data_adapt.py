@@ -184,11 +184,13 @@ def test_training_set_from_documents(corpus, tmp_path, capsys):
     folder = out / "retrieval" / "adapt_title"
     texts = {r["id"]: r["text"] for r in map(json.loads, open(folder / "corpus.jsonl"))}
     queries = {r["id"]: r["text"] for r in map(json.loads, open(folder / "queries.jsonl"))}
-    assert sorted(texts.values()) == sorted(r["text"] for r in read_split(out, "eval")["adapt_text"])
+    assert sorted(texts.values()) == sorted(r["text"]
+                                            for r in read_split(out, "eval")["adapt_text"])
     for q in map(json.loads, open(folder / "qrels.jsonl")):
         doc = by_id[owner[texts[q["doc_id"]]]]
         assert doc.title == queries[q["query_id"]] and doc.passages[0] == texts[q["doc_id"]]
-    assert len(queries) == report["documents"]["eval"] == report["retrieval"]["adapt_title"]["queries"]
+    assert (len(queries) == report["documents"]["eval"]
+            == report["retrieval"]["adapt_title"]["queries"])
     assert len(split_docs["eval"]) == report["documents"]["eval"]
     # The same seed gives the same bytes; another seed another split.
     assert run("--input", corpus, "--output", tmp_path / "again", "--eval-fraction", "0.25") == 0

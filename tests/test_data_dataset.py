@@ -62,7 +62,8 @@ def test_embedding_masks_token_by_token(built, tokenizer):
     assert tokenizer.decode(q_ids[q_mask == 1]) == "Where is Paris?"
     neg_ids, neg_mask = segs[3]
     assert tokenizer.decode(neg_ids[neg_mask == 1]) == "Rome is in Italy."
-    assert tokenizer.decode(neg_ids[neg_mask == 0][1:]) == "<|user|>\nRepresent the passage\n<|embed|>\n"
+    assert (tokenizer.decode(neg_ids[neg_mask == 0][1:])
+            == "<|user|>\nRepresent the passage\n<|embed|>\n")
     doc_ids, doc_mask = segs[1]
     assert tokenizer.decode(doc_ids[doc_mask == 0][1:]) == "<|embed|>\n"
 

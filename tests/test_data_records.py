@@ -27,23 +27,26 @@ BAD = [
     ("empty_pos", json.dumps({"query": "q", "pos": []}), "pos", "empty list"),
     ("wrong_type", json.dumps({"query": 3, "pos": ["p"]}), "query", "expected a string or an"),
     ("wrong_type", json.dumps({"query": "q", "pos": "p"}), "pos", "expected a list, got str"),
-    ("wrong_type", json.dumps({"query": "q", "pos": [["a", "b", "c"]]}), "pos[0]", "expected a string"),
+    ("wrong_type", json.dumps({"query": "q", "pos": [["a", "b", "c"]]}), "pos[0]",
+     "expected a string"),
     ("empty_field", json.dumps({"query": ["instr", "  "], "pos": ["p"]}), "query", "empty text"),
     ("empty_field", json.dumps({"query": "q", "pos": ["p"], "neg": [""]}), "neg[0]", "empty text"),
 ]
 BAD_GEN = [
     ("empty_field", json.dumps({"text": ""}), "text", "empty text"),
     ("wrong_type", json.dumps({"text": 5}), "text", "expected a string or a non-empty list"),
-    ("wrong_type", json.dumps({"text": ["only a user turn"]}), "turn 0", "must end with an assistant"),
+    ("wrong_type", json.dumps({"text": ["only a user turn"]}), "turn 0",
+     "must end with an assistant"),
     ("empty_field", json.dumps({"text": ["u", " "]}), "turn 1", "empty assistant turn"),
-    ("wrong_type", json.dumps({"messages": [{"role": "system", "content": "x"}]}), "messages[0].role",
-     "unsupported role"),
+    ("wrong_type", json.dumps({"messages": [{"role": "system", "content": "x"}]}),
+     "messages[0].role", "unsupported role"),
     ("empty_field", json.dumps({"messages": []}), "messages", "non-empty list"),
     ("wrong_type", json.dumps({"messages": [{"role": "user"}]}), "messages[0]", "expected"),
     ("wrong_type", json.dumps({"messages": [{"role": "assistant", "content": "a"}]}), "turn 0",
      "expected a user turn"),
     ("wrong_type", json.dumps({"text": "t", "context": "doc"}), "context", "goes with messages"),
-    ("wrong_type", json.dumps({"text": ["u", "a"], "context": "d"}), "context", "goes with messages"),
+    ("wrong_type", json.dumps({"text": ["u", "a"], "context": "d"}), "context",
+     "goes with messages"),
     ("wrong_type", json.dumps({"messages": [{"role": "user", "content": "u"},
                                             {"role": "assistant", "content": "a"}],
                                "context": 3}), "context", "non-empty string"),
@@ -101,7 +104,8 @@ def test_build_cli_stops_or_skips_with_counts(tmp_path, capsys):
     write(src, "gen.jsonl", [GOOD_GEN])
     assert build_main(["--input", str(src), "--output", str(tmp_path / "out")]) == 2
     assert f"{src}/emb.jsonl:2: malformed JSON" in capsys.readouterr().err
-    assert build_main(["--input", str(src), "--output", str(tmp_path / "out"), "--skip-invalid"]) == 0
+    assert build_main(["--input", str(src), "--output", str(tmp_path / "out"),
+                       "--skip-invalid"]) == 0
     out = capsys.readouterr().out
     assert "emb: embedding, 2 examples" in out
     assert "skipped: 2 {'malformed_json': 1, 'empty_pos': 1}" in out

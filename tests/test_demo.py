@@ -41,7 +41,8 @@ def test_tiny_demo_runs(tmp_path):
     emb = float(re.search(r"grit_jax vs official gritlm: max \|diff\| = (\S+)", out).group(1))
     assert logits <= 1e-4 and emb <= 1e-5
     assert re.search(r"eval articles \(\d+, chance [\d.]+\): trained [\d.]+, random init", out)
-    alone = float(re.search(r"same embedding alone vs in a batch: max \|diff\| = (\S+)", out).group(1))
+    alone = float(re.search(r"same embedding alone vs in a batch: max \|diff\| = (\S+)",
+                            out).group(1))
     assert alone <= 1e-6
     assert os.path.getsize(tmp_path / "losses.png") > 1000
     # It ends with a RAG answer that reused the indexed passage's key/value states.

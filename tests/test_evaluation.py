@@ -78,7 +78,8 @@ def test_classification_and_clustering_on_separable_and_random_data():
     assert clustering_v_measure(x, y)["v_measure"] == pytest.approx(1.0)
     noise = rng.normal(size=(120, 16))
     assert clustering_v_measure(noise, y)["v_measure"] < 0.2
-    sts = sts_spearman(x[:10], x[:10] + 0.01 * rng.normal(size=(10, 16)), np.ones(10) * 5 - 0.1 * np.arange(10))
+    sts = sts_spearman(x[:10], x[:10] + 0.01 * rng.normal(size=(10, 16)),
+                       np.ones(10) * 5 - 0.1 * np.arange(10))
     assert -1 <= sts["spearman"] <= 1
 
 
@@ -114,7 +115,8 @@ def mteb_tasks():
 
         def load_data(self, num_proc=None, **kwargs):
             split = RetrievalSplitData(
-                queries=Dataset.from_list([{"id": f"q{i}", "text": q} for i, q in enumerate(QUERIES)]),
+                queries=Dataset.from_list([{"id": f"q{i}", "text": q}
+                                           for i, q in enumerate(QUERIES)]),
                 corpus=Dataset.from_list([{"id": f"d{i}", "text": d, "title": ""}
                                           for i, d in enumerate(DOCS)]),
                 relevant_docs={f"q{i}": {f"d{i}": 1} for i in range(len(QUERIES))},
@@ -162,7 +164,8 @@ def test_mteb_runs_our_encoder_and_agrees_with_our_metrics(model, tmp_path):
         for p in pairs:
             f.write(json.dumps(dict(p)) + "\n")
     ours_sts = evaluate_task(model, load_task(f"sts:{tmp_path / 'sts.jsonl'}"))
-    assert scores["GritLocalSTS"]["cosine_spearman"] == pytest.approx(ours_sts["spearman"], abs=1e-6)
+    assert (scores["GritLocalSTS"]["cosine_spearman"]
+            == pytest.approx(ours_sts["spearman"], abs=1e-6))
     # GRIT's convention: the retrieval instruction goes on queries only.
     from mteb.types import PromptType
     assert encoder.instruction_for(retrieval.metadata, PromptType.query) == INSTRUCTION
@@ -215,7 +218,8 @@ def test_generative_loss_equals_unchunked_cross_entropy(model, tmp_path):
 
 def test_task_errors_name_file_line_field(tmp_path):
     bad = tmp_path / "sts.jsonl"
-    bad.write_text('{"sentence1": "a", "sentence2": "b", "score": 1}\n{"sentence1": "a", "score": 2}\n')
+    bad.write_text('{"sentence1": "a", "sentence2": "b", "score": 1}\n'
+                   '{"sentence1": "a", "score": 2}\n')
     with pytest.raises(ValueError, match=r"sts.jsonl:2: sentence2: missing"):
         load_task(f"sts:{bad}")
     with pytest.raises(ValueError, match="expected KIND:PATH"):
@@ -242,7 +246,8 @@ def test_cli_writes_json_and_refuses_bad_tasks(mistral_dir, tmp_path):
         (cls / f"{split}.jsonl").write_text("".join(
             json.dumps({"text": t, "label": i % 2}) + "\n" for i, t in enumerate(DOCS)))
     clu = tmp_path / "clu.jsonl"
-    clu.write_text("".join(json.dumps({"text": t, "label": i % 3}) + "\n" for i, t in enumerate(DOCS)))
+    clu.write_text("".join(json.dumps({"text": t, "label": i % 3}) + "\n"
+                           for i, t in enumerate(DOCS)))
     from grit_jax.data import adapt
     from grit_jax.data.wiki_demo import articles
 

@@ -180,7 +180,8 @@ batches = np.load(sys.argv[2])
 out = {}
 for k in ("text", "rand"):
     ids, valid = batches[k + "_ids"], batches[k + "_valid"]
-    out[k] = np.asarray(logits_fn(lm.params, lm.config, forward(lm.params, lm.config, ids, valid).hidden))
+    out[k] = np.asarray(logits_fn(lm.params, lm.config,
+                                  forward(lm.params, lm.config, ids, valid).hidden))
     assert out[k].dtype == np.float64
 np.savez(sys.argv[3], **out)
 """
@@ -191,7 +192,8 @@ def test_float64_forward_equals_independent_float64_reference(converted, lm, tmp
     """The converted model computed in float64 (JAX_ENABLE_X64, its own process) equals the
     independent NumPy float64 decoder on the same weights: with the weights bit-identical to
     transformers' (above), the float32 logit gap to transformers is rounding, not conversion.
-    (transformers' own float64 mode keeps norms and RoPE in float32, so it is no exact reference.)"""
+    (transformers' own float64 mode keeps norms and RoPE in float32, so it is no exact
+    reference.)"""
     import subprocess
     import sys
 

@@ -159,7 +159,8 @@ ENTRY %main (g: s32[2], x: bf16[64,32], w: bf16[2,32,48]) -> bf16[64,48] {
   %g = s32[2]{0} parameter(0)
   %x = bf16[64,32]{1,0} parameter(1)
   %w = bf16[2,32,48]{2,1,0} parameter(2)
-  ROOT %r = bf16[64,48]{1,0:T(8,128)(2,1)} custom-call(%g, %g, %g, %g, %g, /*index=5*/%x, %w), custom_call_target="tpu_custom_call", frontend_attributes={ragged_dot_tiling="128,32,48"}
+  ROOT %r = bf16[64,48]{1,0:T(8,128)(2,1)} custom-call(%g, %g, %g, %g, %g, /*index=5*/%x, %w), \
+custom_call_target="tpu_custom_call", frontend_attributes={ragged_dot_tiling="128,32,48"}
 }
 """
     r = hlo_cost.analyze(text)

@@ -1,4 +1,5 @@
-"""Losses against a torch re-statement of the reference's DistributedContrastiveLoss / NextTokenLoss.
+"""Losses against a torch re-statement of the reference's DistributedContrastiveLoss /
+NextTokenLoss.
 
 The published gritlm wheels (0.9-1.0.2) ship only inference code, so `gritlm.training.model`
 cannot be imported here; `TorchReference` restates its semantics (CrossEntropyLoss over
@@ -38,7 +39,8 @@ class TorchReference:
                 ce = torch.nn.CrossEntropyLoss(reduction="sum")(shift_logits, shift_labels)
                 losses.append(ce / lab.shape[0])
             else:
-                losses.append(torch.nn.CrossEntropyLoss(reduction="mean")(shift_logits, shift_labels))
+                losses.append(
+                    torch.nn.CrossEntropyLoss(reduction="mean")(shift_logits, shift_labels))
         return torch.stack(losses).mean().item()
 
 

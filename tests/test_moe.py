@@ -192,7 +192,8 @@ def test_bad_moe_configs_name_the_field():
         tiny_config("mixtral", moe_impl="fast")
     with pytest.raises(ValueError, match="megablox.*needs a TPU"):
         moe.resolve_impl("megablox", "cpu")
-    assert moe.resolve_impl("auto", "tpu") == "megablox" and moe.resolve_impl("auto", "cpu") == "tiled"
+    assert (moe.resolve_impl("auto", "tpu") == "megablox"
+            and moe.resolve_impl("auto", "cpu") == "tiled")
     from configs import tiny
     from grit_jax import sharding, trainer
 

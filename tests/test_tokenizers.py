@@ -1,4 +1,5 @@
-"""Tokenizers (SentencePiece and tokenizer.json) against SentencePiece and transformers; chat spans."""
+"""Tokenizers (SentencePiece and tokenizer.json) against SentencePiece and transformers;
+chat spans."""
 
 import numpy as np
 import pytest
@@ -52,7 +53,8 @@ def test_spans_follow_characters(tokenizer):
     assert tokenizer.decode(ids[first_text:]) == "日本 text"
 
 
-CHAT = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello! How can I help?"},
+CHAT = [{"role": "user", "content": "Hi there"},
+        {"role": "assistant", "content": "Hello! How can I help?"},
         {"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."}]
 
 
@@ -133,7 +135,8 @@ def test_exported_chat_template_builds_grit_prompts(tmp_path, tokenizer):
     for chat in (CHAT[:1], CHAT[:3]):
         ours = formats.encode_chat(tokenizer, chat, add_generation_prompt=True).ids.tolist()
         theirs = hf_tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)
-        theirs = theirs["input_ids"] if isinstance(theirs, dict) or hasattr(theirs, "keys") else theirs
+        theirs = (theirs["input_ids"] if isinstance(theirs, dict) or hasattr(theirs, "keys")
+                  else theirs)
         assert list(theirs) == ours
     full = hf_tok.apply_chat_template(CHAT, tokenize=True)
     full = full["input_ids"] if hasattr(full, "keys") else full

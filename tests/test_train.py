@@ -142,7 +142,8 @@ def test_workdir_of_another_model_is_refused_untouched(tmp_path, data_dir):
     before = {p: p.read_bytes() for p in (tmp_path / "w").glob("*.json*")}
     rc, out = finish(launch(tmp_path / "w", data_dir, "--config.total_steps=4",
                             "--config.model.num_layers=2"))
-    assert rc == 2 and "this workdir holds a different model (num_layers: 1 vs 2" in out, out[-2000:]
+    assert rc == 2 and ("this workdir holds a different model (num_layers: 1 vs 2"
+                        in out), out[-2000:]
     assert {p: p.read_bytes() for p in (tmp_path / "w").glob("*.json*")} == before
     rc, out = finish(launch(tmp_path / "w", data_dir, "--config.total_steps=4",
                             "--config.model.remat_policy=full"))

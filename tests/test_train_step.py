@@ -138,7 +138,8 @@ def test_one_sided_gradients_take_only_that_sides_path(variant):
             p = reps(pp, cfg, lc, b["passage_ids"], b["passage_valid"], b["passage_pool"])
             return contrastive_loss(q, p, lc.temperature)
 
-        loss, (via_q, via_p) = jax.jit(jax.value_and_grad(two_copies, argnums=(0, 1)))(params, params)
+        loss, (via_q, via_p) = jax.jit(jax.value_and_grad(two_copies, argnums=(0, 1)))(
+            params, params)
         m_q, g_q = jit_loss_and_grads(params, cfg, LossConfig(mode="embedding", emb_grad="query",
                                                           **variant), b)
         m_p, g_p = jit_loss_and_grads(params, cfg, LossConfig(mode="embedding", emb_grad="passage",

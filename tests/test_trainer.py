@@ -107,8 +107,9 @@ def setup_objects(cfg: ModelConfig):
     mesh = sharding.make_mesh(MESH)
     tx, _ = trainer.optimizer(_optim_config())
     state_sh = trainer.shardings(cfg, tx, mesh)
-    split = {tuple(a.shape) for a, s in zip(jax.tree.leaves(trainer.abstract_state(cfg, tx, state_sh)),
-                                            jax.tree.leaves(state_sh))
+    split = {tuple(a.shape)
+             for a, s in zip(jax.tree.leaves(trainer.abstract_state(cfg, tx, state_sh)),
+                             jax.tree.leaves(state_sh))
              if s.shard_shape(a.shape) != tuple(a.shape)}
     return mesh, tx, state_sh, split
 

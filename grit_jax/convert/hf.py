@@ -364,7 +364,8 @@ def refuse_fused_experts(files: dict[str, str]) -> None:
 
 
 class StackedParams:
-    """grit_jax's (layer-stacked) parameter arrays, preallocated and filled one HF tensor at a time."""
+    """grit_jax's (layer-stacked) parameter arrays, preallocated and filled one HF tensor at a
+    time."""
 
     def __init__(self, config: ModelConfig):
         self.config = config
@@ -389,7 +390,8 @@ class StackedParams:
         self.arrays[path][... if index is None else index] = to_grit(w).astype(self.dtype)
 
     def params(self):
-        """The nested params, handed to jax (zero-copy on CPU: Orbax then stages one copy, not two)."""
+        """The nested params, handed to jax (zero-copy on CPU: Orbax then stages one copy, not
+        two)."""
         import flax
         import jax
 
@@ -402,7 +404,8 @@ def read_hf_config(hf_dir: str, **overrides) -> ModelConfig:
     """The ModelConfig of a Hugging Face directory (its config.json), without any weights."""
     cfg_path = os.path.join(hf_dir, "config.json")
     if not os.path.exists(cfg_path):
-        raise FileNotFoundError(f"{cfg_path}: missing (is {hf_dir} a Hugging Face model directory?)")
+        raise FileNotFoundError(f"{cfg_path}: missing "
+                                f"(is {hf_dir} a Hugging Face model directory?)")
     with open(cfg_path, encoding="utf-8") as f:
         try:
             hf_cfg = json.load(f)
@@ -460,7 +463,8 @@ def read_hf(hf_dir: str, *, param_dtype: str = "float32", **config_overrides):
             for name in names:
                 key = key_in_file(name, path_)
                 if key not in available:
-                    raise ValueError(f"{path_}: tensor {name} listed in the index is not in the file")
+                    raise ValueError(f"{path_}: tensor {name} listed in the index "
+                                     "is not in the file")
                 try:
                     tensor = f.get_tensor(key)
                 except Exception as e:  # noqa: BLE001 - safetensors' own error type

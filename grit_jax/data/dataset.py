@@ -35,7 +35,8 @@ def encode_record(tok: Tokenizer, kind: str, rec: dict, max_lengths: dict, path:
     ``truncated`` the number of segments cut at their max length, per limit."""
     if kind == records.EMBEDDING:
         fields = [("query", rec["query"], "query")]
-        fields += [(f"{f}[{i}]", p, "passage") for f in ("pos", "neg") for i, p in enumerate(rec[f])]
+        fields += [(f"{f}[{i}]", p, "passage")
+                   for f in ("pos", "neg") for i, p in enumerate(rec[f])]
         segs = []
         for field, (instruction, text), limit in fields:
             try:
@@ -168,7 +169,8 @@ def dataset_path(data_dir: str) -> str:
     root = os.path.join(data_dir, BUILDER_NAME)
     if not os.path.isdir(root):
         raise FileNotFoundError(f"{data_dir}: no grit_jax dataset here (run "
-                                f"python -m grit_jax.data.build --input JSONL_DIR --output {data_dir})")
+                                "python -m grit_jax.data.build --input JSONL_DIR "
+                                f"--output {data_dir})")
     versions = sorted(v for v in os.listdir(root) if re.fullmatch(r"\d+\.\d+\.\d+", v))
     if not versions:
         raise FileNotFoundError(f"{root}: no built version")

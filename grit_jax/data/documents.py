@@ -246,7 +246,8 @@ def passages_of(paragraphs: list[str], passage_words: int, min_words: int) -> li
 
 def _title_from_name(rel: str) -> str:
     stem = os.path.basename(rel)
-    stem = stem[:-len(".rst.txt")] if stem.lower().endswith(".rst.txt") else os.path.splitext(stem)[0]
+    stem = (stem[:-len(".rst.txt")] if stem.lower().endswith(".rst.txt")
+            else os.path.splitext(stem)[0])
     return " ".join(re.sub(r"[_\-]+", " ", stem).split()) or stem
 
 

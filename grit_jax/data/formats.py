@@ -55,7 +55,8 @@ class InstructionTooLong(ValueError):
 
     def __init__(self, where: str, n_prefix: int, max_length: int):
         self.detail = (f"the instruction takes {n_prefix} tokens, which leaves no room for text "
-                       f"within max_length={max_length}; shorten the instruction or raise max_length")
+                       f"within max_length={max_length}; shorten the instruction or raise "
+                       "max_length")
         super().__init__(f"{where or 'input'}: {self.detail}")
 
 
@@ -95,7 +96,8 @@ def encode_embed(tok: Tokenizer, text: str, instruction: str = "", *, max_length
 
 
 def normalize_messages(chat) -> list[dict]:
-    """Accept a string (one user turn), alternating [user, assistant, ...] strings, or role dicts."""
+    """Accept a string (one user turn), alternating [user, assistant, ...] strings, or role
+    dicts."""
     if isinstance(chat, str):
         return [{"role": "user", "content": chat}]
     messages = []

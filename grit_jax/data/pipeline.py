@@ -67,7 +67,8 @@ class GritBatches:
             raise ValueError(f"mode must be one of {MODES}, got {cfg.mode!r}")
         builder, self.meta = open_dataset(cfg.data_dir)
         if tokenizer is not None and tokenizer_fingerprint(tokenizer) != self.meta["tokenizer"]:
-            raise ValueError(f"{cfg.data_dir}: built with tokenizer {self.meta['tokenizer']['file']} "
+            raise ValueError(f"{cfg.data_dir}: built with tokenizer "
+                             f"{self.meta['tokenizer']['file']} "
                              f"(sha256 {self.meta['tokenizer']['sha256'][:12]}), not "
                              f"{tokenizer.path}; rebuild the dataset")
         self.pad_id = int(self.meta["tokenizer"]["pad_id"])
@@ -107,7 +108,8 @@ class GritBatches:
             problems.append(f"mode={c.mode} needs embedding data; {c.data_dir} has none")
         if c.mode != "embedding" and not self.gen_names:
             problems.append(f"mode={c.mode} needs generative data; {c.data_dir} has none")
-        for name, size in (("query_batch", c.query_batch), ("generative_batch", c.generative_batch)):
+        for name, size in (("query_batch", c.query_batch),
+                           ("generative_batch", c.generative_batch)):
             if size <= 0 or size % self.pc:
                 problems.append(f"{name}={size} must be a positive multiple of the process "
                                 f"count ({self.pc})")
@@ -215,7 +217,8 @@ class GritBatches:
         ex = self.sources[name][index]
         bounds = np.cumsum(ex["lengths"])[:-1]
         ids, masks = np.split(ex["tokens"], bounds), np.split(ex["masks"], bounds)
-        return [formats.Encoded(i, m.astype(np.int32)) for i, m in zip(ids, masks)], int(ex["num_pos"])
+        return ([formats.Encoded(i, m.astype(np.int32)) for i, m in zip(ids, masks)],
+                int(ex["num_pos"]))
 
     def _group(self, epoch, d, index):
         """The query and its group_size passages: a random positive, then sampled negatives."""
@@ -270,7 +273,8 @@ class GritBatches:
         """One line about the streams, including what each epoch drops."""
         parts = []
         if self.emb_names:
-            parts.append(f"embedding: {len(self.emb_names)} dataset(s), {self.emb_steps} steps/epoch "
+            parts.append(f"embedding: {len(self.emb_names)} dataset(s), "
+                         f"{self.emb_steps} steps/epoch "
                          f"of {self.cfg.query_batch} queries x {self.cfg.group_size} passages, "
                          f"{self.emb_dropped} example(s) left out per epoch (last partial batch)")
         if self.gen_names:

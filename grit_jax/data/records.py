@@ -25,7 +25,8 @@ class RecordError(ValueError):
 
     def __init__(self, path: str, line: int | None, field: str | None, problem: str,
                  reason: str):
-        self.path, self.line, self.field, self.problem, self.reason = path, line, field, problem, reason
+        self.path, self.line, self.field = path, line, field
+        self.problem, self.reason = problem, reason
         where = path if line is None else f"{path}:{line}"
         super().__init__(f"{where}: {field + ': ' if field else ''}{problem}")
 
@@ -175,7 +176,8 @@ def parse_generative(obj: dict, path: str, line: int) -> dict:
             return {"text": text}
         if not isinstance(text, list) or not text or not all(isinstance(t, str) for t in text):
             raise RecordError(path, line, "text", "expected a string or a non-empty list of "
-                                                  "alternating user/assistant strings", "wrong_type")
+                                                  "alternating user/assistant strings",
+                              "wrong_type")
         turns = [("user" if i % 2 == 0 else "assistant", t) for i, t in enumerate(text)]
     for i, (role, content) in enumerate(turns):
         expected = "user" if i % 2 == 0 else "assistant"

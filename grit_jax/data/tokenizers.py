@@ -1,4 +1,5 @@
-"""Tokenizers behind one interface: SentencePiece ``tokenizer.model`` and Hugging Face ``tokenizer.json``.
+"""Tokenizers behind one interface: SentencePiece ``tokenizer.model`` and Hugging Face
+``tokenizer.json``.
 
 Both report, for every token, the character offset where it starts, so formats can compute
 exact instruction/text/assistant spans from one tokenisation of the whole formatted string
@@ -61,7 +62,8 @@ class Tokenizer:
 
     def _require(self, name):
         if getattr(self, name) is None:
-            raise ValueError(f"{self.path}: this tokenizer defines no {name.replace('_id', '')} token")
+            raise ValueError(f"{self.path}: this tokenizer defines no "
+                             f"{name.replace('_id', '')} token")
 
     def decode(self, ids: Sequence[int]) -> str:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -132,13 +134,15 @@ class SentencePieceTokenizer(Tokenizer):
             "padding_side": "right",
             "chat_template": CHAT_TEMPLATE,
         }
-        special = {k: v for k, v in cfg.items() if k in ("bos_token", "eos_token", "unk_token") and v}
+        special = {k: v for k, v in cfg.items()
+                   if k in ("bos_token", "eos_token", "unk_token") and v}
         return [dst, _write_json(directory, HF_CONFIG_FILE, cfg),
                 _write_json(directory, SPECIAL_MAP_FILE, special)]
 
 
 class HFTokenizer(Tokenizer):
-    """A Hugging Face ``tokenizer.json`` (Llama-3, SmolLM, ...), through the ``tokenizers`` library."""
+    """A Hugging Face ``tokenizer.json`` (Llama-3, SmolLM, ...), through the ``tokenizers``
+    library."""
 
     kind = "huggingface"
 

@@ -45,5 +45,6 @@ class MtebEncoder(AbsEncoder):
         texts = [t for batch in inputs for t in batch["text"]]
         if not texts:
             raise ValueError(f"mteb task {task_metadata.name}: nothing to encode")
-        return self.model.encode(texts, instruction=self.instruction_for(task_metadata, prompt_type),
+        return self.model.encode(texts,
+                                 instruction=self.instruction_for(task_metadata, prompt_type),
                                  batch_size=self.batch_size, max_length=self.max_length)

@@ -58,7 +58,8 @@ def _rows(path: str, fields: dict[str, type]) -> list[dict]:
                 raise RecordError(path, line, field, "missing", "missing_field")
             if not isinstance(obj[field], kind):
                 raise RecordError(path, line, field, f"expected {getattr(kind, '__name__', kind)}, "
-                                                     f"got {type(obj[field]).__name__}", "wrong_type")
+                                                     f"got {type(obj[field]).__name__}",
+                                  "wrong_type")
         out.append(dict(obj, _line=line))
     if not out:
         raise ValueError(f"{path}: no records")

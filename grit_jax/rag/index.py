@@ -47,7 +47,8 @@ class DenseIndex:
         if backend not in ("auto", "jax", "faiss"):
             raise ValueError(f"backend must be auto, jax or faiss, got {backend!r}")
         if backend == "auto":
-            backend = "faiss" if (len(embeddings) >= FAISS_MIN_DOCS and faiss_available()) else "jax"
+            backend = ("faiss" if (len(embeddings) >= FAISS_MIN_DOCS and faiss_available())
+                       else "jax")
         if backend == "faiss" and not faiss_available():
             raise ImportError("backend='faiss' needs the faiss-cpu package (pip install faiss-cpu)")
         self.embeddings, self.backend = embeddings, backend

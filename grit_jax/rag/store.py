@@ -81,8 +81,8 @@ class DocCacheStore:
             raise ValueError(f"{meta_path}: not a {FORMAT} store (missing {missing or 'format'})")
         if fingerprint is not None and self.meta["fingerprint"] != fingerprint:
             raise StoreMismatch(f"{directory}: these key/value states were computed by another "
-                                f"model (fingerprint {self.meta['fingerprint'][:12]}..., this model "
-                                f"{fingerprint[:12]}...); rebuild the index with this model")
+                                f"model (fingerprint {self.meta['fingerprint'][:12]}..., this "
+                                f"model {fingerprint[:12]}...); rebuild the index with this model")
         if attn is not None and self.meta["attn"] != attn:
             raise StoreMismatch(f"{directory}: states computed with attn={self.meta['attn']!r}, "
                                 f"the model runs attn={attn!r}")
