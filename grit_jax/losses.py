@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 
 AGGREGATIONS = ("mixed", "token", "sample")
+MODES = ("unified", "embedding", "generative")  # which of GRIT's two losses a step sums
 
 
 def contrastive_loss(q_reps: jnp.ndarray, p_reps: jnp.ndarray, temperature: float = 0.02):

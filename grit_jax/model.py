@@ -70,12 +70,16 @@ def rope_tables(positions: jnp.ndarray, config: ModelConfig):
     return jnp.cos(emb), jnp.sin(emb)
 
 
+def rotate_half(x: jnp.ndarray) -> jnp.ndarray:
+    """(-x2, x1) for x = (x1, x2) split in halves on the last axis (Hugging Face's layout)."""
+    half = x.shape[-1] // 2
+    return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+
 def apply_rope(x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray) -> jnp.ndarray:
     """Rotate x (B, T, H, D) by cos/sin (B, T, D): x*cos + rotate_half(x)*sin."""
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
     cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
-    return x * cos + rotated * sin
+    return x * cos + rotate_half(x) * sin
 
 
 def shift_rope(k, delta, config: ModelConfig):
@@ -89,9 +93,7 @@ def shift_rope(k, delta, config: ModelConfig):
     emb = jnp.concatenate([angle, angle], axis=-1)
     cos, sin = jnp.cos(emb), jnp.sin(emb)
     x = jnp.asarray(k, config.accum_dtype)
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return (x * cos + rotated * sin).astype(k.dtype)
+    return (x * cos + rotate_half(x) * sin).astype(k.dtype)
 
 
 def prompt_spans(prompt: jnp.ndarray) -> jnp.ndarray:

@@ -19,12 +19,11 @@ import optax
 from grit_jax import lora, moe
 from grit_jax.config import ModelConfig
 from grit_jax.embedding import embedding_attention, represent
-from grit_jax.losses import AGGREGATIONS, contrastive_loss
+from grit_jax.losses import AGGREGATIONS, MODES, contrastive_loss
 from grit_jax.model import forward, logits_fn
 from grit_jax.pooling import POOLING_METHODS
 from grit_jax.sharding import batch_shards, data_groups, within_data_group
 
-MODES = ("unified", "embedding", "generative")
 GEN_ATTENTIONS = ("causal", "prefix")  # prefix: bidirectional over the prompt tokens
 EMB_GRADS = ("both", "query", "passage")  # which side the contrastive loss back-propagates
 

@@ -13,11 +13,12 @@ own) but drifts by about one token per turn in multi-turn chats.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from grit_jax.data.tokenizers import Tokenizer
+if TYPE_CHECKING:  # annotations only: tokenizers.py imports CHAT_TEMPLATE from here
+    from grit_jax.data.tokenizers import Tokenizer
 
 USER = "<|user|>\n"
 EMBED = "<|embed|>\n"

@@ -28,8 +28,7 @@ import numpy as np
 
 from grit_jax.data import formats, records
 from grit_jax.data.dataset import open_dataset, tokenizer_fingerprint
-
-MODES = ("unified", "embedding", "generative")
+from grit_jax.losses import MODES
 
 
 @dataclasses.dataclass(frozen=True)

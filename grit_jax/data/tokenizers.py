@@ -16,6 +16,8 @@ import os
 import shutil
 from typing import Sequence
 
+from grit_jax.data.formats import CHAT_TEMPLATE
+
 SP_FILE = "tokenizer.model"
 HF_FILE = "tokenizer.json"
 HF_CONFIG_FILE = "tokenizer_config.json"
@@ -113,8 +115,6 @@ class SentencePieceTokenizer(Tokenizer):
         return None if i == self.sp.unk_id() and piece != self.sp.id_to_piece(i) else i
 
     def save(self, directory):
-        from grit_jax.data.formats import CHAT_TEMPLATE
-
         os.makedirs(directory, exist_ok=True)
         dst = os.path.join(directory, SP_FILE)
         if os.path.abspath(dst) != os.path.abspath(self.path):

@@ -16,8 +16,9 @@ import sys
 import time
 
 from grit_jax import cli
+from grit_jax.rag.prompts import CACHE_MODES
 
-MODES = ("none", "query", "doc", "query-doc", "doc-query")
+MODES = ("none", *CACHE_MODES)
 
 
 def _model(args):
