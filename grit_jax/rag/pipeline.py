@@ -210,7 +210,8 @@ class RAG:
             raise ValueError(f"cache must be one of {prompts.CACHE_MODES} or None, got {cache!r}")
         if not retrieval and cache is not None:
             raise ValueError(f"cache={cache!r} needs retrieval (retrieval=False has no context)")
-        if cache is not None and "doc" in cache and self.store is None:
+        cached = prompts.CACHE_PARTS[cache] if cache is not None else ()
+        if "doc" in cached and self.store is None:
             raise ValueError(f"cache={cache!r} needs the documents' key/value states, but this "
                              f"index was built without them (build with cache_docs=True)")
         tok, config = self.model.tokenizer, self.model.config
@@ -220,7 +221,7 @@ class RAG:
         qcaches: list[PrefixCache] | None = None
         if retrieval:
             kw = dict(instruction=self.query_instruction, max_length=query_max_length)
-            if cache is not None and "query" in cache:
+            if "query" in cached:
                 qemb, qcaches = self.model.encode(queries, get_cache=True, **kw)
             else:
                 qemb = self.model.encode(queries, **kw)
@@ -236,11 +237,9 @@ class RAG:
             if cache is None:
                 prompt_ids.append(bos + tok.encode(prompts.full_rag(q, texts) + answer_prefix))
                 continue
-            docs = [self.store[int(r)] for r in rows[i]] if "doc" in cache else []
+            docs = [self.store[int(r)] for r in rows[i]] if "doc" in cached else []
             parts = {"query": [qcaches[i]] if qcaches else [], "doc": docs}
-            order = {"query": ["query"], "doc": ["doc"], "query-doc": ["query", "doc"],
-                     "doc-query": ["doc", "query"]}[cache]
-            chain = [p for name in order for p in parts[name]]
+            chain = [p for name in cached for p in parts[name]]
             prefixes.append(chain[0] if len(chain) == 1 else join(
                 chain, config, rerotate=rerotate, drop_inner_bos=drop_inner_bos,
                 bos_id=tok.bos_id))

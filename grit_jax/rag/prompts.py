@@ -10,7 +10,10 @@ from __future__ import annotations
 
 from typing import Sequence
 
-CACHE_MODES = ("query", "doc", "query-doc", "doc-query")
+# Each caching mode: the cached parts, in the order their key/value states are chained.
+CACHE_PARTS = {"query": ("query",), "doc": ("doc",), "query-doc": ("query", "doc"),
+               "doc-query": ("doc", "query")}
+CACHE_MODES = tuple(CACHE_PARTS)
 
 QUERY_FIRST = "Optionally using the prior context answer the query prior to it"
 DOC_FIRST = "Answer the prior query while optionally using the context prior to it"
