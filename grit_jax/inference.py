@@ -92,6 +92,8 @@ class GritLM:
                 sharding.check_divisible(boxed, mesh)
                 return sharding.param_shardings(boxed, mesh)
         params, config = load_model(path, dtype=dtype, shardings_for=shardings_for)
+        # Split here, each stacked array freed as it goes: nothing else holds them.
+        params = split_layers(params, consume=True)
         return cls(params, config, load_tokenizer(tokenizer or path), **kw)
 
     def _scope(self):

@@ -584,14 +584,16 @@ def is_per_layer(params) -> bool:
     return "layer_0" in params
 
 
-def split_layers(params, num_layers: int | None = None):
+def split_layers(params, num_layers: int | None = None, *, consume: bool = False):
     """Params with the scanned ``layers`` stack split once into per-layer trees ``layer_{i}``.
 
     For inference (``Transformer.per_layer``): each layer's weights become arrays of their own,
     keeping their sharding (the stacked axis dropped from it). A tree of NamedShardings of the
     stacked params (``num_layers`` given) splits into the per-layer params' shardings. A no-op
     on per-layer params. Holds both layouts while it runs (the stack is freed when the caller
-    drops it).
+    drops it), unless ``consume``: each stacked array is deleted as soon as its layers are split
+    off, so the split adds one array, not the model, to the peak memory (the caller must not
+    use the stacked params again).
     """
     if is_per_layer(params) or "layers" not in params:
         return params
@@ -603,10 +605,14 @@ def split_layers(params, num_layers: int | None = None):
             return (_drop_layer_axis(a),) * n
         sh = getattr(a, "sharding", None)
         if isinstance(sh, jax.sharding.NamedSharding):
-            return jax.jit(lambda x: tuple(x[i] for i in range(n)),
-                           out_shardings=(_drop_layer_axis(sh),) * n)(a)
-        a = jnp.asarray(a)
-        return tuple(a[i] for i in range(n))
+            out = jax.jit(lambda x: tuple(x[i] for i in range(n)),
+                          out_shardings=(_drop_layer_axis(sh),) * n)(a)
+        else:
+            out = tuple(jnp.asarray(a)[i] for i in range(n))
+        if consume and isinstance(a, jax.Array):
+            jax.block_until_ready(out)
+            a.delete()
+        return out
 
     pieces = jax.tree.map(split, stack)
     out = {k: v for k, v in params.items() if k != "layers"}

@@ -141,17 +141,22 @@ def read_hf_sharded(hf_dir: str, config: ModelConfig, target):
         slots.setdefault(path, []).append((name, index, kind))
     flat_target = traverse_util.flatten_dict(target)
     out = {}
-    with contextlib.ExitStack() as stack:
-        handles = {f: stack.enter_context(open_safetensors(f))
-                   for f in sorted(set(files.values()))}
+    for path, want in flat_target.items():
+        # The files are opened (memory-mapped) for one grit array at a time: a map counts the
+        # pages read through it as resident until it is closed, so holding every file open for
+        # the whole load would add the checkpoint's size to the peak.
+        with contextlib.ExitStack() as stack:
+            handles = {}
 
-        def tensor(name):
-            try:
-                return handles[files[name]].get_slice(key_in_file(name, files[name]))
-            except Exception as e:  # a tensor listed in the index but absent from its file
-                raise ValueError(f"{files[name]}: cannot read tensor {name}: {e}") from None
+            def tensor(name):
+                f = files[name]
+                if f not in handles:
+                    handles[f] = stack.enter_context(open_safetensors(f))
+                try:
+                    return handles[f].get_slice(key_in_file(name, f))
+                except Exception as e:  # a tensor listed in the index but absent from its file
+                    raise ValueError(f"{f}: cannot read tensor {name}: {e}") from None
 
-        for path, want in flat_target.items():
             out[path] = _sharded_array(want, slots[path], tensor, config)
     return traverse_util.unflatten_dict(out)
 
@@ -182,11 +187,15 @@ def _sharded_array(want, slots, tensor, config: ModelConfig):
             arr = read_block(tensor(name), kind, rest, d)
         else:
             ranges = [range(s.start, s.stop) for s in index[:lead]]
-            parts = []
-            for ij in itertools.product(*ranges):  # the layers (and experts) of this block
+            arr = None  # filled in place, one layer (and expert) at a time: no second copy
+            combos = list(itertools.product(*ranges))
+            for k, ij in enumerate(combos):  # the layers (and experts) of this block
                 name, kind = by_index[ij if lead == 2 else ij[0]]
-                parts.append(read_block(tensor(name), kind, rest, d))
-            arr = np.stack(parts).reshape(tuple(map(len, ranges)) + parts[0].shape)
+                part = read_block(tensor(name), kind, rest, d)
+                if arr is None:
+                    arr = np.empty((len(combos),) + part.shape, dtype)
+                arr[k] = part
+            arr = arr.reshape(tuple(map(len, ranges)) + arr.shape[1:])
         cache[key] = arr = np.ascontiguousarray(arr.astype(dtype, copy=False))
         return arr
 

@@ -267,6 +267,20 @@ def test_sharded_forward_matches_single_device(shape):
     np.testing.assert_allclose(got, want, rtol=FLOAT64_RTOL, atol=FLOAT64_ATOL)
 
 
+def test_split_layers_consume_frees_the_stack_and_gives_the_same_layers():
+    """consume=True (loading for inference): the same per-layer arrays, and every stacked
+    array is deleted once split, so the split never holds two copies of the model."""
+    stacked = init_params(CFG, seed=3)
+    expect = split_layers(stacked)
+    got = split_layers(init_params(CFG, seed=3), consume=True)
+    jax.tree.map(np.testing.assert_array_equal, got, expect)
+    fresh = init_params(CFG, seed=3)
+    split_layers(fresh, consume=True)
+    assert all(a.is_deleted() for a in jax.tree.leaves(fresh["layers"]))
+    assert not any(a.is_deleted() for k, v in fresh.items() if k != "layers"
+                   for a in jax.tree.leaves(v))
+
+
 @pytest.mark.parametrize("family", ["mistral", "mixtral"])
 def test_per_layer_params_equal_the_scanned_stack(family):
     """The inference layout (per-layer weights, per-layer cache buffers) computes what the
