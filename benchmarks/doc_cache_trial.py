@@ -1,0 +1,84 @@
+"""Can short training teach SmolLM2 to answer from doc-cached (bidirectional) states?
+
+A trial, not a measurement: from the demo's converted model and training set (run `make demo`
+first), train the generative side only on the RAG-layout records (mostly ``adapt_rag``) with
+causal or PrefixLM attention for the same steps, then answer a few questions about held-out
+passages with plain RAG and with doc caching, and print the answers side by side.
+
+Usage: python benchmarks/doc_cache_trial.py [--steps 30] [--attention causal prefix]
+Writes benchmarks/results/doc_cache_trial.json.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUESTIONS = ["What is Amphibian?", "What are amphibians?"]
+
+
+def trial(attention, steps, demo_out, workdir):
+    """Answers of one training run: {question: {plain: ..., doc: ...}} and its losses."""
+    from grit_jax import train
+    from grit_jax.data.adapt import INSTRUCTIONS
+    from grit_jax.demo import SMOL_LENGTHS, load_config
+    from grit_jax.inference import GritLM
+    from grit_jax.rag import RAG
+
+    c = load_config(os.path.join(ROOT, "configs/smollm2_adapt.py"), setting="demo")
+    c.total_steps = c.checkpoint_every = steps
+    c.init_from = os.path.join(demo_out, "smollm2")
+    c.data.data_dir = os.path.join(demo_out, "adapted", "train")
+    c.loss.mode, c.loss.gen_attention = "generative", attention
+    c.data.mixture = "adapt_text=0.1x,adapt_chat=0.2x,adapt_rag=4x"
+    t = time.time()
+    logged = train.train(c, workdir)
+    seconds = time.time() - t
+    model = GritLM.from_pretrained(workdir, attn="bbcc", pooling_method="mean")
+    corpus = os.path.join(demo_out, "adapted", "retrieval", "adapt_title", "corpus.jsonl")
+    with open(corpus) as f:
+        passages = [json.loads(line)["text"] for line in f][:20]
+    rag = RAG.build(model, passages, os.path.join(workdir, "index"), overwrite=True,
+                    max_length=SMOL_LENGTHS["passage"],
+                    query_instruction=INSTRUCTIONS["adapt_title"])
+    answers = {}
+    for q in QUESTIONS:
+        answers[q] = {}
+        for cache, label in ((None, "plain"), ("doc", "doc")):
+            a = rag.answer(q, cache=cache, max_new_tokens=40)
+            answers[q][label] = {"passage": int(a.doc_ids[0]), "answer": a.text.strip()}
+            print(f"[{attention}, {label}] {q!r} -> passage {a.doc_ids[0]}: {a.text.strip()!r}",
+                  flush=True)
+    return {"loss_gen_first": logged[0]["loss_gen"], "loss_gen_last": logged[-1]["loss_gen"],
+            "train_seconds": round(seconds), "answers": answers}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--attention", nargs="+", default=["causal", "prefix"],
+                        choices=["causal", "prefix"])
+    parser.add_argument("--demo-out", default=os.path.join(ROOT, "demo_out"))
+    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks/results/"
+                                                      "doc_cache_trial.json"))
+    args = parser.parse_args(argv)
+    sys.path.insert(0, ROOT)  # configs/ imports its siblings as the package `configs`
+    if not os.path.isdir(os.path.join(args.demo_out, "adapted", "train")):
+        sys.exit(f"error: {args.demo_out}: no demo training set (run `make demo` first)")
+    results = {"steps": args.steps, "runs": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for attention in args.attention:
+            workdir = os.path.join(tmp, attention)
+            shutil.rmtree(workdir, ignore_errors=True)
+            results["runs"][attention] = trial(attention, args.steps, args.demo_out, workdir)
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=1, ensure_ascii=False)
+    print(f"-> {args.out}")
+
+
+if __name__ == "__main__":
+    main()
