@@ -12,7 +12,6 @@ Writes benchmarks/results/doc_cache_trial.json.
 import argparse
 import json
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -72,9 +71,8 @@ def main(argv=None):
     results = {"steps": args.steps, "runs": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for attention in args.attention:
-            workdir = os.path.join(tmp, attention)
-            shutil.rmtree(workdir, ignore_errors=True)
-            results["runs"][attention] = trial(attention, args.steps, args.demo_out, workdir)
+            results["runs"][attention] = trial(attention, args.steps, args.demo_out,
+                                               os.path.join(tmp, attention))
     with open(args.out, "w") as f:
         json.dump(results, f, indent=1, ensure_ascii=False)
     print(f"-> {args.out}")

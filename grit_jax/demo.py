@@ -220,7 +220,7 @@ def smollm2_demo(args) -> int:
     from grit_jax import train
     from grit_jax.convert.gguf import gguf_to_grit
     from grit_jax.data.adapt import INSTRUCTIONS, adapt
-    from grit_jax.evaluation.tasks import load_tasks
+    from grit_jax.evaluation.tasks import load_tasks, memo_key
     from grit_jax.inference import GritLM
     from grit_jax.rag import RAG
 
@@ -289,7 +289,7 @@ def smollm2_demo(args) -> int:
                     query_instruction=INSTRUCTIONS["adapt_title"])
     index_s = time.time() - t
     print("\n== Held-out retrieval after adapting (articles never trained on)")
-    memo = {("", SMOL_LENGTHS["passage"], tuple(passages)): rag.index.embeddings}
+    memo = {memo_key(passages, max_length=SMOL_LENGTHS["passage"]): rag.index.embeddings}
     print_retrieval("adapted", heldout_retrieval(model, tasks, memo), before)
 
     # -------------------------------------------------------------------------------------------

@@ -187,15 +187,12 @@ def _sharded_array(want, slots, tensor, config: ModelConfig):
             arr = read_block(tensor(name), kind, rest, d)
         else:
             ranges = [range(s.start, s.stop) for s in index[:lead]]
-            arr = None  # filled in place, one layer (and expert) at a time: no second copy
-            combos = list(itertools.product(*ranges))
-            for k, ij in enumerate(combos):  # the layers (and experts) of this block
+            # filled in place, one layer (and expert) at a time: no second copy
+            arr = np.empty(tuple(s.stop - s.start for s in index), dtype)
+            rows = arr.reshape((-1,) + arr.shape[lead:])
+            for k, ij in enumerate(itertools.product(*ranges)):
                 name, kind = by_index[ij if lead == 2 else ij[0]]
-                part = read_block(tensor(name), kind, rest, d)
-                if arr is None:
-                    arr = np.empty((len(combos),) + part.shape, dtype)
-                arr[k] = part
-            arr = arr.reshape(tuple(map(len, ranges)) + arr.shape[1:])
+                rows[k] = read_block(tensor(name), kind, rest, d)
         cache[key] = arr = np.ascontiguousarray(arr.astype(dtype, copy=False))
         return arr
 

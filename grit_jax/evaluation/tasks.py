@@ -166,6 +166,12 @@ def load_task(spec: str) -> Task:
     return Task(kind, f"{kind}/{name}", LOADERS[kind](path))
 
 
+def memo_key(texts, instruction: str = "", max_length: int | None = None) -> tuple:
+    """The ``memo`` entry of evaluate_task for these texts embedded with this instruction and
+    length (to hand it embeddings computed elsewhere, e.g. by a RAG index)."""
+    return instruction, max_length, tuple(texts)
+
+
 def evaluate_task(model, task: Task, *, instruction: str = "", batch_size: int = 16,
                   max_length: int | None = None, seed: int = 0,
                   memo: dict | None = None) -> dict:
@@ -177,7 +183,7 @@ def evaluate_task(model, task: Task, *, instruction: str = "", batch_size: int =
     d = task.data
 
     def enc(texts, instr=""):
-        key = (instr, max_length, tuple(texts))
+        key = memo_key(texts, instr, max_length)
         if memo is not None and key in memo:
             return memo[key]
         out = model.encode(texts, instruction=instr, batch_size=batch_size, max_length=max_length)
