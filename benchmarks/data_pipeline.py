@@ -11,12 +11,15 @@ import os
 import shutil
 import statistics
 import tempfile
+import sys
 import time
 
-from grit_jax.data import wiki_demo
-from grit_jax.data.records import write_jsonl
-from grit_jax.data.dataset import build
-from grit_jax.data.pipeline import GritBatches, PipelineConfig
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # demo/
+
+from demo import wikipedia  # noqa: E402
+from grit_jax.data.dataset import build  # noqa: E402
+from grit_jax.data.pipeline import GritBatches, PipelineConfig  # noqa: E402
+from grit_jax.data.records import write_jsonl  # noqa: E402
 
 
 def main():
@@ -27,7 +30,7 @@ def main():
     args = p.parse_args()
     work = tempfile.mkdtemp(prefix="grit_data_bench_")
     try:
-        files = wiki_demo.make_records(wiki_demo.articles())
+        files = wikipedia.make_records(wikipedia.articles())
         files = {k: v * args.copies for k, v in files.items()}
         write_jsonl(os.path.join(work, "jsonl"), files)
         n_records = sum(len(v) for v in files.values())

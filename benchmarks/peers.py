@@ -9,11 +9,15 @@ import json
 import os
 import platform
 import shutil
+import sys
 import time
 
 import numpy as np
 
-from timing import median_seconds  # benchmarks/timing.py
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # the demo's Wikipedia pages (demo/), configs/
+
+from timing import median_seconds  # noqa: E402  (benchmarks/timing.py)
 
 # Mistral-architecture shapes (random weights, the real 32k tokenizer).
 SHAPES = {
@@ -130,7 +134,7 @@ def matmul_peak(n=2048, repeats=5):
 
 def wiki_passages(n, words):
     """n real Wikipedia passages of about `words` words each."""
-    from grit_jax.data.wiki_demo import articles
+    from demo.wikipedia import articles
 
     text = " ".join(p for _, paras in articles() for p in paras).split()
     if len(text) < n * words:
@@ -232,7 +236,7 @@ class JaxGritStep:
         from grit_jax.train_step import (LossConfig, init_state, jit_train_step, make_optimizer,
                                          state_shardings)
 
-        self.config, params = read_hf(model_dir)
+        params, self.config = read_hf(model_dir)
         if model_overrides:
             self.config = self.config.replace(**model_overrides)
         n_gen = len(batch["gen_ids"]) if batch is not None else 32
@@ -242,10 +246,11 @@ class JaxGritStep:
         state_sh = state_shardings(self.config, tx, mesh)
         self.state = jax.device_put(init_state(params, tx), state_sh)
         self.step = jit_train_step(self.config, self.lc, tx, schedule, mesh, state_sh)
-        self.jax = jax
+        self.mesh, self.jax, self.sharding = mesh, jax, sharding
 
     def __call__(self, batch):
-        self.state, metrics = self.step(self.state, batch)
+        with self.sharding.activate(self.mesh):
+            self.state, metrics = self.step(self.state, batch)
         metrics = self.jax.device_get(metrics)
         return {k: float(metrics[k]) for k in ("loss", "loss_rep", "loss_gen")}
 

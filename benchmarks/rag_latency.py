@@ -25,7 +25,7 @@ NEW_TOKENS = 16
 ANSWER_PREFIX = "The answer is"
 def long_text(tok, n_tokens):
     """Real Wikipedia prose cut to about n_tokens tokens."""
-    from grit_jax.data.wiki_demo import articles
+    from demo.wikipedia import articles
 
     text = " ".join(p for _, paras in articles() for p in paras)
     ids, starts = tok.encode_with_offsets(text)

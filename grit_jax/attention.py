@@ -189,7 +189,7 @@ def splash_attention(q, k, v, mask: SelfMask, scale: float, interpret: bool = Fa
         out = jax.vmap(one)(heads_first(q), heads_first(k), heads_first(v), seg)
         return heads_first(out)
 
-    # The scope names the mask: grit_jax.hlo_cost prices the kernel by the blocks it leaves.
+    # The scope names the mask: grit_jax.aot.cost prices the kernel by the blocks it leaves.
     scope = f"splash[{mask.mode}" + (f",window={mask.window}]" if mask.window else "]")
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:

@@ -26,7 +26,7 @@ class _HealthyCheckpointNoise(logging.Filter):
 logging.getLogger("absl").addFilter(_HealthyCheckpointNoise())
 
 
-def save_params(directory: str, params, config: ModelConfig) -> str:
+def save_params(params, config: ModelConfig, directory: str) -> str:
     """Write params with Orbax and the model config as JSON; returns the params path."""
     directory = storage.normalize(directory)
     storage.makedirs(directory)

@@ -1,9 +1,14 @@
-"""GRIT losses as pure functions: contrastive (query -> passage) and next-token cross-entropy."""
+"""GRIT losses as pure functions: contrastive (query -> passage) and next-token cross-entropy
+(the LM head applied in shard-aligned chunks, as training and evaluation use it)."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from grit_jax.config import ModelConfig
+from grit_jax.model import logits_fn
+from grit_jax.sharding import batch_shards
 
 AGGREGATIONS = ("mixed", "token", "sample")
 MODES = ("unified", "embedding", "generative")  # which of GRIT's two losses a step sums
@@ -24,38 +29,49 @@ def contrastive_loss(q_reps: jnp.ndarray, p_reps: jnp.ndarray, temperature: floa
     return -jnp.mean(jnp.take_along_axis(logp, target[:, None], axis=1))
 
 
-def token_cross_entropy(logits: jnp.ndarray, ids: jnp.ndarray) -> jnp.ndarray:
-    """Per-token CE of predicting ids[:, t+1] from logits[:, t]: shape (B, T-1), float32
-    (float64 for float64 logits)."""
-    dt = jnp.promote_types(logits.dtype, jnp.float32)
-    logp = jax.nn.log_softmax(logits[:, :-1].astype(dt), axis=-1)
-    return -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
+def shard_chunks(a, chunks: int, shards: int):
+    """(N, ...) -> (chunks, N/chunks, ...) where chunk j holds the j-th slice of every shard's
+    block of rows: a batch-sharded array stays sharded along dim 1, with no data movement."""
+    n = a.shape[0]
+    return a.reshape((shards, chunks, n // (shards * chunks)) + a.shape[1:]).swapaxes(0, 1).reshape(
+        (chunks, n // chunks) + a.shape[1:])
 
 
-def aggregate(ce: jnp.ndarray, mask: jnp.ndarray, how: str = "mixed", sub_batch: int = 32):
-    """Reduce per-token CE (B, T') over the tokens where mask (B, T') is 1.
+def unshard_chunks(a, shards: int):
+    """Inverse of shard_chunks: (chunks, M, ...) -> (chunks * M, ...) in the original row order."""
+    chunks, m = a.shape[:2]
+    return a.reshape((chunks, shards, m // shards) + a.shape[2:]).swapaxes(0, 1).reshape(
+        (chunks * m,) + a.shape[2:])
 
-    token:  sum over tokens / batch size (every token weighs the same; GritLM-8x7B).
-    mixed:  token mean within each sub-batch of ``sub_batch`` samples, then the mean over
-            sub-batches (what per-device means + gradient averaging give; GritLM-7B).
-    sample: token mean within each sample, then the mean over samples.
+
+def token_ce(params, config: ModelConfig, hidden, ids, chunk: int):
+    """Per-token next-token CE (B, T-1) with the LM head applied ``chunk`` tokens at a time.
+
+    With several chunks the chunk body is rematerialised, so the full (B, T, vocab) logits
+    never exist at once. Each chunk takes an equal share of every batch shard's own tokens (see
+    shard_chunks), so no device computes logits for another's tokens.
     """
-    if how not in AGGREGATIONS:
-        raise ValueError(f"generative loss aggregation must be one of {AGGREGATIONS}, got {how!r}")
-    m = mask.astype(jnp.promote_types(ce.dtype, jnp.float32))
-    per_sample, count = jnp.sum(ce * m, axis=1), jnp.sum(m, axis=1)
-    b = ce.shape[0]
-    if how == "token":
-        return jnp.sum(per_sample) / b
-    if how == "sample":
-        return jnp.mean(per_sample / jnp.maximum(count, 1.0))
-    n = -(-b // sub_batch)  # sub-batches; the last may be smaller
-    groups = jnp.arange(b) // sub_batch
-    sums = jax.ops.segment_sum(per_sample, groups, num_segments=n)
-    counts = jax.ops.segment_sum(count, groups, num_segments=n)
-    return jnp.mean(sums / jnp.maximum(counts, 1.0))
+    b, t, e = hidden.shape
+    shards = batch_shards()
+    shards = shards if b % shards == 0 else 1
+    local = b * (t - 1) // shards  # tokens per shard
+    chunks = -(-local // max(1, chunk // shards))
+    per = -(-local // chunks)  # as even as possible: pads fewer than `chunks` tokens per shard
+    pad = chunks * per - local
+    h = jnp.pad(hidden[:, :-1].reshape(shards, local, e), ((0, 0), (0, pad), (0, 0)))
+    labels = jnp.pad(ids[:, 1:].reshape(shards, local), ((0, 0), (0, pad)))
+    h = shard_chunks(h.reshape(-1, e), chunks, shards)
+    labels = shard_chunks(labels.reshape(-1), chunks, shards)
 
+    def one(args):
+        hc, lc_ = args
+        logits = logits_fn(params, config, hc[None])[0]
+        # logsumexp - the label's logit; the one-hot product keeps the backward one fused
+        # elementwise pass (softmax - one_hot) instead of a scatter into a zero (tokens, vocab).
+        picked = jnp.sum(logits * jax.nn.one_hot(lc_, logits.shape[-1], dtype=logits.dtype), -1)
+        return jax.nn.logsumexp(logits, axis=-1) - picked
 
-def generative_loss(logits, ids, loss_mask, how: str = "mixed", sub_batch: int = 32):
-    """Shift-by-one LM loss over tokens whose *label* position has loss_mask 1."""
-    return aggregate(token_cross_entropy(logits, ids), loss_mask[:, 1:], how, sub_batch)
+    if chunks > 1:  # one chunk: the logits are needed once anyway, recomputing them is waste
+        one = jax.checkpoint(one)
+    ce = unshard_chunks(jax.lax.map(one, (h, labels)), shards).reshape(shards, -1)[:, :local]
+    return ce.reshape(b, t - 1)

@@ -26,17 +26,19 @@ import orbax.checkpoint as ocp
 from absl import flags, logging
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
+from tqdm import tqdm
 
 from grit_jax import checkpoint, cli, hardware, sharding, storage, trainer, weights
 from grit_jax.config import CONFIG_FILE, ModelConfig
 from grit_jax.data.pipeline import GritBatches, PipelineConfig, global_batch, parse_buckets
+from grit_jax.train_step import jit_train_step
 
 FLAGS = flags.FLAGS
 if "config" not in FLAGS:  # grit_jax.aot defines the same flag
     config_flags.DEFINE_config_file("config", None, "training config file (get_config())",
                                     lock_config=True)
-flags.DEFINE_string("workdir", None, "checkpoints, metrics and (for the demo) data go here; a "
-                    "local path or gs://BUCKET/PATH")
+flags.DEFINE_string("workdir", None, "checkpoints and metrics go here; a local path or "
+                    "gs://BUCKET/PATH")
 flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
                   "JAX multi-controller runtime: auto = on a TPU VM, or when "
                   "--coordinator_address is given")
@@ -49,7 +51,6 @@ flags.DEFINE_string("compilation_cache", "workdir",
                     "persistent compilation cache: 'workdir' (WORKDIR/compile_cache), 'off', or a "
                     "directory (local or gs://)")
 
-DEMO_LENGTHS = {"query": 64, "passage": 128, "generative": 128}
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -130,26 +131,16 @@ def enable_compilation_cache(spec: str, workdir: str) -> str | None:
 # ----------------------------------------------------------------------------------------------
 # The workdir: data, model config, tokenizer
 # ----------------------------------------------------------------------------------------------
-def resolve_data_dir(config, workdir: str) -> str:
-    """A local directory holding the built dataset.
-
-    ``config.data.data_dir``: a local path (or a read-only bucket mount), a ``gs://`` path
-    (copied once to this host's disk: array_record files are read locally), or "demo" (the
-    Wikipedia set, built on first use: under a local workdir by process 0, else on each host).
-    """
+def resolve_data_dir(config) -> str:
+    """A local directory holding the built dataset: ``config.data.data_dir`` itself (a local
+    path or a read-only bucket mount), or a ``gs://`` path copied once to this host's disk
+    (array_record files are read locally)."""
     data_dir = config.data.data_dir
-    if data_dir == "demo":
-        from grit_jax.data import wiki_demo
-
-        if storage.is_remote(workdir):
-            root = os.path.join(tempfile.gettempdir(), f"grit_jax_demo_data.{os.getpid()}")
-            wiki_demo.make_demo_data(root, max_lengths=DEMO_LENGTHS)
-            return os.path.join(root, "train")
-        root = os.path.join(workdir, "data")
-        if is_lead() and not os.path.isdir(os.path.join(root, "train")):
-            wiki_demo.make_demo_data(root, max_lengths=DEMO_LENGTHS)
-        barrier("grit_jax demo data")
-        return os.path.join(root, "train")
+    if not data_dir:
+        raise ValueError("data.data_dir is not set: build a dataset (python -m grit_jax.data.build"
+                         " or python -m grit_jax.data.adapt --build; the Wikipedia demo set: "
+                         "python -m demo.wikipedia --out DIR) and pass "
+                         "--config.data.data_dir=DIR/train")
     if storage.is_remote(data_dir):
         return fetch_data(data_dir)
     return data_dir
@@ -249,8 +240,9 @@ def _save_tokenizer(config, meta, workdir):
 # Metrics: metrics.jsonl, TensorBoard, the progress line (process 0)
 # ----------------------------------------------------------------------------------------------
 class MetricsWriter:
-    """Rows to ``metrics.jsonl`` and TensorBoard. Object stores have no append: there the
-    file is rewritten whole, at most every ``sync_secs`` and at every flush(force=True)."""
+    """Rows to ``metrics.jsonl``, TensorBoard and the progress line; a no-op off process 0.
+    Object stores have no append: there the file is rewritten whole, at most every
+    ``sync_secs`` and at every flush(force=True)."""
 
     def __init__(self, workdir: str, enabled: bool, sync_secs: float = 30.0):
         self.enabled, self.path = enabled, storage.join(workdir, METRICS_FILE)
@@ -270,9 +262,25 @@ class MetricsWriter:
         self._tb = SummaryWriter(storage.join(workdir, "tensorboard"),
                                  flush_secs=sync_secs if self.remote else 120)
 
+    def progress(self, start: int, total: int):
+        """The steps start..total-1 under a progress bar (process 0, on a terminal)."""
+        return tqdm(range(start, total), initial=start, total=total, desc="train",
+                    disable=None if self.enabled else True)
+
+    def note(self, text: str | None) -> None:
+        """A line above the progress bar (process 0)."""
+        if self.enabled and text:
+            tqdm.write(text)
+            sys.stdout.flush()
+
     def write(self, row: dict) -> None:
+        """One logged step: a metrics.jsonl line, TensorBoard scalars and the progress line."""
         if not self.enabled:
             return
+        aux = f", router {row['loss_aux']:.3f}" if "loss_aux" in row else ""
+        self.note(f"step {row['step']}: loss {row['loss']:.4f} (rep {row['loss_rep']:.4f}, gen "
+                  f"{row['loss_gen']:.4f}{aux}) lr {row['lr']:.2e} grad_norm "
+                  f"{row['grad_norm']:.3f} {row['tokens_per_s']:.0f} tok/s")
         line = json.dumps(row) + "\n"
         if self.remote:
             self.lines.append(line)
@@ -337,8 +345,6 @@ def checkpoint_manager(config, workdir: str) -> ocp.CheckpointManager:
 def setup(config, workdir: str) -> Run:
     """Mesh, model, data, sharded train state (restored, from init_from, or random) and the
     compiled step. Nothing is written until the config has been checked against the workdir."""
-    from grit_jax.train_step import jit_train_step
-
     workdir = storage.normalize(workdir)
     if not storage.is_remote(workdir) and os.path.exists(workdir) and not os.path.isdir(workdir):
         raise ValueError(f"--workdir={workdir} is a file, not a directory")
@@ -350,7 +356,7 @@ def setup(config, workdir: str) -> Run:
     tx, schedule = trainer.optimizer(config)
     state_sh = trainer.shardings(model_cfg, tx, mesh)
     data = GritBatches(PipelineConfig(
-        resolve_data_dir(config, workdir), query_batch=config.data.query_batch,
+        resolve_data_dir(config), query_batch=config.data.query_batch,
         generative_batch=config.data.generative_batch, group_size=config.data.group_size,
         mode=lc.mode, seed=config.seed, num_threads=config.data.num_threads,
         buckets=parse_buckets(config.data.get("buckets")),
@@ -439,92 +445,134 @@ def describe(run: Run) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# The loop
+# The loop and its helpers
 # ----------------------------------------------------------------------------------------------
+class Throughput:
+    """Tokens and model FLOPs read since the last logged row, as rates over all processes."""
+
+    def __init__(self, run: Run):
+        self.model_cfg, self.loss_cfg = run.model_cfg, run.loss_cfg
+        self.peak = hardware.peak_flops(jax.devices()[0].device_kind,
+                                        run.config.get("peak_flops", 0.0))
+        self.tokens, self.flops, self.since = 0, 0.0, time.monotonic()
+
+    def add(self, local: dict) -> None:
+        self.tokens += sum(int(v.sum()) for k, v in local.items() if k.endswith("_valid"))
+        self.flops += trainer.step_flops(self.model_cfg, local, self.loss_cfg)
+
+    def rates(self) -> dict:
+        """tokens_per_s and mfu since the last call (every process reads an equal share)."""
+        dt, n = time.monotonic() - self.since, jax.process_count()
+        out = {"tokens_per_s": self.tokens * n / dt,
+               "mfu": self.flops * n / dt / (self.peak * jax.device_count()) if self.peak
+               else None}
+        self.tokens, self.flops, self.since = 0, 0.0, time.monotonic()
+        return out
+
+
+class Programs:
+    """The step programs met so far (one per batch shape): compiled or read from the cache."""
+
+    def __init__(self):
+        self.seen, self.cache = set(), CacheCounter()
+
+    def start(self, batch: dict) -> None:
+        self.shapes = tuple(sorted((k, v.shape) for k, v in batch.items() if k.endswith("_ids")))
+        self.t0, self.hits = time.monotonic(), self.cache.hits
+
+    def finish(self) -> str | None:
+        """A line announcing a new program (after its first step), else None."""
+        if self.shapes in self.seen:
+            return None
+        self.seen.add(self.shapes)
+        how = "from the persistent cache" if self.cache.hits > self.hits else "compiled"
+        return (f"step program {len(self.seen)} ({how}, {time.monotonic() - self.t0:.1f}s with "
+                f"its first step): " + ", ".join(f"{k[:-4]} {s[0]}x{s[1]}" for k, s in self.shapes))
+
+
+class Checkpointing:
+    """When to save and stop: every ``checkpoint_every`` steps, every ``checkpoint_every_minutes``
+    and at once on a SIGTERM on any host; every host agrees, so all save the same steps."""
+
+    def __init__(self, config):
+        self.every, self.total = config.checkpoint_every, config.total_steps
+        self.every_s = 60.0 * float(config.get("checkpoint_every_minutes", 0) or 0)
+        self.signal, self.saved_at = None, time.monotonic()
+
+    def __enter__(self):
+        self._previous = signal.signal(signal.SIGTERM, lambda s, f: setattr(self, "signal", s))
+        return self
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGTERM, self._previous)
+
+    def due(self, done: int) -> tuple[bool, bool]:
+        """(save now, stop now) after step ``done``, the same on every process."""
+        flags_ = np.asarray([bool(self.signal), self.every_s > 0 and
+                             time.monotonic() - self.saved_at >= self.every_s], np.int32)
+        if jax.process_count() > 1:
+            flags_ = np.asarray(multihost_utils.process_allgather(flags_)).max(axis=0)
+        stop, timed = bool(flags_[0]), bool(flags_[1])
+        save = stop or timed or done % self.every == 0 or done == self.total
+        if save:
+            self.saved_at = time.monotonic()
+        return save, stop
+
+
+def save(run: Run, state, step: int, wait: bool = False) -> None:
+    """Checkpoint the state and the data iterator's position (async unless ``wait``)."""
+    run.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(run.iterator.get_state())),
+        force=True)
+    if wait:
+        run.manager.wait_until_finished()
+
+
+def check_finite(metrics: dict, step: int) -> None:
+    """Stop the run (before checkpointing) on a NaN/inf loss."""
+    bad = [k for k in ("loss_rep", "loss_gen", "loss") if not np.isfinite(metrics[k])]
+    if bad:
+        raise NonFiniteLoss(f"step {step}: {', '.join(bad)} is {metrics[bad[0]]} (not finite); "
+                            f"stopping without checkpointing this state")
+
+
 def train(config, workdir: str) -> list[dict]:
     """Train (or resume) in workdir; returns the logged metrics of this invocation."""
-    from tqdm import tqdm
-
     run = setup(config, workdir)
-    lead = is_lead()
-    if lead:
-        print(describe(run), flush=True)
-    peak = hardware.peak_flops(jax.devices()[0].device_kind, config.get("peak_flops", 0.0))
+    writer = MetricsWriter(run.workdir, enabled=is_lead())
+    writer.note(describe(run))
+    rate, programs = Throughput(run), Programs()
     batch_sh = sharding.batch_sharding(run.mesh)
-    writer = MetricsWriter(run.workdir, enabled=lead)
-    cache = CacheCounter()
-    stop = {"signal": None}
-    previous = signal.signal(signal.SIGTERM, lambda s, f: stop.update(signal=s))
-    every_s = 60.0 * float(config.get("checkpoint_every_minutes", 0) or 0)
-    state, programs, logged = run.state, set(), []
-    t_log = t_save = time.monotonic()
-    tokens, flops = 0, 0.0
-
-    def save(step, wait=False):
-        run.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(run.iterator.get_state())),
-            force=True)
-        if wait:
-            run.manager.wait_until_finished()
-        writer.flush(force=True)
-
+    state, logged = run.state, []
     try:
-        for step in tqdm(range(run.start, config.total_steps), initial=run.start,
-                         total=config.total_steps, desc="train", disable=None if lead else True):
-            local = next(run.iterator)
-            tokens += sum(int(v.sum()) for k, v in local.items() if k.endswith("_valid"))
-            flops += trainer.step_flops(run.model_cfg, local, run.loss_cfg)
-            batch = global_batch(local, batch_sh, run.data.pad_id)
-            shapes = tuple(sorted((k, v.shape) for k, v in batch.items() if k.endswith("_ids")))
-            t0, hits = time.monotonic(), cache.hits
-            state, metrics = run.step_fn(state, batch)
-            m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            if shapes not in programs:
-                programs.add(shapes)
-                if lead:
-                    how = "from the persistent cache" if cache.hits > hits else "compiled"
-                    tqdm.write(f"step program {len(programs)} ({how}, {time.monotonic() - t0:.1f}s"
-                               f" with its first step): " + ", ".join(
-                                   f"{k[:-4]} {s[0]}x{s[1]}" for k, s in shapes))
-            bad = [k for k in ("loss_rep", "loss_gen", "loss") if not np.isfinite(m[k])]
-            if bad:
-                raise NonFiniteLoss(f"step {step + 1}: {', '.join(bad)} is {m[bad[0]]} "
-                                    f"(not finite); stopping without checkpointing this state")
-            done = step + 1
-            if done % config.log_every == 0 or done == config.total_steps:
-                dt = time.monotonic() - t_log
-                # Local tokens/FLOPs x processes: every process reads an equal share.
-                row = {"step": done, **m, "tokens_per_s": tokens * jax.process_count() / dt,
-                       "mfu": (flops * jax.process_count() / dt / (peak * jax.device_count())
-                               if peak else None), "step_programs": len(programs)}
-                writer.write(row)
-                logged.append(row)
-                if lead:
-                    aux = f", router {m['loss_aux']:.3f}" if "loss_aux" in m else ""
-                    tqdm.write(f"step {done}: loss {m['loss']:.4f} (rep {m['loss_rep']:.4f}, gen "
-                               f"{m['loss_gen']:.4f}{aux}) lr {m['lr']:.2e} grad_norm "
-                               f"{m['grad_norm']:.3f} {row['tokens_per_s']:.0f} tok/s")
-                t_log, tokens, flops = time.monotonic(), 0, 0.0
-            # Every host agrees on stopping (a SIGTERM on any one) and on time-based saves.
-            flags_ = np.asarray([bool(stop["signal"]), every_s > 0 and
-                                 time.monotonic() - t_save >= every_s], np.int32)
-            if jax.process_count() > 1:
-                flags_ = np.asarray(multihost_utils.process_allgather(flags_)).max(axis=0)
-            stopping, timed = bool(flags_[0]), bool(flags_[1])
-            if (done % config.checkpoint_every == 0 or done == config.total_steps or stopping
-                    or timed):
-                save(done, wait=stopping)
-                t_save = time.monotonic()
-            if stopping:
-                if lead:
-                    print(f"signal {stop['signal'] or 'on another process'}: saved step {done}, "
-                          f"exiting", flush=True)
-                break
+        with Checkpointing(config) as checkpoints:
+            for step in writer.progress(run.start, config.total_steps):
+                local = next(run.iterator)
+                rate.add(local)
+                batch = global_batch(local, batch_sh, run.data.pad_id)
+                programs.start(batch)
+                with sharding.activate(run.mesh):
+                    state, metrics = run.step_fn(state, batch)
+                m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                writer.note(programs.finish())
+                done = step + 1
+                check_finite(m, done)
+                if done % config.log_every == 0 or done == config.total_steps:
+                    logged.append({"step": done, **m, **rate.rates(),
+                                   "step_programs": len(programs.seen)})
+                    writer.write(logged[-1])
+                save_now, stop_now = checkpoints.due(done)
+                if save_now:
+                    save(run, state, done, wait=stop_now)
+                    writer.flush(force=True)
+                if stop_now:
+                    writer.note(f"signal {checkpoints.signal or 'on another process'}: saved "
+                                f"step {done}, exiting")
+                    break
     finally:
         writer.close()
         run.manager.wait_until_finished()
         run.manager.close()
-        signal.signal(signal.SIGTERM, previous)
     return logged
 
 

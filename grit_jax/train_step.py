@@ -19,10 +19,11 @@ import optax
 from grit_jax import lora, moe
 from grit_jax.config import ModelConfig
 from grit_jax.embedding import embedding_attention, represent
-from grit_jax.losses import AGGREGATIONS, MODES, contrastive_loss
-from grit_jax.model import forward, logits_fn
+from grit_jax.losses import (AGGREGATIONS, MODES, contrastive_loss, shard_chunks, token_ce,
+                             unshard_chunks)
+from grit_jax.model import forward
 from grit_jax.pooling import POOLING_METHODS
-from grit_jax.sharding import batch_shards, data_groups, within_data_group
+from grit_jax.sharding import batch_sharding, batch_shards, data_groups, within_data_group
 
 GEN_ATTENTIONS = ("causal", "prefix")  # prefix: bidirectional over the prompt tokens
 EMB_GRADS = ("both", "query", "passage")  # which side the contrastive loss back-propagates
@@ -107,56 +108,8 @@ def reps(params, config: ModelConfig, lc: LossConfig, ids, valid, pool_mask, rng
     return represent(params, config, hidden, pool_mask * valid, lc.pooling, lc.normalize)
 
 
-def shard_chunks(a, chunks: int, shards: int):
-    """(N, ...) -> (chunks, N/chunks, ...) where chunk j holds the j-th slice of every shard's
-    block of rows: a batch-sharded array stays sharded along dim 1, with no data movement."""
-    n = a.shape[0]
-    return a.reshape((shards, chunks, n // (shards * chunks)) + a.shape[1:]).swapaxes(0, 1).reshape(
-        (chunks, n // chunks) + a.shape[1:])
-
-
-def unshard_chunks(a, shards: int):
-    """Inverse of shard_chunks: (chunks, M, ...) -> (chunks * M, ...) in the original row order."""
-    chunks, m = a.shape[:2]
-    return a.reshape((chunks, shards, m // shards) + a.shape[2:]).swapaxes(0, 1).reshape(
-        (chunks * m,) + a.shape[2:])
-
-
-def token_ce(params, config: ModelConfig, hidden, ids, chunk: int):
-    """Per-token next-token CE (B, T-1) with the LM head applied ``chunk`` tokens at a time.
-
-    With several chunks the chunk body is rematerialised, so the full (B, T, vocab) logits
-    never exist at once. Each chunk takes an equal share of every batch shard's own tokens (see
-    shard_chunks), so no device computes logits for another's tokens.
-    """
-    b, t, e = hidden.shape
-    shards = batch_shards()
-    shards = shards if b % shards == 0 else 1
-    local = b * (t - 1) // shards  # tokens per shard
-    chunks = -(-local // max(1, chunk // shards))
-    per = -(-local // chunks)  # as even as possible: pads fewer than `chunks` tokens per shard
-    pad = chunks * per - local
-    h = jnp.pad(hidden[:, :-1].reshape(shards, local, e), ((0, 0), (0, pad), (0, 0)))
-    labels = jnp.pad(ids[:, 1:].reshape(shards, local), ((0, 0), (0, pad)))
-    h = shard_chunks(h.reshape(-1, e), chunks, shards)
-    labels = shard_chunks(labels.reshape(-1), chunks, shards)
-
-    def one(args):
-        hc, lc_ = args
-        logits = logits_fn(params, config, hc[None])[0]
-        # logsumexp - the label's logit; the one-hot product keeps the backward one fused
-        # elementwise pass (softmax - one_hot) instead of a scatter into a zero (tokens, vocab).
-        picked = jnp.sum(logits * jax.nn.one_hot(lc_, logits.shape[-1], dtype=logits.dtype), -1)
-        return jax.nn.logsumexp(logits, axis=-1) - picked
-
-    if chunks > 1:  # one chunk: the logits are needed once anyway, recomputing them is waste
-        one = jax.checkpoint(one)
-    ce = unshard_chunks(jax.lax.map(one, (h, labels)), shards).reshape(shards, -1)[:, :local]
-    return ce.reshape(b, t - 1)
-
-
 def gen_weights(batch, lc: LossConfig):
-    """Per-token weights (B, T-1) with sum(weights * ce) = aggregate(ce, mask, ...): the
+    """Per-token weights (B, T-1) with sum(weights * ce) = the ``gen_aggregation`` loss: the
     aggregation's normalisers (token counts per sample or sub-batch, batch size) are fixed by
     the batch alone, so the loss is a plain weighted sum over rows (which lets each data group
     take the gradient of its own rows, see per_group)."""
@@ -436,19 +389,11 @@ def state_shardings(config: ModelConfig, tx, mesh, rules=None):
 
 
 def jit_train_step(config: ModelConfig, lc: LossConfig, tx, schedule, mesh, state_sh):
-    """``jax.jit`` of train_step with explicit in/out shardings and the state donated."""
-    from grit_jax import sharding
+    """``jax.jit`` of train_step with explicit in/out shardings and the state donated.
 
+    Call it (and lower it) inside ``sharding.activate(mesh)``: the mesh and the logical axis
+    rules must be in scope whenever a new batch shape is traced."""
     step = partial(train_step, config=config, lc=lc, tx=tx, schedule=schedule)
-    batch_sh = sharding.batch_sharding(mesh)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-
-    jitted = jax.jit(step, in_shardings=(state_sh, batch_sh),
-                     out_shardings=(state_sh, replicated), donate_argnums=(0,))
-
-    def run(state, batch):
-        with sharding.activate(mesh):  # mesh + logical rules in scope while tracing
-            return jitted(state, batch)
-
-    run.jitted = jitted
-    return run
+    return jax.jit(step, in_shardings=(state_sh, batch_sharding(mesh)),
+                   out_shardings=(state_sh, replicated), donate_argnums=(0,))

@@ -122,7 +122,8 @@ def test_bad_topology_and_config_exit_2(tmp_path):
 SPLASH = """
 import json, sys
 import jax, jax.numpy as jnp
-from grit_jax import aot, attention, hlo_cost
+from grit_jax import aot, attention
+from grit_jax.aot import cost as hlo_cost
 
 b, t, h, g, d = 2, 1024, 4, 2, 128
 out = {}

@@ -132,6 +132,7 @@ def test_train_bad_input(tmp_path, capsys, jsonl_dir):
         (["--config", TINY, *w, "--config.total_steps=-1"], "total_steps=-1"),
         (["--config", TINY, *w, "--no_such_flag"], "no_such_flag"),
         (["--config", TINY, "--workdir", tmp_path / "afile"], "is a file, not a directory"),
+        (["--config", TINY, *w], "data.data_dir is not set"),
         (["--config", TINY, *w, f"--config.data.data_dir={tmp_path / 'nodata'}"],
          "no grit_jax dataset here"),
         (["--config", TINY, *w, f"--config.data.data_dir={jsonl_dir}"], "no grit_jax dataset"),
@@ -144,7 +145,7 @@ def test_train_bad_input(tmp_path, capsys, jsonl_dir):
 
 
 # ----------------------------------------------------------------------------------------------
-# data.build and data.wiki_demo
+# data.build and demo.wikipedia
 # ----------------------------------------------------------------------------------------------
 def test_build_bad_input_and_earlier_output_intact(tmp_path, capsys, jsonl_dir):
     out = tmp_path / "data"
@@ -233,10 +234,10 @@ def test_missing_negatives_message_gives_a_way_out(tmp_path, jsonl_dir):
 def test_wiki_demo_refuses_an_existing_folder(tmp_path, capsys):
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "mine.txt").write_text("keep me")
-    rc, _, err = call("grit_jax.data.wiki_demo", ["--out", tmp_path / "d"], capsys)
+    rc, _, err = call("demo.wikipedia", ["--out", tmp_path / "d"], capsys)
     assert_user_error(rc, err, "already holds 1 entry (mine.txt)", "--overwrite")
     assert (tmp_path / "d" / "mine.txt").read_text() == "keep me"
-    rc, _, err = call("grit_jax.data.wiki_demo", ["--out", tmp_path / "e",
+    rc, _, err = call("demo.wikipedia", ["--out", tmp_path / "e",
                                                   "--max-passage-length", "-3"], capsys)
     assert_user_error(rc, err, "--max-passage-length -3")
 
@@ -328,7 +329,7 @@ def test_rag_evaluate_aot_launch_bad_input(tmp_path, capsys, params_dir):
          "--batch-size 0"),
     ]
     for argv, needle in ev_cases:
-        rc, _, err = call("grit_jax.evaluate", argv, capsys)
+        rc, _, err = call("grit_jax.evaluation", argv, capsys)
         assert_user_error(rc, err, needle)
     assert (tmp_path / "res.json").read_text() == "{}"
     aot_cases = [
@@ -389,14 +390,14 @@ COMMANDS = {
     "grit_jax.data.build": (["--input", "{jsonl}", "--output", "{new}"],
                             ["--max-query-length", "--max-passage-length", "--tokenizer",
                              "--max-generative-length", "--input", "--output"]),
-    "grit_jax.data.wiki_demo": (["--out", "{new}", "--max-query-length", "0"],
+    "demo.wikipedia": (["--out", "{new}", "--max-query-length", "0"],
                                 ["--max-query-length", "--max-passage-length", "--out"]),
     "grit_jax.convert": (["grit-to-hf", "--params", "{params}", "--out", "{new}", "--step", "1"],
                          ["--step", "--max-shard-gb", "--dtype", "--tokenizer", "--params"]),
     "grit_jax.rag": (["ask", "--model", "{params}", "--index", "{new}", "--query", "q"],
                      ["--top-k", "--max-new-tokens", "--cache", "--attn", "--pooling-method",
                       "--model"]),
-    "grit_jax.evaluate": (["--model", "{params}", "--task", "retrieval:missing/t.jsonl"],
+    "grit_jax.evaluation": (["--model", "{params}", "--task", "retrieval:missing/t.jsonl"],
                           ["--batch-size", "--max-length", "--attn", "--pooling", "--task"]),
     "grit_jax.train": (["--config", TINY, "--workdir", "{new}", "--compilation_cache=off",
                         "--config.data.data_dir=missing/d"],
@@ -406,7 +407,7 @@ COMMANDS = {
     "grit_jax.data.adapt": (["--input", "{jsonl}", "--output", "{new}", "--eval-fraction", "1.5"],
                             ["--eval-fraction", "--passage-words", "--min-words", "--negatives",
                              "--input", "--output"]),
-    "grit_jax.demo": (["--out", "{new}", "--steps", "0"], ["--steps", "--config", "--model",
+    "demo": (["--out", "{new}", "--steps", "0"], ["--steps", "--config", "--model",
                                                            "--out"]),
     "grit_jax.aot": (["--config", TINY, "--topology", "v5p:2x2x1", "--lengths", "0,0,0"],
                      ["--topology", "--lengths", "--slices", "--config"]),

@@ -39,7 +39,7 @@ def max_logit_diff(params, config, model, ids, valid):
 def test_import_logits_match_transformers(tmp_path, family, overrides):
     model = hf_models.build(family, seed=7, **overrides)
     model.save_pretrained(str(tmp_path))
-    config, params = hf.read_hf(str(tmp_path))
+    params, config = hf.read_hf(str(tmp_path))
     assert config.family == family
     ids, valid = padded_batch(config.vocab_size)
     diff = max_logit_diff(params, config, model, ids, valid)
@@ -74,7 +74,7 @@ def test_cli_roundtrip_export_loads_in_transformers(tmp_path, family, capsys):
         assert n1 == n2
         assert torch.equal(p1, p2), n1
     # The exported directory re-imports to the same params.
-    config2, params2 = hf.read_hf(str(tmp_path / "back"))
+    params2, config2 = hf.read_hf(str(tmp_path / "back"))
     assert config2 == config
 
 
@@ -90,7 +90,7 @@ def test_export_bfloat16(tmp_path, mistral_dir):
 
 
 def test_bf16_import(tmp_path, mistral_dir):
-    config, params = hf.read_hf(mistral_dir, param_dtype="bfloat16")
+    params, config = hf.read_hf(mistral_dir, param_dtype="bfloat16")
     assert params["layers"]["attn"]["q"].dtype.name == "bfloat16"
     assert config.dtype == "bfloat16"
 

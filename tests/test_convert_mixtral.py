@@ -55,7 +55,7 @@ def swap_experts(params, layer, a, b):
 def test_import_logits_match_transformers(tmp_path, overrides, impls):
     model = hf_models.build("mixtral", seed=7, **SMALL, **overrides)
     model.save_pretrained(str(tmp_path))
-    config, params = hf.read_hf(str(tmp_path))
+    params, config = hf.read_hf(str(tmp_path))
     assert config.family == "mixtral" and config.num_experts == model.config.num_local_experts
     assert config.num_experts_per_tok == model.config.num_experts_per_tok
     assert config.sliding_window == model.config.sliding_window
@@ -132,7 +132,7 @@ def test_cli_roundtrip_export_loads_in_transformers(tmp_path, small_dir, capsys)
     assert diff <= 1e-4
     assert max_diff(hf_models.hf_logits(original, ids, valid),
                     hf_models.hf_logits(reloaded, ids, valid), valid) == 0.0
-    config2, _ = hf.read_hf(str(tmp_path / "back"))
+    _, config2 = hf.read_hf(str(tmp_path / "back"))
     assert config2 == config
 
 

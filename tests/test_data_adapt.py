@@ -111,7 +111,7 @@ def test_passages_keep_every_word_within_the_length():
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """Real text: the demo's Wikipedia articles as Markdown files, plus JSONL and a copy."""
-    from grit_jax.data.wiki_demo import articles
+    from demo.wikipedia import articles
 
     root = tmp_path_factory.mktemp("docs")
     arts = articles()[:40]

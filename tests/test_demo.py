@@ -12,7 +12,7 @@ import sys
 
 def run_demo(*args):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    proc = subprocess.run([sys.executable, "-m", "grit_jax.demo", *map(str, args)], env=env,
+    proc = subprocess.run([sys.executable, "-m", "demo", *map(str, args)], env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "on 1 cpu device(s)" in proc.stdout

@@ -123,7 +123,7 @@ def test_projection_head_is_saved_exported_and_equals_gritlms(mistral_dir, tmp_p
     head = init_projection(config, seed=3)
     head["bias"] = 0.1 * jax.random.normal(jax.random.PRNGKey(4), head["bias"].shape)
     params = {**params, "projection": head}
-    checkpoint.save_params(str(tmp_path / "params"), params, config)
+    checkpoint.save_params(params, config, str(tmp_path / "params"))
     grit_to_hf(str(tmp_path / "params"), str(tmp_path / "hf"), tokenizer=mistral_dir)
 
     texts = QUERIES + DOCS

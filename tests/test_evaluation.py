@@ -194,7 +194,7 @@ def test_memo_embeds_a_shared_corpus_once(model, tmp_path):
 
 def test_generative_loss_equals_unchunked_cross_entropy(model, tmp_path):
     from grit_jax.data import formats
-    from grit_jax.losses import token_cross_entropy
+    from tests.reference_losses import token_cross_entropy
     from grit_jax.model import forward, logits_fn
 
     chats = [["Say hi.", "Hi there!"], ["Name a colour.", "Blue.", "Another?", "Green, I think."]]
@@ -249,7 +249,7 @@ def test_cli_writes_json_and_refuses_bad_tasks(mistral_dir, tmp_path):
     clu.write_text("".join(json.dumps({"text": t, "label": i % 3}) + "\n"
                            for i, t in enumerate(DOCS)))
     from grit_jax.data import adapt
-    from grit_jax.data.wiki_demo import articles
+    from demo.wikipedia import articles
 
     docs = tmp_path / "docs"
     docs.mkdir()
@@ -259,7 +259,7 @@ def test_cli_writes_json_and_refuses_bad_tasks(mistral_dir, tmp_path):
     report = adapt.adapt(str(docs), str(tmp_path / "adapted"), eval_fraction=0.5)
     assert set(report["retrieval"]) == set(adapt.RETRIEVAL)
     out = tmp_path / "results.json"
-    cmd = [sys.executable, "-m", "grit_jax.evaluate", "--model", mistral_dir,
+    cmd = [sys.executable, "-m", "grit_jax.evaluation", "--model", mistral_dir,
            "--task", f"retrieval:{tmp_path / 'beir'}", "--task", f"retrieval:wiki={grit}",
            "--task", f"generative:{gen}", "--task", f"classification:{cls}",
            "--task", f"clustering:{clu}", "--task", f"adapted:{tmp_path / 'adapted'}",

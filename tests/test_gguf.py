@@ -320,7 +320,7 @@ def test_tiny_gguf_unpermutes_qk_and_converts_without_tokenizer(tmp_path):
     import flax
 
     src = _write_tiny(tmp_path / "tiny.gguf")
-    config, params, _ = gguf_convert.read_gguf(str(tmp_path / "tiny.gguf"))
+    params, config, _ = gguf_convert.read_gguf(str(tmp_path / "tiny.gguf"))
     assert (config.num_heads, config.num_kv_heads, config.vocab_size, config.rope_theta,
             config.tie_word_embeddings) == (4, 2, 40, 5000.0, False)
     flat = flax.traverse_util.flatten_dict(params)

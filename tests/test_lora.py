@@ -154,7 +154,7 @@ def test_exports_merged_and_peft_load_in_transformers_and_peft(mistral_dir, tmp_
     for path in [p for p in flat if lora.is_adapter(p)]:
         flat[path] = jnp.asarray(0.05 * rng.randn(*flat[path].shape), jnp.float32)
     params = flax.traverse_util.unflatten_dict(flat)
-    checkpoint.save_params(str(tmp_path / "p"), params, cfg)
+    checkpoint.save_params(params, cfg, str(tmp_path / "p"))
     grit_to_hf(str(tmp_path / "p"), str(tmp_path / "merged"), tokenizer=mistral_dir)
     grit_to_hf(str(tmp_path / "p"), str(tmp_path / "peft"), tokenizer=mistral_dir,
                adapters_only=True, base_model=mistral_dir)

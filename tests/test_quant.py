@@ -112,7 +112,7 @@ def test_float_checkpoint_quantizes_on_load_and_exports_merged(mistral_dir, tmp_
     flat = {p: (jnp.asarray(0.05 * rng.randn(*v.shape), v.dtype) if lora.is_adapter(p) else v)
             for p, v in flat.items()}
     params = jax.device_get(flax.traverse_util.unflatten_dict(flat))
-    checkpoint.save_params(str(tmp_path / "p"), params, cfg)
+    checkpoint.save_params(params, cfg, str(tmp_path / "p"))
     grit_to_hf(str(tmp_path / "p"), str(tmp_path / "hf"), tokenizer=mistral_dir)
     ids = np.random.RandomState(0).randint(3, 32000, (2, 11))
     valid = np.ones_like(ids, bool)

@@ -16,7 +16,8 @@ import jax
 import numpy as np
 import pytest
 
-from grit_jax import hlo_cost, sharding, trainer, weights
+from grit_jax import sharding, trainer, weights
+from grit_jax.aot import cost as hlo_cost
 from grit_jax.config import ModelConfig
 from grit_jax.train_step import init_state
 from tests import hf_models
@@ -182,9 +183,9 @@ def test_every_source_loads_into_its_shardings(source, hf_dir, tmp_path, monkeyp
     mesh, tx, state_sh, split = setup_objects(cfg)
     # Reference values as host (numpy) copies: no whole jax array may be alive while watching.
     if source == "hf":
-        path, want = hf_dir, jax.tree.map(np.array, read_hf(hf_dir)[1])
+        path, want = hf_dir, jax.tree.map(np.array, read_hf(hf_dir)[0])
     elif source == "params":  # converted on one device, as on a workstation
-        path, want = str(tmp_path / "params"), jax.tree.map(np.array, read_hf(hf_dir)[1])
+        path, want = str(tmp_path / "params"), jax.tree.map(np.array, read_hf(hf_dir)[0])
         hf_to_grit(hf_dir, path)
     else:  # a training checkpoint (state + data iterator)
         saved = trainer.random_state(cfg, tx, mesh, state_sh, seed=1)
@@ -233,7 +234,7 @@ def test_init_from_adds_a_new_embedding_head_and_adapters(hf_dir):
     for p in adapters:
         assert flat[p].sharding == sh[p]
         assert (float(np.abs(flat[p]).max()) > 0) == p[-1].endswith("_a")
-    want = read_hf(hf_dir)[1]
+    want = read_hf(hf_dir)[0]
     body = {p: v for p, v in flat.items() if not lora.is_adapter(p)}
     for p, v in flax.traverse_util.flatten_dict(want).items():
         np.testing.assert_array_equal(np.asarray(body[p]), np.asarray(v))
@@ -251,7 +252,7 @@ def _with_head(hf_dir, cfg, params, head):
     from grit_jax import checkpoint
 
     out = tempfile.mkdtemp()
-    checkpoint.save_params(out, jax.tree.map(np.asarray, {**params, "projection": head}), cfg)
+    checkpoint.save_params(jax.tree.map(np.asarray, {**params, "projection": head}), cfg, out)
     return out
 
 

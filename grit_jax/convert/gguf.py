@@ -175,7 +175,7 @@ def config_from_gguf(meta: dict, tensor_names, path: str = "<gguf>", **overrides
 
 
 def read_gguf(path: str, *, param_dtype: str = "float32", **config_overrides):
-    """(ModelConfig, params as a nested dict of jax arrays, metadata dict) from a llama GGUF."""
+    """(params as a nested dict of jax arrays, ModelConfig, metadata dict) from a llama GGUF."""
     reader = open_gguf(path)  # checks that the gguf package is installed
     import gguf.quants
 
@@ -222,7 +222,7 @@ def read_gguf(path: str, *, param_dtype: str = "float32", **config_overrides):
             w = unpermute_rope_rows(w, config.num_kv_heads)
         stacked.put(h, w, f"{path}: {name}")
     del reader, tensors
-    return config, stacked.params(), meta
+    return stacked.params(), config, meta
 
 
 # ----------------------------------------------------------------------------------------------
@@ -334,7 +334,7 @@ def gguf_to_grit(gguf_path: str, out_dir: str, *, param_dtype: str = "float32",
     """Convert a llama-architecture GGUF file into a grit_jax params directory (+ tokenizer),
     written whole or not at all."""
     outputs.check_target(out_dir, overwrite=overwrite)
-    config, params, meta = read_gguf(gguf_path, param_dtype=param_dtype)
+    params, config, meta = read_gguf(gguf_path, param_dtype=param_dtype)
     try:  # check the tokenizer before writing anything
         tokenizer = build_tokenizer(meta, gguf_path)
     except ValueError as e:
@@ -342,7 +342,7 @@ def gguf_to_grit(gguf_path: str, out_dir: str, *, param_dtype: str = "float32",
         warnings.warn(f"{e}; weights converted without a tokenizer (pass --tokenizer at "
                       f"inference)", stacklevel=2)
     with outputs.staged_dir(out_dir, overwrite=overwrite) as staging:
-        checkpoint.save_params(staging, params, config)
+        checkpoint.save_params(params, config, staging)
         if tokenizer is not None:
             save_tokenizer(*tokenizer, staging)
         gen = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,

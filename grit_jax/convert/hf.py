@@ -448,7 +448,7 @@ def checked_files(hf_dir: str, config: ModelConfig) -> dict[str, str]:
 
 
 def read_hf(hf_dir: str, *, param_dtype: str = "float32", **config_overrides):
-    """(ModelConfig, params as a nested dict of jax arrays) from a Hugging Face directory, whole
+    """(params as a nested dict of jax arrays, ModelConfig) from a Hugging Face directory, whole
     in this process's memory (conversion; training and inference read shards: grit_jax.weights)."""
     config = read_hf_config(hf_dir, param_dtype=param_dtype, dtype=param_dtype,
                             **config_overrides)
@@ -471,7 +471,7 @@ def read_hf(hf_dir: str, *, param_dtype: str = "float32", **config_overrides):
                     raise ValueError(f"{path_}: tensor {name} cannot be read ({e}); the file is "
                                      f"damaged: copy or download it again") from e
                 stacked.put(name, tensor, path_)
-    return config, stacked.params()
+    return stacked.params(), config
 
 
 @contextlib.contextmanager
@@ -495,9 +495,9 @@ def hf_to_grit(hf_dir: str, out_dir: str, *, param_dtype: str = "float32",
     """Convert a Hugging Face Mistral/Llama/Mixtral directory into a grit_jax params directory
     (written whole or not at all; an existing one is replaced only with ``overwrite``)."""
     outputs.check_target(out_dir, overwrite=overwrite)
-    config, params = read_hf(hf_dir, param_dtype=param_dtype)
+    params, config = read_hf(hf_dir, param_dtype=param_dtype)
     with outputs.staged_dir(out_dir, overwrite=overwrite) as staging:
-        checkpoint.save_params(staging, params, config)
+        checkpoint.save_params(params, config, staging)
         try:
             load_tokenizer(hf_dir).save(staging)
         except FileNotFoundError:

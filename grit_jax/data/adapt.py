@@ -17,7 +17,7 @@ Documents go whole to ``train`` or to the held-out ``eval`` split (a seeded hash
 document's id), duplicate documents and passages are dropped, and every choice is a function of
 the seed. Writes ``DIR/jsonl/{train,eval}/*.jsonl``, the held-out retrieval tasks over every
 eval passage (``DIR/retrieval/<task>/{queries,corpus,qrels}.jsonl``; ``python -m
-grit_jax.evaluate --task adapted:DIR`` runs them and the held-out generative loss) and
+grit_jax.evaluation --task adapted:DIR`` runs them and the held-out generative loss) and
 ``DIR/adapt_report.json`` (counts, every skip with its reason, the skipped documents by name);
 ``--build`` also builds the datasets (``DIR/train``, ``DIR/eval``) for ``grit_jax.train``.
 """

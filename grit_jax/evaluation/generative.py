@@ -12,7 +12,7 @@ import numpy as np
 
 from grit_jax.data import formats
 from grit_jax.model import forward
-from grit_jax.train_step import token_ce
+from grit_jax.losses import token_ce
 
 
 @partial(jax.jit, static_argnames=("config", "chunk"))

@@ -1,6 +1,6 @@
 """A small real GRIT training set from the Wikipedia pages shipped in gensim's test data.
 
-``python -m grit_jax.data.wiki_demo --out DIR`` writes JSONL (``DIR/jsonl/{train,eval}``) and
+``python -m demo.wikipedia --out DIR`` writes JSONL (``DIR/jsonl/{train,eval}``) and
 builds them (``DIR/{train,eval}``). Source: the ~100 English Wikipedia articles in gensim 4.x's
 ``test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2``
 (CC BY-SA 3.0, Wikipedia contributors); nothing is downloaded and nothing is committed.
@@ -20,12 +20,15 @@ import xml.etree.ElementTree as ET
 
 import numpy as np
 
+from grit_jax import cli, outputs
+from grit_jax.data.dataset import build, open_dataset
 from grit_jax.data.records import write_jsonl
 
 WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 TITLE_INSTRUCTION = "Given a Wikipedia article title, retrieve a passage from that article"
 SENTENCE_INSTRUCTION = ("Given the opening sentence of a Wikipedia article, retrieve another "
                         "passage of the same article")
+LENGTHS = {"query": 64, "passage": 128, "generative": 128}  # configs/tiny.py's data
 
 
 def wiki_dump_path() -> str:
@@ -141,9 +144,6 @@ def make_demo_data(out: str, *, max_lengths: dict | None = None, seed: int = 0,
                    overwrite: bool = False) -> dict:
     """Write train/eval JSONL and build both datasets into ``out`` (whole or not at all; an
     existing folder holding files is replaced only with ``overwrite``); {split: data_dir}."""
-    from grit_jax import outputs
-    from grit_jax.data.dataset import build
-
     arts = articles()
     parts = {"train": [a for a in arts if not is_heldout(a[0])],
              "eval": [a for a in arts if is_heldout(a[0])]}
@@ -155,16 +155,20 @@ def make_demo_data(out: str, *, max_lengths: dict | None = None, seed: int = 0,
     return {split: os.path.join(out, split) for split in parts}
 
 
-def main(argv=None) -> int:
-    from grit_jax import cli
+def training_data(root: str) -> str:
+    """The demo set built under ``root`` on first use (reused after); its train directory."""
+    if not os.path.isdir(os.path.join(root, "train")):
+        make_demo_data(root, max_lengths=LENGTHS)
+    return os.path.join(root, "train")
 
+
+def main(argv=None) -> int:
+    """The command line: user errors are one line and exit 2 (grit_jax.cli)."""
     return cli.run(_main, argv)
 
 
 def _main(argv) -> int:
-    from grit_jax import cli
-
-    p = argparse.ArgumentParser(prog="python -m grit_jax.data.wiki_demo", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m demo.wikipedia", description=__doc__)
     p.add_argument("--out", required=True)
     p.add_argument("--max-query-length", type=int, default=64)
     p.add_argument("--max-passage-length", type=int, default=256)
@@ -179,8 +183,6 @@ def _main(argv) -> int:
             raise cli.UserError(f"--max-{name}-length {n}: must be > 0")
     for split, d in make_demo_data(args.out, max_lengths=lengths,
                                    overwrite=args.overwrite).items():
-        from grit_jax.data.dataset import open_dataset
-
         meta = open_dataset(d)[1]
         counts = ", ".join(f"{n}={v['examples']}" for n, v in meta["datasets"].items())
         print(f"{split}: {counts} -> {d}")

@@ -5,14 +5,14 @@ import os
 
 import pytest
 
-from grit_jax.data import wiki_demo
+from demo import wikipedia
 from grit_jax.data.pipeline import GritBatches, PipelineConfig
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("wiki")
-    dirs = wiki_demo.make_demo_data(str(out), max_lengths={"query": 64, "passage": 128,
+    dirs = wikipedia.make_demo_data(str(out), max_lengths={"query": 64, "passage": 128,
                                                            "generative": 128})
     return str(out), dirs
 
@@ -21,13 +21,13 @@ def test_clean_wikitext():
     raw = ("'''Anarchism''' is a [[political philosophy]] that {{cite|x={{y}}}} advocates "
            "[[self-governance|self-governed]] societies.<ref>Book</ref> [[File:A.jpg|thumb|a "
            "[[b]] c]]")
-    assert wiki_demo.clean_wikitext(raw).strip() == (
+    assert wikipedia.clean_wikitext(raw).strip() == (
         "Anarchism is a political philosophy that  advocates self-governed societies.")
 
 
 def test_articles_are_real_and_split(demo):
     out, dirs = demo
-    arts = wiki_demo.articles()
+    arts = wikipedia.articles()
     assert len(arts) > 80 and any(t == "Anarchism" for t, _ in arts)
     titles = {}
     for split in ("train", "eval"):

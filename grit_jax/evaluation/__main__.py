@@ -1,4 +1,4 @@
-"""``python -m grit_jax.evaluate --model PATH --task KIND:PATH [...] [--out results.json]``.
+"""``python -m grit_jax.evaluation --model PATH --task KIND:PATH [...] [--out results.json]``.
 
 Evaluates a GRIT model (a training workdir, params directory or Hugging Face directory) on
 embedding tasks (retrieval, STS, classification, clustering) and held-out generative loss; see
@@ -13,17 +13,18 @@ import os
 import sys
 import time
 
-from grit_jax import cli
+from grit_jax import cli, outputs
+from grit_jax.evaluation.tasks import TASK_KINDS, evaluate_task, load_tasks
+from grit_jax.inference import GritLM
 
 
 def main(argv=None) -> int:
+    """The command line: user errors are one line and exit 2 (grit_jax.cli)."""
     return cli.run(_main, argv)
 
 
 def _main(argv) -> int:
-    from grit_jax.evaluation.tasks import TASK_KINDS
-
-    p = argparse.ArgumentParser(prog="python -m grit_jax.evaluate", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m grit_jax.evaluation", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="workdir, params or Hugging Face directory")
     p.add_argument("--task", action="append", required=True,
@@ -38,10 +39,6 @@ def _main(argv) -> int:
     p.add_argument("--out", default=None, help="write the results here (JSON)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     args = p.parse_args(argv)
-
-    from grit_jax import outputs
-    from grit_jax.evaluation.tasks import evaluate_task, load_tasks
-    from grit_jax.inference import GritLM
 
     for flag, value in (("--max-length", args.max_length), ("--batch-size", args.batch_size)):
         if value is not None and value <= 0:

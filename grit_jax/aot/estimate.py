@@ -1,77 +1,27 @@
-"""Ahead-of-time compilation of the real GRIT train step for a TPU topology, from a CPU box.
+"""The real GRIT train step compiled for a TPU topology, and its per-chip report.
 
-    python -m grit_jax.aot --config configs/gritlm_7b.py --topology v5p:4x4x4 [--slices 2]
-        [--json out.json] [--config.model.remat_policy=minimal ...]
-
-libtpu (installed by ``make venv`` into .venv/libtpu and found there, or ``pip install
-'grit_jax[tpu]'``, or any libtpu.so named by ``TPU_LIBRARY_PATH``) describes the topology's
-chips without any TPU; the train step (GradCache, mixed LM loss, optimizer, donation: exactly
-what ``grit_jax.train`` runs, with the target's kernels: splash attention, megablox experts) is
-lowered with abstract, sharded inputs on the config's mesh and compiled by the TPU compiler, and
-so are the setup programs (the sharded random init, and the optimizer-state init around
-restored weights). Reported per chip: memory of the step and of setup against the chip's HBM
-(and the headroom left); the compiled program's matmul FLOPs, HBM traffic and collective bytes
-with every loop counted by its trip count (``grit_jax.hlo_cost``), split into ICI and
-cross-slice (DCN) traffic; the step time those imply on the chip's roofline, and the MFU it
-implies. Exits 1 with advice when the step does not fit; 2 on a bad config or topology.
+Memory of the step and of setup against the chip's HBM; matmul FLOPs, HBM traffic and
+collective bytes with every loop counted (``grit_jax.aot.cost``); the step time those imply on
+the chip's roofline, and the MFU it implies.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-import json
-import os
 import re
-import sys
-
-GIB = 2 ** 30
-HEADROOM = 0.10  # a step "fits" a chip with at least this share of its HBM left over
-
-
-def find_libtpu() -> str | None:
-    """libtpu for compiling: TPU_LIBRARY_PATH, the ``libtpu`` package, or the copy ``make venv``
-    puts beside this environment (.venv/libtpu, outside site-packages so that ordinary JAX
-    processes never probe for a TPU). Sets TPU_LIBRARY_PATH for the last; None if none."""
-    if os.environ.get("TPU_LIBRARY_PATH") or importlib.util.find_spec("libtpu") is not None:
-        return os.environ.get("TPU_LIBRARY_PATH", "libtpu package")
-    local = os.path.join(sys.prefix, "libtpu", "libtpu", "libtpu.so")
-    if os.path.exists(local):
-        os.environ["TPU_LIBRARY_PATH"] = local
-        return local
-    return None
-
-
-def allow_concurrent_compiles() -> None:
-    """Off a TPU VM libtpu only compiles: let several such processes (a tuning sweep and the
-    tests) load it at once instead of failing on its lockfile, which guards real chips."""
-    from grit_jax import hardware  # no JAX import: safe before the backends start
-
-    if not hardware.on_tpu_vm():
-        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-
-
-find_libtpu()  # before jax loads its backends
-allow_concurrent_compiles()
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import flags
-from ml_collections import config_flags
 
-from grit_jax import attention, hardware, hlo_cost, sharding, trainer
+from grit_jax import attention, hardware, sharding, trainer
+from grit_jax.aot import cost as hlo_cost
+from grit_jax.aot.libtpu import find_libtpu
+from grit_jax.config import ModelConfig
+from grit_jax.train_step import init_state, jit_train_step
 
-FLAGS = flags.FLAGS
-if "config" not in FLAGS:  # the same config files as training
-    config_flags.DEFINE_config_file("config", None, "training config file (get_config())",
-                                    lock_config=True)
-flags.DEFINE_string("topology", None, "TPU topology, e.g. v5p:4x4x4, v4:4x4x4, v5e:16x16, v6e:8x8")
-flags.DEFINE_integer("slices", 1, "number of slices (multislice over the data-centre network)")
-flags.DEFINE_string("lengths", "256,2048,2048",
-                    "query, passage and generative sequence lengths of the compiled step")
-flags.DEFINE_string("json", None, "also write the report to this file")
-flags.DEFINE_string("hlo", None, "also write the compiled step's optimized HLO text to this file")
+GIB = 2 ** 30
+HEADROOM = 0.10  # a step "fits" a chip with at least this share of its HBM left over
 
 
 def topology_devices(name: str, slices: int = 1):
@@ -114,8 +64,6 @@ def abstract_batch(config, lengths, mesh):
 def target_model(config, platform: str):
     """config.model (init_from only supplies values at run time) with ``auto`` kernels pinned
     for the target platform (the tracing host is a CPU)."""
-    from grit_jax.config import ModelConfig
-
     model_cfg = ModelConfig(**config.model.to_dict())
     if model_cfg.is_moe:
         from grit_jax.moe import resolve_impl
@@ -169,8 +117,6 @@ def _compile_setup(model_cfg, tx, mesh, state_sh) -> dict:
     with sharding.activate(mesh):
         init = trainer.init_program(model_cfg, tx, mesh, state_sh).lower(key).compile()
         out["random_init"] = _memory(init)["total"]
-        from grit_jax.train_step import init_state
-
         opt = jax.jit(lambda p: init_state(p, tx), in_shardings=(state_sh["params"],),
                       out_shardings=state_sh, donate_argnums=(0,)).lower(params).compile()
         out["restore_and_opt_init"] = _memory(opt)["total"]
@@ -179,8 +125,6 @@ def _compile_setup(model_cfg, tx, mesh, state_sh) -> dict:
 
 def compile_step(config, topology: str, lengths=(256, 2048, 2048), slices: int = 1):
     """Compile the train step (and setup) for the topology; returns (compiled, report dict)."""
-    from grit_jax.train_step import jit_train_step
-
     devices = topology_devices(topology, slices)
     mesh = trainer.mesh(config, devices)
     model_cfg = target_model(config, devices[0].platform)
@@ -198,7 +142,7 @@ def compile_step(config, topology: str, lengths=(256, 2048, 2048), slices: int =
             "logits_chunk": lc.logits_chunk,
             "batch": {k: list(v.shape) for k, v in batch.items() if k.endswith("_ids")}}
     with sharding.activate(mesh):
-        lowered = step.jitted.lower(state, batch)
+        lowered = step.lower(state, batch)
     try:
         compiled = lowered.compile()
     except jax.errors.JaxRuntimeError as e:  # the TPU compiler refuses programs beyond HBM
@@ -239,7 +183,7 @@ def compile_step(config, topology: str, lengths=(256, 2048, 2048), slices: int =
         "dcn_bytes_per_s": dcn_bw,
         # Step time at 100% of peak on the model's FLOPs: a lower bound for any real step.
         "roofline_step_s": model_flops / n / peak,
-        # The compiled program, loops counted by their trip counts (grit_jax.hlo_cost).
+        # The compiled program, loops counted by their trip counts (grit_jax.aot.cost).
         "hlo": {k: cost[k] for k in ("flops", "bytes", "collective_bytes", "dcn_bytes",
                                      "compute_s", "memory_s", "roofline_s", "collective_s",
                                      "dcn_s", "loops", "loop_trips", "unresolved_loops",
@@ -328,45 +272,3 @@ def format_report(r) -> str:
         f"roofline: at 100% of peak the model's FLOPs take {r['roofline_step_s']:.3g} s",
     ]
     return "\n".join(lines)
-
-
-def main(argv=None) -> int:
-    """The command line: user errors are one line and exit 2 (grit_jax.cli)."""
-    from grit_jax import cli
-
-    return cli.run(_main, argv)
-
-
-def _main(argv) -> int:
-    from grit_jax import cli, outputs
-    cli.absl_flags(argv, "python -m grit_jax.aot")
-    if FLAGS.config is None or FLAGS.topology is None:
-        raise cli.UserError("--config and --topology are required, e.g. --config "
-                            "configs/gritlm_7b.py --topology v5p:4x4x4")
-    try:
-        lengths = tuple(int(x) for x in FLAGS.lengths.split(","))
-        if len(lengths) != 3 or min(lengths) <= 0:
-            raise ValueError
-    except ValueError:
-        raise cli.UserError(f"--lengths={FLAGS.lengths!r}: three positive integers expected "
-                            f"(query, passage, generative)") from None
-    if FLAGS.slices < 1:
-        raise cli.UserError(f"--slices={FLAGS.slices}: must be >= 1")
-    compiled, report = compile_step(FLAGS.config, FLAGS.topology, lengths, FLAGS.slices)
-    print(format_report(report))
-    if FLAGS.json:
-        outputs.write_file(FLAGS.json, json.dumps(report, indent=1), overwrite=True)
-    if FLAGS.hlo and compiled is not None:
-        outputs.write_file(FLAGS.hlo, compiled.as_text(), overwrite=True)
-    if not report["fits"]:
-        print("does not fit; knobs that help:\n  - " + "\n  - ".join(advice(report, FLAGS.config)))
-        return 1
-    return 0
-
-
-def run():
-    sys.exit(main())
-
-
-if __name__ == "__main__":
-    run()

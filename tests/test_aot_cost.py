@@ -1,4 +1,4 @@
-"""grit_jax.hlo_cost: loop-aware FLOPs and bytes of compiled XLA programs, checked on the CPU
+"""grit_jax.aot.cost: loop-aware FLOPs and bytes of compiled XLA programs, checked on the CPU
 against exact hand counts and against XLA's own cost analysis of loop-free programs."""
 
 import re
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from grit_jax import hlo_cost
+from grit_jax.aot import cost as hlo_cost
 
 
 def compiled(fn, *args):

