@@ -34,7 +34,7 @@ test: venv lint
 demo: venv
 	$(PY) -m demo
 
-# A real corpus for grit_jax.data.adapt: the reStructuredText sources of the Python 3.11
+# A real corpus for `python -m grit_jax.data adapt`: the reStructuredText sources of the Python 3.11
 # documentation (497 files, 12 MB; PSF License), from Debian's python3.11-doc package.
 CORPUS := corpora/python3.11-doc
 corpus: $(CORPUS)/.done

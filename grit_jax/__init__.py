@@ -11,7 +11,11 @@ def __getattr__(name):
         from grit_jax.inference import GritLM
 
         return GritLM
+    if name == "Sampling":
+        from grit_jax.generation import Sampling
+
+        return Sampling
     raise AttributeError(name)
 
 
-__all__ = ["GritLM", "ModelConfig", "RopeScaling", "__version__"]
+__all__ = ["GritLM", "ModelConfig", "RopeScaling", "Sampling", "__version__"]

@@ -27,6 +27,9 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from grit_jax.sharding import batch_axes
 
 BLOCK = 256  # query rows per block: with S keys the scores block is (heads per group, 256, S)
 MIN_BLOCKED_QUERIES = 64  # shorter (decode steps, short prompts): XLA's call, no loop overhead
@@ -167,10 +170,6 @@ def splash_attention(q, k, v, mask: SelfMask, scale: float, interpret: bool = Fa
     padding, so real tokens never see it); on a mesh the kernel runs per device under
     shard_map, each device taking its batch rows and (when they divide) its heads.
     """
-    from jax.sharding import PartitionSpec as P
-
-    from grit_jax.sharding import batch_axes
-
     b, t, h, _ = q.shape
     g = k.shape[2]
     pad = -t % SPLASH_LANES

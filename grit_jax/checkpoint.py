@@ -5,11 +5,12 @@ from __future__ import annotations
 import logging
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
+from flax.traverse_util import flatten_dict
 
 from grit_jax import storage
 from grit_jax.config import ModelConfig
+from grit_jax.model import param_shapes
 
 PARAMS_SUBDIR = "params"
 
@@ -37,20 +38,20 @@ def save_params(params, config: ModelConfig, directory: str) -> str:
     return path
 
 
-def load_params(directory: str, *, shardings=None, as_numpy: bool = False):
-    """(params, ModelConfig) from a params directory; optionally placed with ``shardings``
-    (default: the first local device)."""
-    from grit_jax import weights
-
-    directory = storage.normalize(directory)
-    config = ModelConfig.load(directory)
-    if shardings is None:
-        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        shardings = jax.tree.map(lambda _: device, weights.abstract(config))
-    params = restore_params(directory, weights.abstract(config, shardings))
-    if as_numpy:
-        params = jax.tree.map(np.asarray, params)
-    return params, config
+def read_params(path: str, step: int | None = None):
+    """(params, ModelConfig) of a params directory or a training workdir (newest checkpoint, or
+    ``step``) on the first local device, as export reads them (any source, sharded:
+    grit_jax.weights)."""
+    path = storage.normalize(path)
+    config = ModelConfig.load(path)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = param_shapes(config, jax.tree.map(lambda _: device, param_shapes(config)))
+    if is_workdir(path):
+        return restore_workdir_params(path, target, step), config
+    if step is not None:
+        raise ValueError(f"--step {step}: {path} is a params directory (one state), not a "
+                         f"training workdir")
+    return restore_params(path, target), config
 
 
 def restore_params(directory: str, target):
@@ -68,8 +69,6 @@ def restore_params(directory: str, target):
 
 def _check_matches(stored, abstract, path: str, directory: str) -> None:
     """Orbax restores stored shapes whatever the target says: compare them first, by name."""
-    from flax.traverse_util import flatten_dict
-
     have = {"/".join(k): tuple(v.shape) for k, v in flatten_dict(stored).items()}
     want = {"/".join(k): tuple(v.shape) for k, v in flatten_dict(abstract).items()}
     problems = [f"missing {k}" for k in sorted(set(want) - set(have))]
@@ -104,20 +103,6 @@ def damage(e: BaseException) -> str:
 def is_workdir(path: str) -> bool:
     """Whether path is a training workdir (``checkpoints/`` beside ``grit_config.json``)."""
     return storage.isdir(storage.join(storage.normalize(path), "checkpoints"))
-
-
-def load_params_from_workdir(workdir: str, step: int | None = None, *, shardings=None):
-    """(params, ModelConfig, step) from a training workdir, reading only the parameters
-    (default placement: the first local device)."""
-    from grit_jax import weights
-
-    workdir = storage.normalize(workdir)
-    config = ModelConfig.load(workdir)
-    step = latest_step(workdir) if step is None else step
-    if shardings is None:
-        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        shardings = jax.tree.map(lambda _: device, weights.abstract(config))
-    return restore_workdir_params(workdir, weights.abstract(config, shardings), step), config, step
 
 
 def restore_workdir_params(workdir: str, target, step: int | None = None):

@@ -15,6 +15,9 @@ import sys
 import traceback
 from typing import Callable, Sequence
 
+from absl import flags
+from absl import logging as absl_logging
+
 DEBUG_ENV = "GRIT_JAX_DEBUG"
 USAGE_EXIT = 2
 _OURS = tuple(os.path.dirname(os.path.abspath(p)) + os.sep for p in (
@@ -55,8 +58,6 @@ def quiet_libraries(verbose: bool = False) -> None:
     for name in ("absl", "orbax", "tensorflow_datasets", "jax._src.xla_bridge"):
         logging.getLogger(name).setLevel(level)
     try:
-        from absl import logging as absl_logging
-
         absl_logging.set_verbosity(absl_logging.INFO if verbose else absl_logging.WARNING)
     except ImportError:
         pass
@@ -112,8 +113,6 @@ def absl_flags(argv: list[str], prog: str) -> list[str]:
     A config file that is missing, does not parse or raises inside ``get_config()`` is named with
     the line that failed.
     """
-    from absl import flags
-
     _check_config_file(argv)
     if any(a in ("-h", "--help", "--helpfull", "--helpshort") for a in argv):
         doc = (sys.modules["__main__"].__doc__ or "").strip()

@@ -9,6 +9,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from grit_jax import storage
+
 FAMILIES = ("mistral", "llama", "mixtral")  # mixtral: the MLP is a routed mixture of experts
 MOE_IMPLS = ("auto", "tiled", "ragged", "megablox", "dense")  # see grit_jax.moe
 ATTENTION_IMPLS = ("auto", "xla", "blocked", "splash", "splash_interpret")  # see grit_jax.attention
@@ -258,8 +260,6 @@ class ModelConfig:
 
     def save(self, directory: str) -> str:
         """Write ``grit_config.json`` into directory (local or gs://); returns its path."""
-        from grit_jax import storage
-
         path = storage.join(directory, CONFIG_FILE)
         storage.write_text(path, self.to_json())
         return path
@@ -267,8 +267,6 @@ class ModelConfig:
     @classmethod
     def load(cls, directory: str) -> "ModelConfig":
         """Read ``grit_config.json`` from directory (local or gs://)."""
-        from grit_jax import storage
-
         path = storage.join(directory, CONFIG_FILE)
         if not storage.exists(path):
             raise FileNotFoundError(f"{path}: no grit_jax model config here "

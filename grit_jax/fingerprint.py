@@ -16,6 +16,8 @@ import jax
 import numpy as np
 
 from grit_jax.config import ModelConfig
+from grit_jax.data.tokenizers import tokenizer_fingerprint
+from grit_jax.model import is_per_layer
 
 
 def _sample(leaf) -> np.ndarray:
@@ -25,8 +27,6 @@ def _sample(leaf) -> np.ndarray:
 
 def model_fingerprint(params, config: ModelConfig, tokenizer=None) -> str:
     """Hex sha256 over the config, the tokenizer's identity and sampled parameter values."""
-    from grit_jax.data.tokenizers import tokenizer_fingerprint
-
     h = hashlib.sha256()
     h.update(json.dumps(config.to_dict(), sort_keys=True).encode())
     if tokenizer is not None:
@@ -41,8 +41,6 @@ def model_fingerprint(params, config: ModelConfig, tokenizer=None) -> str:
 def _stacked_samples(params):
     """(path, shape, sample) per parameter as the scanned layout has it, for stacked and
     per-layer params alike (grit_jax.model.split_layers), so both give one fingerprint."""
-    from grit_jax.model import is_per_layer
-
     if not is_per_layer(params):
         for path, leaf in jax.tree_util.tree_leaves_with_path(params):
             yield jax.tree_util.keystr(path), tuple(leaf.shape), _sample(leaf)

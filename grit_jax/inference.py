@@ -13,28 +13,22 @@ from typing import Mapping, Sequence
 import jax
 import numpy as np
 
+from grit_jax import sharding, weights
 from grit_jax.config import ModelConfig
 from grit_jax.data import formats
 from grit_jax.data.tokenizers import Tokenizer, load_tokenizer
 from grit_jax.embedding import embed, embed_with_cache, embedding_attention
 from grit_jax.fingerprint import model_fingerprint
 from grit_jax.generation import Sampling, generate_ids
-from grit_jax.model import is_per_layer, split_layers
+from grit_jax.model import abstract_params, is_per_layer, split_layers
 from grit_jax.pooling import POOLING_METHODS
 from grit_jax.prefix_cache import PrefixCache, to_kv_cache
+from grit_jax.sharding import activate
 
 log = logging.getLogger(__name__)
 DEFAULT_EMBED_LENGTH = 512
 # Encode pads each batch to one of 4 lengths per octave (<= 25% padding, a few more compiles).
 ENCODE_BUCKETS_PER_OCTAVE = 4
-
-
-def load_model(path: str, *, dtype: str | None = None, shardings_for=None):
-    """(params, ModelConfig) from a params directory, a training workdir (latest checkpoint) or a
-    Hugging Face directory (see grit_jax.weights; ``shardings_for(config)``: target shardings)."""
-    from grit_jax import weights
-
-    return weights.load(path, dtype=dtype, shardings_for=shardings_for)
 
 
 class GritLM:
@@ -57,9 +51,6 @@ class GritLM:
         self.attn, self.embed_eos = attn, embed_eos
         self.embed_mode = embedding_attention(attn)
         if mesh is not None:
-            from grit_jax import sharding
-            from grit_jax.model import abstract_params
-
             boxed = abstract_params(config)
             sharding.check_divisible(boxed, mesh)
             shardings = sharding.param_shardings(boxed, mesh)
@@ -82,8 +73,6 @@ class GritLM:
         """
         shardings_for = None
         if mesh_shape is not None:  # read straight into the mesh's shardings
-            from grit_jax import sharding
-            from grit_jax.model import abstract_params
 
             mesh = kw["mesh"] = sharding.make_mesh(mesh_shape)
 
@@ -91,7 +80,7 @@ class GritLM:
                 boxed = abstract_params(config)
                 sharding.check_divisible(boxed, mesh)
                 return sharding.param_shardings(boxed, mesh)
-        params, config = load_model(path, dtype=dtype, shardings_for=shardings_for)
+        params, config = weights.load(path, dtype=dtype, shardings_for=shardings_for)
         # Split here, each stacked array freed as it goes: nothing else holds them.
         params = split_layers(params, consume=True)
         return cls(params, config, load_tokenizer(tokenizer or path), **kw)
@@ -100,7 +89,6 @@ class GritLM:
         """Mesh and sharding rules in scope for a jitted call (a no-op on one device)."""
         if self.mesh is None:
             return contextlib.nullcontext()
-        from grit_jax.sharding import activate
 
         return activate(self.mesh)
 
@@ -206,10 +194,10 @@ class GritLM:
     # ------------------------------------------------------------------------------------------
     # Generation
     # ------------------------------------------------------------------------------------------
-    def generate(self, prompts, *, max_new_tokens: int = 64, greedy: bool = True,
-                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-                 batch_size: int = 16) -> str | list[str]:
-        """Replies: one prompt (a string or a chat as a list of role dicts) or a list of prompts."""
+    def generate(self, prompts, *, max_new_tokens: int = 64, sampling: Sampling = Sampling(),
+                 seed: int = 0, batch_size: int = 16) -> str | list[str]:
+        """Replies: one prompt (a string or a chat as a list of role dicts) or a list of prompts;
+        greedy by default (``sampling=Sampling(greedy=False, temperature=0.7, top_p=0.9)``)."""
         single = isinstance(prompts, str) or (
             isinstance(prompts, list) and prompts and isinstance(prompts[0], dict))
         prompts = [prompts] if single else list(prompts)
@@ -220,16 +208,14 @@ class GritLM:
                 raise ValueError(f"prompt {i} is empty")
         encoded = [formats.encode_chat(self.tokenizer, p, add_generation_prompt=True).ids
                    for p in prompts]
-        out = self.generate_tokens(encoded, max_new_tokens=max_new_tokens, greedy=greedy,
-                                   temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                                   batch_size=batch_size)
+        out = self.generate_tokens(encoded, max_new_tokens=max_new_tokens, sampling=sampling,
+                                   seed=seed, batch_size=batch_size)
         replies = [self.tokenizer.decode(t) for t in out]
         return replies[0] if single else replies
 
     def generate_tokens(self, prompts: Sequence[Sequence[int]], *,
                         prefixes: Sequence[PrefixCache] | None = None, max_new_tokens: int = 64,
-                        greedy: bool = True, temperature: float = 1.0, top_k: int = 0,
-                        top_p: float = 1.0, seed: int = 0, batch_size: int = 16,
+                        sampling: Sampling = Sampling(), seed: int = 0, batch_size: int = 16,
                         stop_at_eos: bool = True) -> list[list[int]]:
         """New token ids (EOS removed) for token-id prompts; each may continue a cached prefix.
 
@@ -249,7 +235,6 @@ class GritLM:
                 raise ValueError(f"prompt {i} has no tokens")
         limit = self.config.max_position_embeddings
         buckets = formats.length_buckets(limit)
-        sampling = Sampling(greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p)
         sampling.check(self.config.vocab_size)
         eos = self.tokenizer.eos_id if (stop_at_eos and self.tokenizer.eos_id is not None) else -1
         plen = [0 if prefixes is None else len(prefixes[i]) for i in range(len(prompts))]

@@ -35,8 +35,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
+from jax.sharding import PartitionSpec as P
 
-from grit_jax import attention, moe
+from grit_jax import attention, moe, quant, sharding
 from grit_jax.config import ModelConfig
 
 MODES = ("causal", "bidirectional", "prefix")
@@ -208,7 +209,6 @@ def _weight(module: nn.Module, name: str, shape, axes, n_in: int):
     c = module.config
     if c.base_quant == "none":
         return _param(module, name, shape, axes, c).astype(c.jnp_dtype)
-    from grit_jax import quant
 
     lo, hi, top = quant.code_range(c)
     bound = math.sqrt(3.0) * c.initializer_range  # a random init uniform with that std
@@ -539,10 +539,6 @@ def embed_lookup(table, tokens):
     partitioner, the lookup in a sharded table gathered every data replica's tokens (across the
     slices of a multislice pod) and a replicated table's gradient was all-reduced whole.
     """
-    from jax.sharding import PartitionSpec as P
-
-    from grit_jax import sharding
-
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
         return jnp.take(table, tokens, axis=0)
@@ -577,6 +573,15 @@ def abstract_params(config: ModelConfig):
     tokens = jax.ShapeDtypeStruct((1, 4), jnp.int32)
     return jax.eval_shape(partial(model.init, method=Transformer.init_all),
                           jax.random.PRNGKey(0), tokens)["params"]
+
+
+def param_shapes(config: ModelConfig, shardings=None):
+    """ShapeDtypeStructs of the (unboxed) parameters, placed with ``shardings`` if given."""
+    shapes = nn.unbox(abstract_params(config))
+    if shardings is None:
+        return shapes
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        shapes, shardings)
 
 
 def is_per_layer(params) -> bool:

@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from grit_jax import sharding
+
 IMPLS = ("tiled", "ragged", "megablox", "dense")
 
 
@@ -236,8 +238,6 @@ def experts(x, top_w, top_i, gate, up, down, impl: str = "auto"):
         return kernel(x, top_w, top_i, gate, up, down)
     # On a mesh, always shard_map: left to the partitioner, the data-dependent scatter of the
     # tiled kernel would gather every device's tokens everywhere.
-    from grit_jax import sharding
-
     ep = _mesh_axis(mesh, "expert")
     n_exp, n = gate.shape[0], x.shape[0]
     pad = -n % math.prod(_mesh_axis(mesh, a) for a in sharding.BATCH_AXES)

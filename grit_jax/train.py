@@ -13,8 +13,10 @@ stops them at the same step.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -30,7 +32,9 @@ from tqdm import tqdm
 
 from grit_jax import checkpoint, cli, hardware, sharding, storage, trainer, weights
 from grit_jax.config import CONFIG_FILE, ModelConfig
+from grit_jax.data.dataset import tokenizer_fingerprint
 from grit_jax.data.pipeline import GritBatches, PipelineConfig, global_batch, parse_buckets
+from grit_jax.data.tokenizers import default_tokenizer, load_tokenizer
 from grit_jax.train_step import jit_train_step
 
 FLAGS = flags.FLAGS
@@ -137,8 +141,8 @@ def resolve_data_dir(config) -> str:
     (array_record files are read locally)."""
     data_dir = config.data.data_dir
     if not data_dir:
-        raise ValueError("data.data_dir is not set: build a dataset (python -m grit_jax.data.build"
-                         " or python -m grit_jax.data.adapt --build; the Wikipedia demo set: "
+        raise ValueError("data.data_dir is not set: build a dataset (python -m grit_jax.data build"
+                         " or python -m grit_jax.data adapt --build; the Wikipedia demo set: "
                          "python -m demo.wikipedia --out DIR) and pass "
                          "--config.data.data_dir=DIR/train")
     if storage.is_remote(data_dir):
@@ -148,8 +152,6 @@ def resolve_data_dir(config) -> str:
 
 def fetch_data(url: str) -> str:
     """Copy a built dataset from object storage to this host's disk once; its local path."""
-    import hashlib
-
     cache = os.path.join(os.path.expanduser("~"), ".cache", "grit_jax", "data",
                          hashlib.sha1(url.encode()).hexdigest()[:16])
     if os.path.exists(os.path.join(cache, ".complete")):
@@ -163,8 +165,6 @@ def fetch_data(url: str) -> str:
     try:
         os.rename(staging, cache)  # another process on this host may have won the race
     except OSError:
-        import shutil
-
         shutil.rmtree(staging, ignore_errors=True)
     print(f"copied {n} data files from {url} to {cache}", flush=True)
     return cache
@@ -213,9 +213,6 @@ def write_workdir_files(config, workdir: str, model_cfg: ModelConfig, meta: dict
 
 def _save_tokenizer(config, meta, workdir):
     """Ship the tokenizer the data was built with into the workdir (for export and inference)."""
-    from grit_jax.data.dataset import tokenizer_fingerprint
-    from grit_jax.data.tokenizers import default_tokenizer, load_tokenizer
-
     if any(storage.exists(storage.join(workdir, f))
            for f in ("tokenizer.model", "tokenizer.json")):
         return

@@ -12,16 +12,23 @@ from __future__ import annotations
 import dataclasses
 from functools import partial
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
-from grit_jax import lora, moe
+from grit_jax import lora, moe, sharding
 from grit_jax.config import ModelConfig
 from grit_jax.embedding import embedding_attention, represent
-from grit_jax.losses import (AGGREGATIONS, MODES, contrastive_loss, shard_chunks, token_ce,
-                             unshard_chunks)
-from grit_jax.model import forward
+from grit_jax.losses import (
+    AGGREGATIONS,
+    MODES,
+    contrastive_loss,
+    shard_chunks,
+    token_ce,
+    unshard_chunks,
+)
+from grit_jax.model import abstract_params, forward
 from grit_jax.pooling import POOLING_METHODS
 from grit_jax.sharding import batch_sharding, batch_shards, data_groups, within_data_group
 
@@ -375,11 +382,6 @@ def init_state(params, tx):
 
 def state_shardings(config: ModelConfig, tx, mesh, rules=None):
     """NamedShardings of the whole train state (optimizer moments follow their parameters)."""
-    import flax.linen as nn
-
-    from grit_jax import sharding
-    from grit_jax.model import abstract_params
-
     rules = rules or sharding.LOGICAL_RULES
     boxed = abstract_params(config)
     sharding.check_divisible(boxed, mesh, rules)

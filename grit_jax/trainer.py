@@ -8,7 +8,6 @@ compiles it for a TPU topology without running it).
 from __future__ import annotations
 
 import math
-
 from functools import partial
 
 import flax.linen as nn
@@ -18,7 +17,9 @@ import numpy as np
 
 from grit_jax import attention, sharding, weights
 from grit_jax.config import ModelConfig
-from grit_jax.model import Transformer
+from grit_jax.embedding import embedding_attention
+from grit_jax.model import Transformer, param_shapes
+from grit_jax.moe import resolve_impl
 from grit_jax.train_step import LossConfig, init_state, make_optimizer, state_shardings
 
 # Fields of config.model that say how the model runs, not what it is: with init_from (or a
@@ -89,8 +90,6 @@ def validate(config, mesh_, model_cfg: ModelConfig) -> None:
     problems = []
     platform = mesh_.devices.flat[0].platform
     if model_cfg.is_moe:
-        from grit_jax.moe import resolve_impl
-
         try:
             resolve_impl(model_cfg.moe_impl, platform)
         except ValueError as e:
@@ -152,7 +151,7 @@ def validate(config, mesh_, model_cfg: ModelConfig) -> None:
 # ----------------------------------------------------------------------------------------------
 def abstract_state(model_cfg: ModelConfig, tx, state_sh):
     """ShapeDtypeStructs (with shardings) of the train state: what restore and AOT target."""
-    shapes = jax.eval_shape(lambda p: init_state(p, tx), weights.abstract(model_cfg))
+    shapes = jax.eval_shape(lambda p: init_state(p, tx), param_shapes(model_cfg))
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         shapes, state_sh)
 
@@ -197,8 +196,6 @@ def step_flops(model_cfg: ModelConfig, batch, lc: LossConfig | None = None) -> f
     """Model FLOPs of one batch (forward + backward, no recompute): see
     ModelConfig.training_flops. Embedding passes attend as the attn string says; the
     generative pass is causal and pays for the LM head."""
-    from grit_jax.embedding import embedding_attention
-
     emb_causal = lc is not None and embedding_attention(lc.attn) == "causal"
     total = 0.0
     for prefix in ("query", "passage", "gen"):

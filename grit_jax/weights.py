@@ -14,14 +14,28 @@ from __future__ import annotations
 import contextlib
 import itertools
 
-import flax.linen as nn
 import jax
 import numpy as np
 from flax import traverse_util
 
-from grit_jax import checkpoint, storage
+from grit_jax import (
+    checkpoint,
+    lora,
+    quant,  # float weights, quantized as they arrive
+    storage,
+)
 from grit_jax.config import CONFIG_FILE, ModelConfig
-from grit_jax.model import abstract_params
+from grit_jax.convert.hf import (
+    _hf_shape,
+    checked_files,
+    hf_tensor_slots,
+    key_in_file,
+    open_safetensors,
+    read_block,
+    read_hf_config,
+    slot_shape,
+)
+from grit_jax.model import init_projection, param_shapes
 
 SOURCES = ("workdir", "params", "hf")
 
@@ -45,19 +59,8 @@ def source_kind(path: str) -> str:
 def read_config(path: str) -> ModelConfig:
     """The ModelConfig stored with the weights at path (nothing else is read)."""
     if source_kind(path) == "hf":
-        from grit_jax.convert.hf import read_hf_config
-
         return read_hf_config(path)
     return ModelConfig.load(path)
-
-
-def abstract(config: ModelConfig, shardings=None):
-    """ShapeDtypeStructs of the (unboxed) parameters, with shardings if given."""
-    shapes = nn.unbox(abstract_params(config))
-    if shardings is None:
-        return shapes
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        shapes, shardings)
 
 
 def load_params(path: str, config: ModelConfig, shardings, *, step: int | None = None,
@@ -67,8 +70,6 @@ def load_params(path: str, config: ModelConfig, shardings, *, step: int | None =
     ``new_params_seed``: an embedding head or LoRA adapters that config has and the stored
     weights lack start from a fresh init with this seed (finetuning a pretrained model)."""
     if config.base_quant != "none" and read_config(path).base_quant == "none":
-        from grit_jax import quant  # float weights, quantized as they arrive
-
         plain = config.replace(base_quant="none")
         flat_sh = traverse_util.flatten_dict(shardings)
         plain_sh = traverse_util.unflatten_dict(
@@ -85,7 +86,7 @@ def load_params(path: str, config: ModelConfig, shardings, *, step: int | None =
         if body != config:
             return _with_new_parts(path, config, body, shardings, step, new_params_seed)
     kind = source_kind(path)
-    target = abstract(config, shardings)
+    target = param_shapes(config, shardings)
     if kind == "workdir":
         return checkpoint.restore_workdir_params(path, target, step)
     if kind == "params":
@@ -95,15 +96,12 @@ def load_params(path: str, config: ModelConfig, shardings, *, step: int | None =
 
 def _with_new_parts(path, config, body, shardings, step, seed):
     """load_params of body (what is stored) plus fresh parameters for what config adds."""
-    from grit_jax import lora
-    from grit_jax.model import init_projection
-
     flat_sh = traverse_util.flatten_dict(shardings)
-    known = set(traverse_util.flatten_dict(abstract(body)))
+    known = set(traverse_util.flatten_dict(param_shapes(body)))
     params = traverse_util.flatten_dict(load_params(
         path, body, traverse_util.unflatten_dict({p: s for p, s in flat_sh.items() if p in known}),
         step=step))
-    shapes = traverse_util.flatten_dict(abstract(config))
+    shapes = traverse_util.flatten_dict(param_shapes(config))
     head = init_projection(config, seed) if config.projection_dim else {}
     for i, p in enumerate(sorted(set(shapes) - known)):
         value = head[p[-1]] if p[0] == "projection" else lora.init_adapter(
@@ -124,7 +122,7 @@ def load(path: str, *, dtype: str | None = None, param_dtype: str | None = None,
     config = config.replace(**changes) if changes else config
     if shardings_for is None:
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        shardings = jax.tree.map(lambda _: device, abstract(config))
+        shardings = jax.tree.map(lambda _: device, param_shapes(config))
     else:
         shardings = shardings_for(config)
     return load_params(path, config, shardings), config
@@ -133,8 +131,6 @@ def load(path: str, *, dtype: str | None = None, param_dtype: str | None = None,
 def read_hf_sharded(hf_dir: str, config: ModelConfig, target):
     """Parameters from a Hugging Face directory, each device's shard read on its own: for every
     grit array, the callback reads exactly its slice of each HF tensor (per layer, per expert)."""
-    from grit_jax.convert.hf import checked_files, hf_tensor_slots, key_in_file, open_safetensors
-
     files = checked_files(hf_dir, config)
     slots: dict[tuple, list] = {}
     for name, path, index, kind in hf_tensor_slots(config):
@@ -163,8 +159,6 @@ def read_hf_sharded(hf_dir: str, config: ModelConfig, target):
 
 def _sharded_array(want, slots, tensor, config: ModelConfig):
     """One grit array assembled per device from its HF tensors (see read_hf_sharded)."""
-    from grit_jax.convert.hf import _hf_shape, read_block, slot_shape
-
     dtype = np.dtype(want.dtype)
     for name, index, _ in slots:  # shapes first: a wrong checkpoint fails before any read
         expect = _hf_shape(config, name, slot_shape(want.shape, index))

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from grit_jax import cli
+from grit_jax.generation import Sampling
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.py")
@@ -30,13 +31,15 @@ def tree_digest(path) -> dict:
     return out
 
 
-def call(module: str, argv, capsys):
-    """(exit code, stdout, stderr) of ``python -m module argv``, run in this process."""
+def call(command: str, argv, capsys):
+    """(exit code, stdout, stderr) of ``python -m command argv``, run in this process; command is
+    a module, optionally followed by its subcommand ("grit_jax.data build")."""
+    module, *subcommand = command.split()
     try:
         main = importlib.import_module(module + ".__main__").main
     except ModuleNotFoundError:
         main = importlib.import_module(module).main
-    rc = main([str(a) for a in argv])
+    rc = main([*subcommand, *(str(a) for a in argv)])
     out, err = capsys.readouterr()
     return rc, out, err
 
@@ -55,8 +58,6 @@ def assert_user_error(rc, err, *needles):
 # ----------------------------------------------------------------------------------------------
 def test_own_checks_are_user_errors_library_failures_keep_their_traceback(capsys):
     def ours(argv):  # a check of grit_jax's own, raising ValueError
-        from grit_jax.generation import Sampling
-
         Sampling(temperature=-1.0).check(vocab_size=10)
 
     def library(argv):
@@ -145,11 +146,11 @@ def test_train_bad_input(tmp_path, capsys, jsonl_dir):
 
 
 # ----------------------------------------------------------------------------------------------
-# data.build and demo.wikipedia
+# grit_jax.data build and demo.wikipedia
 # ----------------------------------------------------------------------------------------------
 def test_build_bad_input_and_earlier_output_intact(tmp_path, capsys, jsonl_dir):
     out = tmp_path / "data"
-    rc, stdout, err = call("grit_jax.data.build", ["--input", jsonl_dir, "--output", out], capsys)
+    rc, stdout, err = call("grit_jax.data build", ["--input", jsonl_dir, "--output", out], capsys)
     assert rc == 0, err
     assert f"-> {out} (give this folder to training" in stdout
     before = tree_digest(out)
@@ -174,7 +175,7 @@ def test_build_bad_input_and_earlier_output_intact(tmp_path, capsys, jsonl_dir):
          "nope"),
     ]
     for argv, needle in cases:
-        rc, _, err = call("grit_jax.data.build", argv, capsys)
+        rc, _, err = call("grit_jax.data build", argv, capsys)
         assert_user_error(rc, err, needle)
         if "a.jsonl:1: malformed" in needle:
             assert "one JSON object per line" in err
@@ -183,7 +184,7 @@ def test_build_bad_input_and_earlier_output_intact(tmp_path, capsys, jsonl_dir):
     assert not [p for p in os.listdir(tmp_path) if ".partial." in p]  # no staging left behind
     # --overwrite replaces the whole dataset (a file of the old one does not survive).
     (out / "stale.txt").write_text("old")
-    rc, _, err = call("grit_jax.data.build", ["--input", jsonl_dir, "--output", out,
+    rc, _, err = call("grit_jax.data build", ["--input", jsonl_dir, "--output", out,
                                               "--overwrite"], capsys)
     assert rc == 0, err
     assert not (out / "stale.txt").exists()
@@ -203,7 +204,7 @@ def test_build_counts_truncation_and_accepts_a_bom(tmp_path, capsys):
     long = " ".join(["word"] * 200)
     recs = [{"query": long, "pos": ["short"]}, {"query": "q", "pos": [long, long]}]
     (src / "e.jsonl").write_bytes(b"\xef\xbb\xbf" + "\n".join(json.dumps(r) for r in recs).encode())
-    rc, out, err = call("grit_jax.data.build", ["--input", src, "--output", tmp_path / "d",
+    rc, out, err = call("grit_jax.data build", ["--input", src, "--output", tmp_path / "d",
                                                 "--max-query-length", "16",
                                                 "--max-passage-length", "32"], capsys)
     assert rc == 0, err
@@ -359,9 +360,9 @@ def test_api_refuses_impossible_values(params_dir):
     for kw, needle in [({"max_new_tokens": 0}, "max_new_tokens=0"),
                        ({"max_new_tokens": -3}, "max_new_tokens=-3"),
                        ({"max_new_tokens": limit + 1}, f"max_new_tokens={limit + 1}"),
-                       ({"greedy": False, "temperature": -1.0}, "temperature=-1.0"),
-                       ({"greedy": False, "top_p": 1.5}, "top_p=1.5"),
-                       ({"greedy": False, "top_k": -1}, "top_k=-1"),
+                       ({"sampling": Sampling(greedy=False, temperature=-1.0)}, "temperature=-1.0"),
+                       ({"sampling": Sampling(greedy=False, top_p=1.5)}, "top_p=1.5"),
+                       ({"sampling": Sampling(greedy=False, top_k=-1)}, "top_k=-1"),
                        ({"batch_size": 0}, "batch_size=0")]:
         with pytest.raises(ValueError, match=needle.replace("+", r"\+")):
             m.generate("hello", **kw)
@@ -387,7 +388,7 @@ def test_encode_counts_what_it_truncates(params_dir, caplog):
 # ----------------------------------------------------------------------------------------------
 BAD_VALUES = ["", "-1", "0", "nan", "1e309", "abc", "missing/x", "ü", "--", "1,2,3,4"]
 COMMANDS = {
-    "grit_jax.data.build": (["--input", "{jsonl}", "--output", "{new}"],
+    "grit_jax.data build": (["--input", "{jsonl}", "--output", "{new}"],
                             ["--max-query-length", "--max-passage-length", "--tokenizer",
                              "--max-generative-length", "--input", "--output"]),
     "demo.wikipedia": (["--out", "{new}", "--max-query-length", "0"],
@@ -404,7 +405,7 @@ COMMANDS = {
                        ["--config.optim.lr", "--config.data.query_batch", "--config.total_steps",
                         "--config.optim.b1", "--config.mesh.data", "--workdir", "--config",
                         "--config.model.attention_impl", "--num_processes"]),
-    "grit_jax.data.adapt": (["--input", "{jsonl}", "--output", "{new}", "--eval-fraction", "1.5"],
+    "grit_jax.data adapt": (["--input", "{jsonl}", "--output", "{new}", "--eval-fraction", "1.5"],
                             ["--eval-fraction", "--passage-words", "--min-words", "--negatives",
                              "--input", "--output"]),
     "demo": (["--out", "{new}", "--steps", "0"], ["--steps", "--config", "--model",

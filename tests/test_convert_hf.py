@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
-from grit_jax import checkpoint
+from grit_jax import weights
 from grit_jax.convert import hf
 from grit_jax.convert.__main__ import main as convert_main
 from grit_jax.model import forward, logits_fn
@@ -63,7 +63,7 @@ def test_cli_roundtrip_export_loads_in_transformers(tmp_path, family, capsys):
     assert os.path.exists(tmp_path / "back" / hf.SAFE_INDEX)
     reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "back"), dtype=torch.float32)
     original = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
-    params, config = checkpoint.load_params(str(tmp_path / "grit"))
+    params, config = weights.load(str(tmp_path / "grit"))
     ids, valid = padded_batch(config.vocab_size, seed=1)
     diff = max_logit_diff(params, config, reloaded.eval(), ids, valid)
     print(f"export {family}: max |logit diff| vs transformers-reloaded = {diff:.2e}")
@@ -202,7 +202,7 @@ def test_params_checkpoint_mismatch(tmp_path, mistral_dir):
     cfg["num_layers"] = 5
     json.dump(cfg, open(tmp_path / "grit" / "grit_config.json", "w"))
     with pytest.raises(ValueError, match="does not match the model"):
-        checkpoint.load_params(str(tmp_path / "grit"))
+        weights.load(str(tmp_path / "grit"))
 
 
 def test_config_reads_transformers_4_and_5_layouts():

@@ -7,14 +7,14 @@ import os
 import numpy as np
 import pytest
 
-from grit_jax import checkpoint
+from grit_jax import weights
 from grit_jax.convert import hf
 from grit_jax.convert.__main__ import main as convert_main
 from grit_jax.inference import GritLM
 from grit_jax.model import forward, logits_fn
 from tests import hf_models
 from tests.test_convert_hf import _copy, _edit_config, _rewrite_tensors, padded_batch
-from tests.test_embedding_gritlm import DOCS, INSTRUCTION, QUERIES, gritlm_instruction
+from tests.test_embedding import DOCS, INSTRUCTION, QUERIES, gritlm_instruction
 
 SMALL = dict(vocab_size=512)  # where the real tokenizer is not needed
 
@@ -124,7 +124,7 @@ def test_cli_roundtrip_export_loads_in_transformers(tmp_path, small_dir, capsys)
     for (n1, p1), (n2, p2) in zip(sorted(original.state_dict().items()),
                                   sorted(reloaded.state_dict().items())):
         assert n1 == n2 and torch.equal(p1, p2), n1
-    params, config = checkpoint.load_params(str(tmp_path / "grit"))
+    params, config = weights.load(str(tmp_path / "grit"))
     ids, valid = padded_batch(config.vocab_size, seed=1)
     ours = our_logits(params, config, ids, valid)
     diff = max_diff(ours, hf_models.hf_logits(reloaded, ids, valid), valid)

@@ -7,6 +7,7 @@ import os
 import pytest
 
 from grit_jax.data import adapt, documents, records
+from grit_jax.data.__main__ import main as data_main
 from grit_jax.data.records import SkipCounter
 from grit_jax.rag import prompts
 
@@ -129,7 +130,7 @@ def corpus(tmp_path_factory):
 
 
 def run(*argv):
-    return adapt.main([str(a) for a in argv])
+    return data_main(["adapt", *(str(a) for a in argv)])
 
 
 def read_split(out, split):

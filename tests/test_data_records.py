@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from grit_jax.data import records
-from grit_jax.data.build import main as build_main
+from grit_jax.data.__main__ import main as data_main
 
 
 def write(tmp_path, name, lines):
@@ -95,6 +95,10 @@ def test_normalised_forms():
                                    {"role": "assistant", "content": "a"}]}
     c = records.parse_generative(dict(m, context="a document"), "f", 1)
     assert c == dict(m, context="a document")
+
+
+def build_main(argv):
+    return data_main(["build", *argv])
 
 
 def test_build_cli_stops_or_skips_with_counts(tmp_path, capsys):

@@ -36,7 +36,7 @@ def test_greedy_matches_transformers(request, family):
 def test_per_layer_weights_generate_what_the_scanned_stack_generates(mistral_dir):
     """GritLM decodes over per-layer weights (split once at load); the scanned training layout
     gives the same tokens, with and without a cached prefix."""
-    from grit_jax.inference import load_model
+    from grit_jax.weights import load as load_model
     from grit_jax.model import KVCache, forward, is_per_layer
 
     model = GritLM.from_pretrained(mistral_dir)

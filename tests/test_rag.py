@@ -7,7 +7,8 @@ import os
 import numpy as np
 import pytest
 
-from grit_jax.inference import GritLM, load_model
+from grit_jax.inference import GritLM
+from grit_jax.weights import load as load_model
 from grit_jax.rag import RAG, DenseIndex, StoreMismatch, prompts, read_corpus
 from grit_jax.rag.__main__ import main as rag_main
 from grit_jax.rag.index import faiss_available

@@ -63,7 +63,7 @@ def test_kill_and_resume_equals_uninterrupted(where, tmp_path, data_dir, request
     in a local workdir and in a gs:// one (checkpoints written to the bucket directly, on a
     local GCS emulator). The restart reuses the persistent compilation cache. The local run
     accumulates both sides over two micro-batches (the state is the same; resume must be too)."""
-    from tests.test_multihost_train import gcs_losses
+    from tests.test_train_multihost import gcs_losses
 
     env = request.getfixturevalue("gcs") if where == "gs" else {}
     root = f"gs://grit-test/resume-{tmp_path.name}" if where == "gs" else str(tmp_path)

@@ -13,11 +13,13 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import topologies
 
 from grit_jax import attention, hardware, sharding, trainer
 from grit_jax.aot import cost as hlo_cost
 from grit_jax.aot.libtpu import find_libtpu
 from grit_jax.config import ModelConfig
+from grit_jax.moe import resolve_impl
 from grit_jax.train_step import init_state, jit_train_step
 
 GIB = 2 ** 30
@@ -27,8 +29,6 @@ HEADROOM = 0.10  # a step "fits" a chip with at least this share of its HBM left
 def topology_devices(name: str, slices: int = 1):
     """The (abstract) devices of a TPU topology; a clear error without libtpu. Call before
     anything else initialises JAX's backends (libtpu is registered then)."""
-    from jax.experimental import topologies
-
     if find_libtpu() is None:
         raise ValueError("libtpu is not installed: make venv installs it into .venv/libtpu; "
                          "or pip install 'grit_jax[tpu]'; or set TPU_LIBRARY_PATH")
@@ -66,8 +66,6 @@ def target_model(config, platform: str):
     for the target platform (the tracing host is a CPU)."""
     model_cfg = ModelConfig(**config.model.to_dict())
     if model_cfg.is_moe:
-        from grit_jax.moe import resolve_impl
-
         model_cfg = model_cfg.replace(moe_impl=resolve_impl(model_cfg.moe_impl, platform))
     return model_cfg.replace(attention_impl=attention.for_platform(model_cfg.attention_impl,
                                                                    platform))

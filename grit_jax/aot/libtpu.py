@@ -6,6 +6,8 @@ import importlib.util
 import os
 import sys
 
+from grit_jax import hardware  # no JAX import: safe before the backends start
+
 
 def find_libtpu() -> str | None:
     """libtpu for compiling: TPU_LIBRARY_PATH, the ``libtpu`` package, or the copy ``make venv``
@@ -23,7 +25,5 @@ def find_libtpu() -> str | None:
 def allow_concurrent_compiles() -> None:
     """Off a TPU VM libtpu only compiles: let several such processes (a tuning sweep and the
     tests) load it at once instead of failing on its lockfile, which guards real chips."""
-    from grit_jax import hardware  # no JAX import: safe before the backends start
-
     if not hardware.on_tpu_vm():
         os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")

@@ -10,7 +10,7 @@ import sys
 import time
 
 from grit_jax import cli
-from grit_jax.convert import hf
+from grit_jax.convert import gguf, hf
 
 
 def _peak_rss_gib() -> float:
@@ -67,8 +67,6 @@ def _main(argv) -> int:
         config = hf.hf_to_grit(args.hf, args.out, param_dtype=args.param_dtype,
                                overwrite=args.overwrite)
     elif args.command == "gguf-to-grit":
-        from grit_jax.convert import gguf
-
         config = gguf.gguf_to_grit(args.gguf, args.out, param_dtype=args.param_dtype,
                                    overwrite=args.overwrite)
     else:

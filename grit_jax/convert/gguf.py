@@ -21,10 +21,13 @@ import re
 import warnings
 
 import numpy as np
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, processors
+from tokenizers import pre_tokenizers as pt
 
 from grit_jax import checkpoint, outputs
 from grit_jax.config import ModelConfig
 from grit_jax.convert import hf
+from grit_jax.data.tokenizers import HF_CONFIG_FILE, HF_FILE
 
 ARCH = "llama"
 
@@ -235,8 +238,6 @@ _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1
 
 
 def _pre_tokenizer(pre: str | None, path: str):
-    from tokenizers import Regex, pre_tokenizers as pt
-
     if pre in (None, "default", "gpt2", "gpt-2"):
         return pt.ByteLevel(add_prefix_space=False, use_regex=True)
     if pre == "smollm":  # llama.cpp: every digit alone, then the GPT-2 split
@@ -251,8 +252,6 @@ def _pre_tokenizer(pre: str | None, path: str):
 
 def build_tokenizer(meta: dict, path: str = "<gguf>"):
     """(tokenizers.Tokenizer, tokenizer_config dict) for a ``gpt2`` (byte-level BPE) GGUF."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, processors
-
     kind = meta.get("tokenizer.ggml.model")
     if kind != "gpt2":
         raise ValueError(f"{path}: tokenizer.ggml.model={kind!r} is not supported "
@@ -319,8 +318,6 @@ def build_tokenizer(meta: dict, path: str = "<gguf>"):
 
 def save_tokenizer(tok, cfg: dict, out_dir: str) -> list[str]:
     """Write tokenizer.json + tokenizer_config.json (what ``load_tokenizer`` reads)."""
-    from grit_jax.data.tokenizers import HF_CONFIG_FILE, HF_FILE
-
     os.makedirs(out_dir, exist_ok=True)
     files = [os.path.join(out_dir, HF_FILE), os.path.join(out_dir, HF_CONFIG_FILE)]
     tok.save(files[0])

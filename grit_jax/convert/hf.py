@@ -19,13 +19,21 @@ import contextlib
 import json
 import os
 import re
+import shutil
 from typing import Callable, Iterator
 
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
 from grit_jax import checkpoint, lora, outputs, quant
 from grit_jax.config import ModelConfig, RopeScaling
 from grit_jax.data.tokenizers import load_tokenizer
+from grit_jax.model import abstract_params
 
 SUPPORTED = {"mistral": "MistralForCausalLM", "llama": "LlamaForCausalLM",
              "mixtral": "MixtralForCausalLM"}
@@ -307,10 +315,6 @@ def slot_shape(shape: tuple, index: Index) -> tuple:
 
 
 def _grit_shapes(c: ModelConfig) -> dict[tuple, tuple]:
-    from grit_jax.model import abstract_params
-    import flax
-    import flax.linen as nn
-
     flat = flax.traverse_util.flatten_dict(nn.unbox(abstract_params(c)))
     return {k: tuple(v.shape) for k, v in flat.items()}
 
@@ -392,9 +396,6 @@ class StackedParams:
     def params(self):
         """The nested params, handed to jax (zero-copy on CPU: Orbax then stages one copy, not
         two)."""
-        import flax
-        import jax
-
         for k in list(self.arrays):
             self.arrays[k] = jax.device_put(self.arrays[k])
         return flax.traverse_util.unflatten_dict(self.arrays)
@@ -477,8 +478,6 @@ def read_hf(hf_dir: str, *, param_dtype: str = "float32", **config_overrides):
 @contextlib.contextmanager
 def open_safetensors(path: str):
     """safetensors' ``safe_open`` whose errors name the file (a truncated download, say)."""
-    from safetensors import safe_open
-
     try:
         handle = safe_open(path, framework="numpy")
     except FileNotFoundError:
@@ -507,8 +506,6 @@ def hf_to_grit(hf_dir: str, out_dir: str, *, param_dtype: str = "float32",
 
 
 def _copy_if_exists(src_dir, dst_dir, name):
-    import shutil
-
     if os.path.exists(os.path.join(src_dir, name)):
         shutil.copyfile(os.path.join(src_dir, name), os.path.join(dst_dir, name))
 
@@ -520,10 +517,6 @@ def write_hf(params, config: ModelConfig, out_dir: str, *, dtype: str | None = N
              max_shard_bytes: int = 5 * 2**30) -> list[str]:
     """Write params as HF safetensors (sharded above max_shard_bytes) plus config files; an
     embedding head goes to projection.safetensors + projection_config.json beside them."""
-    import flax
-    import jax.numpy as jnp
-    from safetensors.numpy import save_file
-
     os.makedirs(out_dir, exist_ok=True)
     flat = flax.traverse_util.flatten_dict(params)
     dtype = dtype or config.param_dtype
@@ -572,9 +565,6 @@ def write_peft(params, config: ModelConfig, out_dir: str, *, dtype: str | None =
                base_model: str = "") -> list[str]:
     """The LoRA adapters alone as ``peft.PeftModel.from_pretrained`` reads them; an embedding
     head goes beside them as in write_hf."""
-    import jax.numpy as jnp
-    from safetensors.numpy import save_file
-
     os.makedirs(out_dir, exist_ok=True)
     dt = jnp.dtype(dtype or config.param_dtype)
     tensors = {k: v.astype(dt) for k, v in lora.peft_tensors(params, config).items()}
@@ -588,9 +578,6 @@ def write_peft(params, config: ModelConfig, out_dir: str, *, dtype: str | None =
 def write_projection(params, config: ModelConfig, out_dir: str, dtype) -> list[str]:
     """The embedding head (if any) as torch.nn.Linear's state dict in projection.safetensors,
     with its shape in projection_config.json; the files written."""
-    import jax.numpy as jnp
-    from safetensors.numpy import save_file
-
     if not config.projection_dim:
         return []
     dt = jnp.dtype(dtype or config.param_dtype)
@@ -613,13 +600,7 @@ def grit_to_hf(params_dir: str, out_dir: str, *, dtype: str | None = None,
     files is replaced, all of it, only with ``overwrite``). A LoRA model is written with its
     adapters merged into the weights, or with ``adapters_only`` as PEFT adapters alone."""
     outputs.check_target(out_dir, overwrite=overwrite)
-    if checkpoint.is_workdir(params_dir):
-        params, config, _ = checkpoint.load_params_from_workdir(params_dir, step)
-    else:
-        if step is not None:
-            raise ValueError(f"--step {step}: {params_dir} is a params directory (one state), "
-                             f"not a training workdir")
-        params, config = checkpoint.load_params(params_dir)
+    params, config = checkpoint.read_params(params_dir, step)
     if adapters_only and not config.lora_rank:
         raise ValueError(f"--lora-adapters: {params_dir} holds no LoRA adapters (lora_rank=0)")
     with outputs.staged_dir(out_dir, overwrite=overwrite) as staging:

@@ -1,4 +1,4 @@
-"""``python -m grit_jax.data.adapt --input DOCS --output DIR``: a GRIT training set from your own
+"""``python -m grit_jax.data adapt --input DOCS --output DIR``: a GRIT training set from your own
 unlabeled documents.
 
 Embedding records (self-supervised pairs, each with hard negatives from *other* documents of the
@@ -24,18 +24,19 @@ grit_jax.evaluation --task adapted:DIR`` runs them and the held-out generative l
 
 from __future__ import annotations
 
-import argparse
 import collections
 import hashlib
 import json
 import os
 import re
-import sys
 
 import numpy as np
 
+from grit_jax import outputs
 from grit_jax.data import documents as docs_lib
+from grit_jax.data.dataset import build as build_dataset
 from grit_jax.data.records import SkipCounter, write_jsonl
+from grit_jax.rag import prompts
 
 # Instructions in GRIT's embedding format (``<|user|>\n{instruction}\n<|embed|>\n``): one per
 # task, saying what the query is and what it retrieves, as in the E5 data GritLM trained on.
@@ -174,8 +175,6 @@ def opening(passage: str, words: int = ANSWER_WORDS) -> str:
 def rag_records(question: str, passage: str) -> list[dict]:
     """A question answered from its passage in both of GRIT's RAG layouts: the passage as the
     cached document before the question (doc caching), and inside the question (plain RAG)."""
-    from grit_jax.rag import prompts
-
     answer = {"role": "assistant", "content": opening(passage)}
     return [{"context": passage, "messages": [
                 {"role": "user", "content": f"{question}\n\n{prompts.DOC_FIRST}"}, answer]},
@@ -278,8 +277,6 @@ def adapt(input_path: str, output: str, *, seed: int = 0, eval_fraction: float =
           tokenizer: str | None = None, max_lengths: dict | None = None,
           rag_chats: bool = False) -> dict:
     """Write the training set (see the module); returns the report."""
-    from grit_jax import outputs
-
     if not 0.0 <= eval_fraction < 1.0:
         raise ValueError(f"--eval-fraction {eval_fraction}: must be in [0, 1)")
     if passage_words < 8 or not 1 <= min_words <= passage_words:
@@ -324,8 +321,6 @@ def adapt(input_path: str, output: str, *, seed: int = 0, eval_fraction: float =
                     report.setdefault("retrieval", {})[task] = {
                         "queries": len(files["queries"]), "corpus": len(files["corpus"])}
             if build:
-                from grit_jax.data.dataset import build as build_dataset
-
                 build_dataset(folder, os.path.join(staging, split), tokenizer=tokenizer,
                               max_lengths=max_lengths)
         with open(os.path.join(staging, "adapt_report.json"), "w") as f:
@@ -349,58 +344,3 @@ def summary(report: dict) -> str:
             more = f" (+{len(ids) - 5} more, see adapt_report.json)" if len(ids) > 5 else ""
             lines.append(f"documents skipped ({why}): {', '.join(ids[:5])}{more}")
     return "\n".join(lines)
-
-
-def main(argv=None) -> int:
-    from grit_jax import cli
-
-    return cli.run(_main, argv)
-
-
-def _main(argv) -> int:
-    from grit_jax.data.dataset import DEFAULT_MAX_LENGTHS
-
-    p = argparse.ArgumentParser(prog="python -m grit_jax.data.adapt", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", required=True,
-                   help="a folder (searched recursively) or a file of .txt/.md/.rst/.jsonl")
-    p.add_argument("--output", required=True, help="folder to write (refused if it exists)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-fraction", type=float, default=0.1,
-                   help="share of documents held out whole for evaluation (default 0.1)")
-    p.add_argument("--passage-words", type=int, default=120,
-                   help="paragraphs are merged or split into passages of about this many words")
-    p.add_argument("--min-words", type=int, default=12,
-                   help="shorter passages are dropped (a short remainder joins its neighbour)")
-    p.add_argument("--negatives", type=int, default=3, help="hard negatives per query")
-    p.add_argument("--skip-invalid", action="store_true",
-                   help="skip files that are not UTF-8 and bad JSONL lines, counted, instead of "
-                        "stopping at the first")
-    p.add_argument("--rag-chats", action="store_true",
-                   help="also write adapt_rag: questions answered from their passage in GRIT's "
-                        "RAG layouts (doc-cached and plain)")
-    p.add_argument("--build", action="store_true",
-                   help="also build the train/eval datasets (tokenised) for grit_jax.train")
-    p.add_argument("--tokenizer", default=None, help="for --build (default: bundled Mistral)")
-    for name in ("query", "passage", "generative"):
-        p.add_argument(f"--max-{name}-length", type=int, default=DEFAULT_MAX_LENGTHS[name],
-                       help=f"for --build (default {DEFAULT_MAX_LENGTHS[name]})")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace an existing folder at --output (default: refuse)")
-    args = p.parse_args(argv)
-    lengths = {n: getattr(args, f"max_{n}_length") for n in ("query", "passage", "generative")}
-    for name, n in lengths.items():
-        if n <= 0:
-            raise ValueError(f"--max-{name}-length {n}: must be > 0")
-    report = adapt(args.input, args.output, seed=args.seed, eval_fraction=args.eval_fraction,
-                   passage_words=args.passage_words, min_words=args.min_words,
-                   negatives=args.negatives, skip_invalid=args.skip_invalid,
-                   overwrite=args.overwrite, build=args.build, tokenizer=args.tokenizer,
-                   max_lengths=lengths, rag_chats=args.rag_chats)
-    print(summary(report))
-    print(f"-> {args.output}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,4 @@
-"""A folder of GRIT JSONL files as a TFDS array_record dataset (CLI: ``grit_jax.data.build``).
+"""A folder of GRIT JSONL files as a TFDS array_record dataset (``python -m grit_jax.data build``).
 
 One split per JSONL file (the file identity is what lets every embedding batch come from a single
 dataset). Records are validated and tokenised at build time with exact spans, so training reads
@@ -169,7 +169,7 @@ def dataset_path(data_dir: str) -> str:
     root = os.path.join(data_dir, BUILDER_NAME)
     if not os.path.isdir(root):
         raise FileNotFoundError(f"{data_dir}: no grit_jax dataset here (run "
-                                "python -m grit_jax.data.build --input JSONL_DIR "
+                                "python -m grit_jax.data build --input JSONL_DIR "
                                 f"--output {data_dir})")
     versions = sorted(v for v in os.listdir(root) if re.fullmatch(r"\d+\.\d+\.\d+", v))
     if not versions:

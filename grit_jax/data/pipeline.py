@@ -25,6 +25,7 @@ import math
 import grain
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from grit_jax.data import formats, records
 from grit_jax.data.dataset import open_dataset, tokenizer_fingerprint
@@ -327,8 +328,6 @@ def pad_to(local: dict[str, np.ndarray], lengths: dict[str, int], pad_id: int) -
 
 def global_batch(local: dict[str, np.ndarray], sharding, pad_id: int) -> dict[str, jax.Array]:
     """Global jax.Arrays from every process's local part (lengths agreed across processes)."""
-    from jax.experimental import multihost_utils
-
     prefixes = sorted({k.split("_")[0] for k in local})
     mine = np.asarray([local[f"{p}_ids"].shape[1] for p in prefixes], np.int32)
     if jax.process_count() > 1:

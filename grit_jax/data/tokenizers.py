@@ -16,6 +16,9 @@ import os
 import shutil
 from typing import Sequence
 
+import sentencepiece as spm
+from tokenizers import Tokenizer as _Tok
+
 from grit_jax.data.formats import CHAT_TEMPLATE
 
 SP_FILE = "tokenizer.model"
@@ -80,8 +83,6 @@ class SentencePieceTokenizer(Tokenizer):
     kind = "sentencepiece"
 
     def __init__(self, path: str):
-        import sentencepiece as spm
-
         self.path = path
         try:
             self.sp = spm.SentencePieceProcessor(model_file=path)
@@ -147,8 +148,6 @@ class HFTokenizer(Tokenizer):
     kind = "huggingface"
 
     def __init__(self, path: str):
-        from tokenizers import Tokenizer as _Tok
-
         self.path = path
         try:
             self.tok = _Tok.from_file(path)

@@ -11,7 +11,7 @@ Kinds and their files (JSONL, one object per line; errors name ``file:line: fiel
 - ``clustering``: ``{"text", "label"}``.
 - ``generative``: GRIT's generative format (``{"messages": [...]}`` or ``{"text": ...}``); the
   loss covers what training would (assistant turns).
-- ``adapted``: the output folder of ``grit_jax.data.adapt``: its held-out retrieval tasks
+- ``adapted``: the output folder of ``python -m grit_jax.data adapt``: its held-out retrieval tasks
   (``retrieval/<task>``) and the held-out generative loss of its chat set.
 """
 
@@ -147,7 +147,7 @@ def load_tasks(spec: str) -> list[Task]:
     chat = os.path.join(path, "jsonl", "eval", "adapt_chat.jsonl")
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"task {spec!r}: {folder} does not exist (expected the output "
-                                f"folder of python -m grit_jax.data.adapt)")
+                                f"folder of python -m grit_jax.data adapt)")
     tasks = [load_task(f"retrieval:{name}/{t}={os.path.join(folder, t)}")
              for t in sorted(os.listdir(folder))]
     if os.path.exists(chat):

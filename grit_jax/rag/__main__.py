@@ -15,15 +15,15 @@ import os
 import sys
 import time
 
-from grit_jax import cli
+from grit_jax import cli, outputs
+from grit_jax.inference import GritLM
+from grit_jax.rag.pipeline import RAG, read_corpus
 from grit_jax.rag.prompts import CACHE_MODES
 
 MODES = ("none", *CACHE_MODES)
 
 
 def _model(args):
-    from grit_jax.inference import GritLM
-
     return GritLM.from_pretrained(args.model, tokenizer=args.tokenizer, attn=args.attn,
                                   pooling_method=args.pooling_method)
 
@@ -69,9 +69,6 @@ def _main(argv) -> int:
     ask.add_argument("--no-rerotate", action="store_true",
                      help="joined caches keep the positions they were computed with (reference)")
     args = parser.parse_args(argv)
-
-    from grit_jax import outputs
-    from grit_jax.rag.pipeline import RAG, read_corpus
 
     if args.command == "index":  # every input checked before the model loads
         _positive("--batch-size", args.batch_size)

@@ -27,6 +27,7 @@ import numpy as np
 
 from grit_jax import outputs
 from grit_jax.data.records import RecordError, iter_jsonl
+from grit_jax.generation import Sampling
 from grit_jax.inference import GritLM, document_text
 from grit_jax.prefix_cache import PrefixCache, join
 from grit_jax.rag import prompts
@@ -193,11 +194,11 @@ class RAG:
                retrieval: bool = True, top_k: int = 1, max_new_tokens: int = 16,
                answer_prefix: str = "", rerotate: bool = True, drop_inner_bos: bool = True,
                query_max_length: int | None = None, batch_size: int = 8,
-               **sampling) -> Answer | list[Answer]:
+               sampling: Sampling = Sampling(), seed: int = 0) -> Answer | list[Answer]:
         """Answer each query, with retrieval and the chosen caching mode (module docstring).
 
         ``answer_prefix`` starts the assistant's reply (the paper's evaluation uses
-        ``"The answer is"``); ``sampling``: greedy, temperature, top_k, top_p, seed.
+        ``"The answer is"``); ``sampling`` and ``seed``: as ``GritLM.generate`` (greedy by default).
         """
         single = isinstance(queries, str)
         queries = [queries] if single else list(queries)
@@ -247,7 +248,7 @@ class RAG:
 
         out = self.model.generate_tokens(prompt_ids, prefixes=prefixes or None,
                                          max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                         **sampling)
+                                         sampling=sampling, seed=seed)
         answers = [Answer(text=tok.decode(t), tokens=t, doc_ids=[int(r) for r in rows[i]],
                           scores=[float(s) for s in scores[i]],
                           cached_tokens=len(prefixes[i]) if prefixes else 0,

@@ -9,18 +9,25 @@ import importlib.util
 import os
 import time
 
+import jax
 import numpy as np
 import pytest
 
 gguf = pytest.importorskip("gguf", reason="the 'gguf' package is not installed (pip install gguf)")
 
-from grit_jax import checkpoint  # noqa: E402
+from grit_jax import weights  # noqa: E402
 from grit_jax.convert import gguf as gguf_convert  # noqa: E402
 from grit_jax.convert import hf  # noqa: E402
 from grit_jax.convert.__main__ import main as convert_main  # noqa: E402
 from grit_jax.model import forward, logits_fn  # noqa: E402
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _numpy(loaded):
+    """(params as numpy arrays, config) of a weights.load result."""
+    params, config = loaded
+    return jax.tree.map(np.asarray, params), config
 
 
 def _smollm_gguf():
@@ -112,7 +119,7 @@ def _padded(seqs, pad_id):
 # ----------------------------------------------------------------------------------------------
 @needs_smollm
 def test_config_and_weights_equal_transformers(converted, ref_model):
-    params, config = checkpoint.load_params(converted, as_numpy=True)
+    params, config = _numpy(weights.load(converted))
     rc = ref_model.config
     assert (config.family, config.num_layers, config.hidden_size, config.intermediate_size,
             config.num_heads, config.num_kv_heads, config.vocab_size) == (
@@ -210,7 +217,7 @@ def test_float64_forward_equals_independent_float64_reference(converted, lm, tmp
                           timeout=600, cwd=os.path.dirname(os.path.dirname(__file__)))
     assert proc.returncode == 0, proc.stderr[-3000:]
     ours = np.load(tmp_path / "out.npz")["text"]
-    params, cfg = checkpoint.load_params(converted, as_numpy=True)
+    params, cfg = _numpy(weights.load(converted))
     d = cfg.resolved_head_dim
     inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
     hidden = reference_numpy.hidden_states(params, cfg, ids, valid, "causal", inv_freq)
