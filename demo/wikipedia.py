@@ -20,6 +20,7 @@ import xml.etree.ElementTree as ET
 
 import numpy as np
 
+from demo import NotInstalled
 from grit_jax import cli, outputs
 from grit_jax.data.dataset import build, open_dataset
 from grit_jax.data.records import write_jsonl
@@ -35,11 +36,11 @@ def wiki_dump_path() -> str:
     """Where the Wikipedia dump lies inside the installed gensim wheel (not imported)."""
     spec = importlib.util.find_spec("gensim")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("gensim is not installed: pip install --no-deps gensim==4.4.0 "
+        raise NotInstalled("gensim is not installed: pip install --no-deps gensim==4.4.0 "
                                 "(only its test data is used)")
     path = os.path.join(spec.submodule_search_locations[0], "test", "test_data", WIKI_FILE)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: missing from the installed gensim")
+        raise NotInstalled(f"{path}: missing from the installed gensim")
     return path
 
 
