@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from grit_jax import sharding
-from grit_jax.config import ModelConfig, tiny_config
+from grit_jax.config import tiny_config
 from grit_jax.model import (KVCache, abstract_params, attention_mask, forward, init_params,
                             is_per_layer, logits_fn, prompt_spans, rope_inv_freq, split_layers)
 from tests import reference_numpy
@@ -329,14 +329,3 @@ def test_indivisible_mesh_fails_before_compiling():
     mesh = sharding.make_mesh((1, 1, 8))
     with pytest.raises(ValueError, match="kv_heads=2"):
         sharding.check_divisible(abstract_params(CFG), mesh)
-
-
-def test_config_validation_and_roundtrip(tmp_path):
-    with pytest.raises(ValueError, match="num_kv_heads"):
-        ModelConfig(num_heads=6, num_kv_heads=4)
-    with pytest.raises(ValueError, match="remat_policy"):
-        ModelConfig(remat_policy="sometimes")
-    cfg = tiny_config(family="llama", rope_scaling=None)
-    cfg.save(str(tmp_path))
-    assert ModelConfig.load(str(tmp_path)) == cfg
-    assert cfg.num_params() == sum(x.size for x in jax.tree.leaves(init_params(cfg)))
