@@ -66,7 +66,7 @@ class GritLM:
     def from_pretrained(cls, path: str, *, tokenizer: str | None = None, dtype: str | None = None,
                         mesh_shape: Sequence[int] | Mapping[str, int] | None = None,
                         **kw) -> "GritLM":
-        """Load a params directory, a training workdir or a Hugging Face directory.
+        """Load a params directory, a training workdir, a Hugging Face directory or a GGUF file.
 
         ``mesh_shape`` (data, fsdp, tensor), e.g. ``(1, -1, 1)``, or a dict over the mesh axes
         (``{"fsdp": -1}``; see ``grit_jax.sharding.make_mesh``): shard over all devices.
@@ -83,7 +83,8 @@ class GritLM:
         params, config = weights.load(path, dtype=dtype, shardings_for=shardings_for)
         # Split here, each stacked array freed as it goes: nothing else holds them.
         params = split_layers(params, consume=True)
-        return cls(params, config, load_tokenizer(tokenizer or path), **kw)
+        tokenizer = load_tokenizer(tokenizer or weights.tokenizer_path(path))
+        return cls(params, config, tokenizer, **kw)
 
     def _scope(self):
         """Mesh and sharding rules in scope for a jitted call (a no-op on one device)."""

@@ -218,7 +218,7 @@ def _save_tokenizer(config, meta, workdir):
         return
     candidates = [default_tokenizer]
     if config.init_from and not storage.is_remote(config.init_from):
-        candidates.insert(0, lambda: load_tokenizer(config.init_from))
+        candidates.insert(0, lambda: load_tokenizer(weights.tokenizer_path(config.init_from)))
     for make in candidates:
         try:
             tok = make()

@@ -20,14 +20,8 @@ import optax
 from grit_jax import lora, moe, sharding
 from grit_jax.config import ModelConfig
 from grit_jax.embedding import embedding_attention, represent
-from grit_jax.losses import (
-    AGGREGATIONS,
-    MODES,
-    contrastive_loss,
-    shard_chunks,
-    token_ce,
-    unshard_chunks,
-)
+from grit_jax.losses import (AGGREGATIONS, MODES, contrastive_loss, shard_chunks, token_ce,
+                             unshard_chunks)
 from grit_jax.model import abstract_params, forward
 from grit_jax.pooling import POOLING_METHODS
 from grit_jax.sharding import batch_sharding, batch_shards, data_groups, within_data_group

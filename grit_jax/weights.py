@@ -13,35 +13,30 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 
 import jax
 import numpy as np
 from flax import traverse_util
 
-from grit_jax import (
-    checkpoint,
-    lora,
-    quant,  # float weights, quantized as they arrive
-    storage,
-)
+from grit_jax import checkpoint, lora, quant, storage
 from grit_jax.config import CONFIG_FILE, ModelConfig
-from grit_jax.convert.hf import (
-    _hf_shape,
-    checked_files,
-    hf_tensor_slots,
-    key_in_file,
-    open_safetensors,
-    read_block,
-    read_hf_config,
-    slot_shape,
-)
+from grit_jax.convert import gguf
+from grit_jax.convert.hf import (_hf_shape, checked_files, hf_tensor_slots, key_in_file,
+                                 open_safetensors, read_block, read_hf_config, slot_shape)
 from grit_jax.model import init_projection, param_shapes
 
-SOURCES = ("workdir", "params", "hf")
+SOURCES = ("workdir", "params", "hf", "gguf")
 
 
 def source_kind(path: str) -> str:
-    """Which kind of weights directory path is (see SOURCES); a clear error otherwise."""
+    """Which kind of weights path is (see SOURCES); a clear error otherwise."""
+    if path.endswith(".gguf"):
+        if storage.is_remote(path):
+            raise ValueError(f"{path}: GGUF files are read from local disk; copy it to the host")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: GGUF file does not exist")
+        return "gguf"
     if checkpoint.is_workdir(path):
         return "workdir"
     if storage.exists(storage.join(path, CONFIG_FILE)):
@@ -52,15 +47,23 @@ def source_kind(path: str) -> str:
                              f"(safetensors are memory-mapped); copy it to the host or mount it")
         return "hf"
     raise FileNotFoundError(f"{path}: neither a training workdir (checkpoints/), a grit_jax params "
-                            f"directory ({CONFIG_FILE}) nor a Hugging Face model directory "
-                            f"(config.json)")
+                            f"directory ({CONFIG_FILE}), a Hugging Face model directory "
+                            f"(config.json) nor a .gguf file")
 
 
 def read_config(path: str) -> ModelConfig:
     """The ModelConfig stored with the weights at path (nothing else is read)."""
-    if source_kind(path) == "hf":
+    kind = source_kind(path)
+    if kind == "hf":
         return read_hf_config(path)
+    if kind == "gguf":
+        return gguf.read_gguf_config(path)
     return ModelConfig.load(path)
+
+
+def tokenizer_path(path: str) -> str:
+    """Where the tokenizer of the weights at path lies (the GGUF's own, extracted once)."""
+    return gguf.tokenizer_dir(path) if source_kind(path) == "gguf" else path
 
 
 def load_params(path: str, config: ModelConfig, shardings, *, step: int | None = None,
@@ -91,7 +94,26 @@ def load_params(path: str, config: ModelConfig, shardings, *, step: int | None =
         return checkpoint.restore_workdir_params(path, target, step)
     if kind == "params":
         return checkpoint.restore_params(path, target)
+    if kind == "gguf":
+        return read_gguf_placed(path, config, target)
     return read_hf_sharded(path, config, target)
+
+
+def read_gguf_placed(path: str, config: ModelConfig, target):
+    """Parameters from a GGUF file placed with target's shardings. GGUF tensors are quantized in
+    blocks along rows, so the file is dequantized whole on every host (meant for small models;
+    convert large ones once with ``python -m grit_jax.convert gguf-to-grit``)."""
+    params, _, _ = gguf.read_gguf(path, param_dtype=config.param_dtype)
+    flat, want = traverse_util.flatten_dict(params), traverse_util.flatten_dict(target)
+    problems = [f"{'/'.join(k)} has shape {tuple(flat[k].shape)}, config expects "
+                f"{tuple(w.shape)}" for k, w in want.items()
+                if k in flat and tuple(flat[k].shape) != tuple(w.shape)]
+    problems += [f"missing {'/'.join(k)}" for k in want if k not in flat]
+    if problems:
+        raise ValueError(f"{path}: does not match the model: {'; '.join(problems[:6])}")
+    return traverse_util.unflatten_dict({k: jax.device_put(np.asarray(flat.pop(k), w.dtype),
+                                                           w.sharding)
+                                         for k, w in want.items()})
 
 
 def _with_new_parts(path, config, body, shardings, step, seed):

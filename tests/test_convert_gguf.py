@@ -272,6 +272,33 @@ def test_greedy_chat_generation(lm, ref_model):
     assert out == [t for t in ref if t != 2]
 
 
+@needs_smollm
+def test_the_gguf_file_itself_loads_as_its_conversion(converted, lm, monkeypatch, tmp_path):
+    """weights.load and GritLM.from_pretrained (and so init_from) read a .gguf file directly:
+    the same config, parameters and tokenizer as its conversion; a missing file is named."""
+    from grit_jax.inference import GritLM
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # the extracted tokenizer's cache
+    assert weights.source_kind(SMOLLM) == "gguf"
+    direct, config = weights.load(SMOLLM)
+    stored, stored_config = weights.load(converted)
+    assert config == stored_config == weights.read_config(SMOLLM)
+    flat_direct = jax.tree_util.tree_flatten_with_path(direct)[0]
+    flat_stored = jax.tree_util.tree_flatten_with_path(stored)[0]
+    assert [p for p, _ in flat_direct] == [p for p, _ in flat_stored]
+    for (_, a), (_, b) in zip(flat_direct, flat_stored):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    del direct, stored
+    model = GritLM.from_pretrained(SMOLLM)
+    ids = lm.tokenizer.encode(CHATML)
+    assert model.tokenizer.encode(CHATML) == ids
+    assert model.generate_tokens([ids], max_new_tokens=6) == lm.generate_tokens(
+        [ids], max_new_tokens=6)
+    assert len(os.listdir(tmp_path / ".cache" / "grit_jax" / "gguf_tokenizers")) == 1
+    with pytest.raises(FileNotFoundError, match="missing.gguf: GGUF file does not exist"):
+        weights.load(str(tmp_path / "missing.gguf"))
+
+
 # ----------------------------------------------------------------------------------------------
 # Small synthetic GGUF files: q/k un-permutation, bad input
 # ----------------------------------------------------------------------------------------------

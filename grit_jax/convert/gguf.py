@@ -15,9 +15,12 @@ warning (inference then needs ``--tokenizer``).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
+import shutil
+import tempfile
 import warnings
 
 import numpy as np
@@ -177,6 +180,13 @@ def config_from_gguf(meta: dict, tensor_names, path: str = "<gguf>", **overrides
     return hf.config_from_hf(hf_cfg, source=path, **overrides)
 
 
+def read_gguf_config(path: str, **overrides) -> ModelConfig:
+    """The ModelConfig of a GGUF file, from its metadata and tensor names (no tensor is read)."""
+    reader = open_gguf(path)
+    return config_from_gguf(read_metadata(reader), {t.name: t for t in reader.tensors}, path,
+                            **overrides)
+
+
 def read_gguf(path: str, *, param_dtype: str = "float32", **config_overrides):
     """(params as a nested dict of jax arrays, ModelConfig, metadata dict) from a llama GGUF."""
     reader = open_gguf(path)  # checks that the gguf package is installed
@@ -314,6 +324,26 @@ def build_tokenizer(meta: dict, path: str = "<gguf>"):
     if meta.get("tokenizer.chat_template"):
         cfg["chat_template"] = meta["tokenizer.chat_template"]
     return tok, cfg
+
+
+def tokenizer_dir(path: str) -> str:
+    """A folder holding the GGUF file's tokenizer as tokenizer.json (what ``load_tokenizer``
+    reads), built once per file (keyed by its path, size and modification time) under
+    ``~/.cache/grit_jax/gguf_tokenizers``."""
+    st = os.stat(path)
+    key = hashlib.sha1(f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}".encode())
+    root = os.path.join(os.path.expanduser("~"), ".cache", "grit_jax", "gguf_tokenizers")
+    out = os.path.join(root, key.hexdigest()[:16])
+    if not os.path.exists(os.path.join(out, HF_FILE)):
+        tok, cfg = build_tokenizer(read_metadata(open_gguf(path)), path)
+        os.makedirs(root, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=".staging.", dir=root)
+        save_tokenizer(tok, cfg, staging)
+        try:
+            os.rename(staging, out)
+        except OSError:  # another process built it first
+            shutil.rmtree(staging, ignore_errors=True)
+    return out
 
 
 def save_tokenizer(tok, cfg: dict, out_dir: str) -> list[str]:

@@ -194,11 +194,13 @@ class RAG:
                retrieval: bool = True, top_k: int = 1, max_new_tokens: int = 16,
                answer_prefix: str = "", rerotate: bool = True, drop_inner_bos: bool = True,
                query_max_length: int | None = None, batch_size: int = 8,
-               sampling: Sampling = Sampling(), seed: int = 0) -> Answer | list[Answer]:
+               sampling: Sampling = Sampling(), seed: int = 0,
+               stop_at_eos: bool = True) -> Answer | list[Answer]:
         """Answer each query, with retrieval and the chosen caching mode (module docstring).
 
         ``answer_prefix`` starts the assistant's reply (the paper's evaluation uses
-        ``"The answer is"``); ``sampling`` and ``seed``: as ``GritLM.generate`` (greedy by default).
+        ``"The answer is"``); ``sampling``, ``seed`` and ``stop_at_eos``: as
+        ``GritLM.generate_tokens`` (greedy by default).
         """
         single = isinstance(queries, str)
         queries = [queries] if single else list(queries)
@@ -248,7 +250,7 @@ class RAG:
 
         out = self.model.generate_tokens(prompt_ids, prefixes=prefixes or None,
                                          max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                         sampling=sampling, seed=seed)
+                                         sampling=sampling, seed=seed, stop_at_eos=stop_at_eos)
         answers = [Answer(text=tok.decode(t), tokens=t, doc_ids=[int(r) for r in rows[i]],
                           scores=[float(s) for s in scores[i]],
                           cached_tokens=len(prefixes[i]) if prefixes else 0,
