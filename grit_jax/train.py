@@ -135,16 +135,21 @@ def enable_compilation_cache(spec: str, workdir: str) -> str | None:
 # ----------------------------------------------------------------------------------------------
 # The workdir: data, model config, tokenizer
 # ----------------------------------------------------------------------------------------------
+def require_data_dir(config) -> None:
+    """Refuse a run without data before anything is compiled or written."""
+    if not config.data.data_dir:
+        raise ValueError("data.data_dir is not set: build a dataset (python -m grit_jax.data build"
+                         " or python -m grit_jax.data adapt --build; the Wikipedia demo set: "
+                         "python -m demo.wikipedia --out DIR) and pass "
+                         "--config.data.data_dir=DIR/train")
+
+
 def resolve_data_dir(config) -> str:
     """A local directory holding the built dataset: ``config.data.data_dir`` itself (a local
     path or a read-only bucket mount), or a ``gs://`` path copied once to this host's disk
     (array_record files are read locally)."""
     data_dir = config.data.data_dir
-    if not data_dir:
-        raise ValueError("data.data_dir is not set: build a dataset (python -m grit_jax.data build"
-                         " or python -m grit_jax.data adapt --build; the Wikipedia demo set: "
-                         "python -m demo.wikipedia --out DIR) and pass "
-                         "--config.data.data_dir=DIR/train")
+    require_data_dir(config)
     if storage.is_remote(data_dir):
         return fetch_data(data_dir)
     return data_dir
@@ -349,9 +354,8 @@ def setup(config, workdir: str) -> Run:
     resuming = checkpoint.latest_step(workdir) is not None
     model_cfg = run_model_config(config, workdir, resuming)
     trainer.validate(config, mesh, model_cfg)
+    require_data_dir(config)
     lc = trainer.loss_config(config)
-    tx, schedule = trainer.optimizer(config)
-    state_sh = trainer.shardings(model_cfg, tx, mesh)
     data = GritBatches(PipelineConfig(
         resolve_data_dir(config), query_batch=config.data.query_batch,
         generative_batch=config.data.generative_batch, group_size=config.data.group_size,
@@ -369,6 +373,8 @@ def setup(config, workdir: str) -> Run:
         raise ValueError(f"{config.data.data_dir}: built with max lengths {too_long}, past the "
                          f"model's max_position_embeddings={model_cfg.max_position_embeddings}; "
                          f"rebuild it with smaller --max-*-length")
+    tx, schedule = trainer.optimizer(config)  # compiles: after every check of the input
+    state_sh = trainer.shardings(model_cfg, tx, mesh)
     write_workdir_files(config, workdir, model_cfg, data.meta)
 
     manager = checkpoint_manager(config, workdir)

@@ -143,6 +143,13 @@ def test_train_bad_input(tmp_path, capsys, jsonl_dir):
         rc, _, err = call("grit_jax.train", argv, capsys)
         assert_user_error(rc, err, needle)
     assert not (tmp_path / "w").exists()  # nothing was written by any of them
+    # No data, or none there: refused before the workdir (or its compilation cache) is made.
+    nodata = f"--config.data.data_dir={tmp_path / 'nodata'}"
+    for extra, needle in (([], "data.data_dir is not set"), ([nodata], "no grit_jax dataset")):
+        rc, _, err = call("grit_jax.train",
+                          ["--config", TINY, "--workdir", tmp_path / "w2", *extra], capsys)
+        assert_user_error(rc, err, needle)
+        assert not (tmp_path / "w2").exists()
 
 
 # ----------------------------------------------------------------------------------------------
