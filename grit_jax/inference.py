@@ -23,7 +23,6 @@ from grit_jax.generation import Sampling, generate_ids
 from grit_jax.model import abstract_params, is_per_layer, split_layers
 from grit_jax.pooling import POOLING_METHODS
 from grit_jax.prefix_cache import PrefixCache, to_kv_cache
-from grit_jax.sharding import activate
 
 log = logging.getLogger(__name__)
 DEFAULT_EMBED_LENGTH = 512
@@ -73,7 +72,6 @@ class GritLM:
         """
         shardings_for = None
         if mesh_shape is not None:  # read straight into the mesh's shardings
-
             mesh = kw["mesh"] = sharding.make_mesh(mesh_shape)
 
             def shardings_for(config):
@@ -91,7 +89,7 @@ class GritLM:
         if self.mesh is None:
             return contextlib.nullcontext()
 
-        return activate(self.mesh)
+        return sharding.activate(self.mesh)
 
     @property
     def fingerprint(self) -> str:
