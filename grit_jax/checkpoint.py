@@ -63,12 +63,14 @@ def restore_params(directory: str, target):
     if not storage.isdir(path):
         raise FileNotFoundError(f"{path}: no Orbax params checkpoint here")
     with ocp.StandardCheckpointer() as ckptr:
-        _check_matches(ckptr.metadata(path).item_metadata.tree, target, path, directory)
+        check_matches(ckptr.metadata(path).item_metadata.tree, target, path,
+                      storage.join(directory, "grit_config.json"))
         return ckptr.restore(path, target)
 
 
-def _check_matches(stored, abstract, path: str, directory: str) -> None:
-    """Orbax restores stored shapes whatever the target says: compare them first, by name."""
+def check_matches(stored, abstract, path: str, model_source: str) -> None:
+    """Stored arrays against the shapes the model (described in model_source) expects, by name;
+    Orbax would restore stored shapes whatever the target says."""
     have = {"/".join(k): tuple(v.shape) for k, v in flatten_dict(stored).items()}
     want = {"/".join(k): tuple(v.shape) for k, v in flatten_dict(abstract).items()}
     problems = [f"missing {k}" for k in sorted(set(want) - set(have))]
@@ -76,8 +78,7 @@ def _check_matches(stored, abstract, path: str, directory: str) -> None:
     problems += [f"{k} has shape {have[k]}, config expects {want[k]}"
                  for k in sorted(set(have) & set(want)) if have[k] != want[k]]
     if problems:
-        raise ValueError(f"{path}: does not match the model in "
-                         f"{storage.join(directory, 'grit_config.json')}: "
+        raise ValueError(f"{path}: does not match the model in {model_source}: "
                          + "; ".join(problems[:6]))
 
 
@@ -122,7 +123,7 @@ def restore_workdir_params(workdir: str, target, step: int | None = None):
             stored = ckptr.metadata(path).item_metadata.tree["params"]
         except Exception as e:  # noqa: BLE001 - Orbax/TensorStore/JSON errors of a damaged step
             raise _damaged(workdir, step, e) from e
-        _check_matches(stored, target, path, workdir)
+        check_matches(stored, target, path, storage.join(workdir, "grit_config.json"))
         try:
             restored = ckptr.restore(path, args=ocp.args.PyTreeRestore(
                 item={"params": target}, restore_args={"params": restore_args},

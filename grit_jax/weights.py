@@ -104,13 +104,8 @@ def read_gguf_placed(path: str, config: ModelConfig, target):
     blocks along rows, so the file is dequantized whole on every host (meant for small models;
     convert large ones once with ``python -m grit_jax.convert gguf-to-grit``)."""
     params, _, _ = gguf.read_gguf(path, param_dtype=config.param_dtype)
+    checkpoint.check_matches(params, target, path, "the run's config")
     flat, want = traverse_util.flatten_dict(params), traverse_util.flatten_dict(target)
-    problems = [f"{'/'.join(k)} has shape {tuple(flat[k].shape)}, config expects "
-                f"{tuple(w.shape)}" for k, w in want.items()
-                if k in flat and tuple(flat[k].shape) != tuple(w.shape)]
-    problems += [f"missing {'/'.join(k)}" for k in want if k not in flat]
-    if problems:
-        raise ValueError(f"{path}: does not match the model: {'; '.join(problems[:6])}")
     return traverse_util.unflatten_dict({k: jax.device_put(np.asarray(flat.pop(k), w.dtype),
                                                            w.sharding)
                                          for k, w in want.items()})
