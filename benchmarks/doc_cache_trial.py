@@ -2,10 +2,11 @@
 
 A trial, not a measurement: from the demo's converted model and training set (run `make demo`
 first), train the generative side only on the RAG-layout records (mostly ``adapt_rag``) with
-causal or PrefixLM attention for the same steps, then answer a few questions about held-out
+causal attention, PrefixLM attention, or the doc cache's own layout (``context``: the cached
+document read bidirectionally, the rest causally) for the same steps, then answer a few questions about held-out
 passages with plain RAG and with doc caching, and print the answers side by side.
 
-Usage: python benchmarks/doc_cache_trial.py [--steps 30] [--attention causal prefix]
+Usage: python benchmarks/doc_cache_trial.py [--steps 30] [--attention causal prefix context]
 Writes benchmarks/results/doc_cache_trial.json.
 """
 
@@ -34,6 +35,8 @@ def trial(attention, steps, demo_out, workdir):
     c.init_from = os.path.join(demo_out, "smollm2")
     c.data.data_dir = os.path.join(demo_out, "adapted", "train")
     c.loss.mode, c.loss.gen_attention = "generative", attention
+    # the trial's own optimizer and batch (the demo setting's may change)
+    c.optim.lr, c.optim.clip_norm, c.data.generative_batch = 5e-4, 1.0, 4
     c.data.mixture = "adapt_text=0.1x,adapt_chat=0.2x,adapt_rag=4x"
     t = time.time()
     logged = train.train(c, workdir)
@@ -60,8 +63,8 @@ def trial(attention, steps, demo_out, workdir):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--attention", nargs="+", default=["causal", "prefix"],
-                        choices=["causal", "prefix"])
+    parser.add_argument("--attention", nargs="+", default=["causal", "prefix", "context"],
+                        choices=["causal", "prefix", "context"])
     parser.add_argument("--demo-out", default=os.path.join(ROOT, "demo_out"))
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks/results/"
                                                       "doc_cache_trial.json"))

@@ -210,12 +210,11 @@ def smollm2_demo(args) -> int:
     # -------------------------------------------------------------------------------------------
     print("\n== Documents -> a GRIT training set (python -m grit_jax.data adapt)")
     docs_dir, data = os.path.join(args.out, "docs"), os.path.join(args.out, "adapted")
-    if not os.path.isdir(data):
-        n = write_documents(docs_dir)
-        print(f"{n} Wikipedia articles, their first 6 paragraphs (gensim's test data, "
-              f"CC BY-SA) -> {docs_dir}")
-        adapt(docs_dir, data, seed=0, eval_fraction=0.15, passage_words=64, build=True,
-              tokenizer=smol, max_lengths=smollm2.LENGTHS, rag_chats=True)
+    n = write_documents(docs_dir)  # remade each run (seconds), so never stale
+    print(f"{n} Wikipedia articles, their first 6 paragraphs (gensim's test data, "
+          f"CC BY-SA) -> {docs_dir}")
+    adapt(docs_dir, data, seed=0, eval_fraction=0.15, passage_words=64, build=True,
+          tokenizer=smol, max_lengths=smollm2.LENGTHS, rag_chats=True, overwrite=True)
     with open(os.path.join(data, "adapt_report.json")) as f:
         report = json.load(f)
     print(f"documents train/held out {report['documents']['train']}/"

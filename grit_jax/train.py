@@ -364,6 +364,10 @@ def setup(config, workdir: str) -> Run:
         mixture=config.data.get("mixture", ""),
         max_per_dataset=config.data.get("max_per_dataset", 0),
         num_epochs=config.total_steps))  # an upper bound: the dataset is indexed lazily
+    if lc.gen_attention == "context" and not data.context_examples():
+        raise ValueError(f"loss.gen_attention='context' reads the cached document of context "
+                         f"chats bidirectionally; the generative data in use at "
+                         f"{config.data.data_dir} has none (every pass would be causal)")
     if data.meta["tokenizer"]["vocab_size"] > model_cfg.vocab_size:
         raise ValueError(f"the data was tokenised with {data.meta['tokenizer']['vocab_size']} "
                          f"tokens, the model has vocab_size={model_cfg.vocab_size}")

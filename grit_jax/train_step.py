@@ -3,8 +3,11 @@
 Batches are the dicts of ``grit_jax.data.pipeline`` (``query_*``, ``passage_*``, ``gen_*``).
 Embedding passes use the bidirectional (``bb``) or causal (``cc``) mode of the attn string;
 the generative pass is causal, or PrefixLM (``gen_attention="prefix"``: bidirectional within
-each prompt span). Either side may be accumulated over micro-batches with the full batch's
-result (the embedding side through GradCache, which keeps every passage a candidate).
+each prompt span), or reads a chat's cached document bidirectionally and the rest causally
+(``gen_attention="context"``: the token layout of doc-cached RAG, whose document states come
+from its bidirectional embedding pass). Either side may be accumulated over micro-batches with
+the full batch's result (the embedding side through GradCache, which keeps every passage a
+candidate).
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ from grit_jax.model import abstract_params, forward
 from grit_jax.pooling import POOLING_METHODS
 from grit_jax.sharding import batch_sharding, batch_shards, data_groups, within_data_group
 
-GEN_ATTENTIONS = ("causal", "prefix")  # prefix: bidirectional over the prompt tokens
+# prefix: bidirectional over the prompt tokens; context: over a chat's cached document only
+GEN_ATTENTIONS = ("causal", "prefix", "context")
 EMB_GRADS = ("both", "query", "passage")  # which side the contrastive loss back-propagates
 
 
@@ -46,7 +50,7 @@ class LossConfig:
     grad_cache_chunk: int = 0
     split_emb: bool = False  # back-propagate queries and passages in two passes
     logits_chunk: int = 1024  # tokens per chunk of the LM head (bounds logits memory)
-    gen_attention: str = "causal"  # "prefix": PrefixLM, the prompt read bidirectionally
+    gen_attention: str = "causal"  # "prefix": PrefixLM; "context": the doc-cached RAG layout
     emb_grad: str = "both"  # "query" / "passage": the other side's reps are constants
     gen_micro_batches: int = 1  # generative rows accumulated in this many passes (same result)
     emb_micro_batches: int = 1  # embedding rows in this many GradCache chunks (same result)
@@ -134,8 +138,12 @@ def gen_loss(params, config: ModelConfig, lc: LossConfig, batch, rng=None):
     its LM loss; the metrics then hold it (``loss_aux``) and each expert's share of the
     assignments (``expert_frac_<i>``).
     """
-    if lc.gen_attention == "prefix":  # the prompt: valid tokens outside the loss
-        prompt = batch["gen_valid"].astype(bool) & ~batch["gen_loss"].astype(bool)
+    if lc.gen_attention != "causal":
+        prompt = batch["gen_valid"].astype(bool)
+        if lc.gen_attention == "prefix":  # the prompt: valid tokens outside the loss
+            prompt = prompt & ~batch["gen_loss"].astype(bool)
+        else:  # context: the cached document, read as RAG's doc cache reads it (its embedding pass)
+            prompt = prompt & batch["gen_context"].astype(bool)
         out = forward(params, config, batch["gen_ids"], batch["gen_valid"], mode="prefix",
                       prompt=prompt, dropout_rng=rng)
     else:

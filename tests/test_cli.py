@@ -113,7 +113,7 @@ def params_dir(mistral_dir, tmp_path_factory):
 # ----------------------------------------------------------------------------------------------
 # train (in-process: fails before compiling, so each case takes well under a second)
 # ----------------------------------------------------------------------------------------------
-def test_train_bad_input(tmp_path, capsys, jsonl_dir):
+def test_train_bad_input(tmp_path, capsys, jsonl_dir, data_dir):
     (tmp_path / "syntax.py").write_text("def get_config(:\n")
     (tmp_path / "raises.py").write_text("def get_config():\n    return undefined_name\n")
     (tmp_path / "afile").write_text("x")
@@ -138,6 +138,8 @@ def test_train_bad_input(tmp_path, capsys, jsonl_dir):
          "no grit_jax dataset here"),
         (["--config", TINY, *w, f"--config.data.data_dir={jsonl_dir}"], "no grit_jax dataset"),
         (["--config", TINY, *w, "--coordinator_address=localhost:1"], "--num_processes"),
+        (["--config", TINY, *w, f"--config.data.data_dir={data_dir}",
+          "--config.loss.gen_attention=context"], "has none (every pass would be causal)"),
     ]
     for argv, needle in cases:
         rc, _, err = call("grit_jax.train", argv, capsys)

@@ -43,8 +43,9 @@ def test_metadata(built):
     _, meta = built
     assert meta["datasets"]["qa"] == {"file": "qa.jsonl", "kind": "embedding", "examples": 2,
                                       "min_neg": 1, "tokens": meta["datasets"]["qa"]["tokens"],
-                                      "truncated": {}}
+                                      "context": 0, "truncated": {}}
     assert meta["datasets"]["chat"]["kind"] == "generative"
+    assert meta["datasets"]["chat"]["context"] == 0  # chats that follow a cached document
     assert meta["tokenizer"]["vocab_size"] == 32000 and meta["skipped"] == {}
 
 

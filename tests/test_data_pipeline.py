@@ -7,6 +7,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from grit_jax import sharding
+from grit_jax.data import formats
 from grit_jax.data.dataset import build
 from grit_jax.data.pipeline import GritBatches, PipelineConfig, global_batch, pad_to
 
@@ -62,6 +63,29 @@ def test_batch_contents(data_dir, tokenizer):
         name, _, idx = q.split()[:3]
         assert pos.startswith(f"{name} pos {idx} ") and neg.startswith(f"{name} neg {idx} ")
     assert not (b["query_pool"] & ~b["query_valid"]).any()
+
+
+def test_context_tokens_reach_the_batch(tmp_path, tokenizer):
+    """A chat's cached document is stored with its tokens marked and comes back as
+    ``gen_context`` (exactly the document's embedding-format tokens), apart from the loss mask;
+    chats without one have none."""
+    doc, answer = "Tides are caused by the Moon.", "The Moon."
+    chat = [{"role": "user", "content": "What causes tides?"},
+            {"role": "assistant", "content": answer}]
+    recs = [{"context": doc, "messages": chat}, {"messages": chat}]
+    (tmp_path / "gen.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    build(str(tmp_path), str(tmp_path / "built"))
+    b = GritBatches(PipelineConfig(str(tmp_path / "built"), generative_batch=2, num_epochs=1,
+                                   seed=0, smallest_bucket=8, num_threads=1,
+                                   mode="generative")).local_batch(0)
+    doc_ids = formats.encode_embed(tokenizer, doc).ids.tolist()
+    rows = sorted(range(2), key=lambda i: -int(b["gen_context"][i].sum()))
+    cached, plain = rows
+    assert b["gen_ids"][cached][b["gen_context"][cached]].tolist() == doc_ids
+    assert b["gen_ids"][cached][:len(doc_ids)].tolist() == doc_ids
+    assert not b["gen_context"][plain].any()
+    for i in rows:
+        assert tokenizer.decode(b["gen_ids"][i][b["gen_loss"][i] == 1][:-1]) == answer
 
 
 def test_oversampling_negatives(data_dir):

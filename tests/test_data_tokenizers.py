@@ -98,7 +98,9 @@ def test_chat_after_a_context_is_what_doc_cached_rag_reads(tokenizer):
     read = prefix + tokenizer.encode(prompts.after_cache("doc", query, [doc]))
     prompt = formats.encode_chat(tokenizer, turn, add_generation_prompt=True, context=doc)
     assert prompt.ids.tolist() == read and prompt.mask.sum() == 0
+    assert prompt.context == len(prefix)  # the tokens the cache holds
     full = formats.encode_chat(tokenizer, [turn, answer], context=doc)
+    assert full.context == len(prefix)
     assert full.ids.tolist()[:len(read)] == read
     assert tokenizer.decode(full.ids[full.mask == 1][:-1]) == answer
     assert full.ids[-1] == tokenizer.eos_id

@@ -10,11 +10,12 @@ import pytest
 from grit_jax import sharding
 from grit_jax.config import tiny_config
 from grit_jax.losses import contrastive_loss, shard_chunks, token_ce, unshard_chunks
-from grit_jax.model import forward, init_params, logits_fn
+from grit_jax.model import KVCache, forward, init_params, logits_fn
 from grit_jax.aot import cost as hlo_cost
 from tests.tolerances import FLOAT64_ATOL, FLOAT64_RTOL, close64
-from grit_jax.train_step import (LossConfig, init_state, jit_train_step, loss_and_grads,
-                                 make_optimizer, reps, state_shardings, train_step)
+from grit_jax.train_step import (LossConfig, gen_weights, init_state, jit_train_step,
+                                 loss_and_grads, make_optimizer, reps, state_shardings,
+                                 train_step)
 from tests.reference_losses import generative_loss, token_cross_entropy
 
 LC_OVERRIDES = {}
@@ -72,6 +73,40 @@ def test_prefix_lm_generative_loss(params):
     np.testing.assert_allclose(float(m["loss_gen"]), float(independent(params, b)), rtol=1e-5)
     causal, _ = jit_loss_and_grads(params, CFG, LossConfig(mode="generative", gen_sub_batch=4), b)
     assert abs(float(causal["loss_gen"]) - float(m["loss_gen"])) > 1e-4
+
+
+def test_context_attention_is_the_doc_cache_layout():
+    """gen_attention='context': each row's leading document is read bidirectionally and the rest
+    causally, exactly as doc-cached RAG reads it (the document's states from a bidirectional
+    pass into a KV cache, the chat continued causally after it); float64. It differs from both
+    the causal and the PrefixLM losses."""
+    with jax.enable_x64(True):
+        cfg = CFG.replace(dtype="float64", param_dtype="float64")
+        params, b = init_params(cfg, seed=1), make_batch(n_gen=4)
+        ctx = np.asarray([3, 5, 4, 0])  # the last row: no document (a plain chat)
+        t = b["gen_ids"].shape[1]
+        b["gen_context"] = np.arange(t)[None] < ctx[:, None]
+        b["gen_loss"] = b["gen_loss"] * (np.arange(t)[None] >= 5)  # no loss on a document
+        lc = LossConfig(mode="generative", gen_attention="context", gen_sub_batch=4)
+        m, _ = jit_loss_and_grads(params, cfg, lc, b)
+
+        hidden = []
+        for i in range(len(ctx)):
+            n = int(b["gen_valid"][i].sum())
+            ids = jnp.asarray(b["gen_ids"][i:i + 1, :n])
+            cache = KVCache.empty(cfg, 1, n)
+            doc = forward(params, cfg, ids[:, :ctx[i]], mode="bidirectional", cache=cache)
+            rest = forward(params, cfg, ids[:, ctx[i]:], mode="causal",
+                           cache=doc.cache if ctx[i] else cache)
+            h = jnp.concatenate([doc.hidden, rest.hidden], axis=1)
+            hidden.append(jnp.pad(h, ((0, 0), (0, t - n), (0, 0))))
+        ce = token_cross_entropy(logits_fn(params, cfg, jnp.concatenate(hidden)), b["gen_ids"])
+        want = jnp.sum(ce * gen_weights(b, lc))  # training's per-token weights (float32)
+        assert close64(float(m["loss_gen"]), float(want)), (float(m["loss_gen"]), float(want))
+        for other in ("causal", "prefix"):
+            o, _ = jit_loss_and_grads(params, cfg, LossConfig(
+                mode="generative", gen_attention=other, gen_sub_batch=4), b)
+            assert abs(float(o["loss_gen"]) - float(m["loss_gen"])) > 1e-4, other
 
 
 def test_chunked_lm_head_equals_full_logits(params):

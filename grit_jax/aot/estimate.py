@@ -58,6 +58,9 @@ def abstract_batch(config, lengths, mesh):
         batch[f"{prefix}_ids"] = jax.ShapeDtypeStruct((n, t), jnp.int32, sharding=sh)
         batch[f"{prefix}_valid"] = jax.ShapeDtypeStruct((n, t), jnp.bool_, sharding=sh)
         batch[f"{prefix}_{mask}"] = jax.ShapeDtypeStruct((n, t), jnp.int32, sharding=sh)
+    if "gen" in rows:  # the cached-document tokens of context chats (gen_attention="context")
+        batch["gen_context"] = jax.ShapeDtypeStruct(batch["gen_valid"].shape, jnp.bool_,
+                                                    sharding=sh)
     return batch
 
 

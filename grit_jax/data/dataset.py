@@ -29,6 +29,22 @@ def split_name(path: str) -> str:
     return re.sub(r"\W", "_", os.path.splitext(os.path.basename(path))[0])
 
 
+CONTEXT = 2  # the stored mask on a chat's cached-document tokens (1: loss tokens, 0: the rest)
+
+
+def stored_mask(seg: formats.Encoded) -> np.ndarray:
+    """A segment's mask as stored: its ``context`` leading tokens marked CONTEXT."""
+    mask = np.array(seg.mask, np.int32)
+    mask[:seg.context] = CONTEXT
+    return mask
+
+
+def from_stored(ids: np.ndarray, mask: np.ndarray) -> formats.Encoded:
+    """A stored segment back as Encoded (the inverse of stored_mask)."""
+    return formats.Encoded(ids, (mask == 1).astype(np.int32),
+                           context=int((mask == CONTEXT).sum()))
+
+
 def encode_record(tok: Tokenizer, kind: str, rec: dict, max_lengths: dict, path: str = "",
                   line: int = 0):
     """Token segments of one normalised record: (tokens, masks, lengths, num_pos, truncated),
@@ -50,14 +66,15 @@ def encode_record(tok: Tokenizer, kind: str, rec: dict, max_lengths: dict, path:
         enc = (formats.encode_text(tok, rec["text"]) if "text" in rec
                else formats.encode_chat(tok, rec["messages"], context=rec.get("context")))
         n = max_lengths["generative"]
-        segs = [formats.Encoded(enc.ids[:n], enc.mask[:n], cut=max(len(enc) - n, 0))]
+        segs = [formats.Encoded(enc.ids[:n], enc.mask[:n], cut=max(len(enc) - n, 0),
+                                context=min(enc.context, n))]
         fields, num_pos = [("text", None, "generative")], 0
     truncated = {}
     for (_, _, limit), seg in zip(fields, segs):
         if seg.cut:
             truncated[limit] = truncated.get(limit, 0) + 1
     return (np.concatenate([s.ids for s in segs]).astype(np.int32),
-            np.concatenate([s.mask for s in segs]).astype(np.int8),
+            np.concatenate([stored_mask(s) for s in segs]).astype(np.int8),
             np.asarray([len(s) for s in segs], np.int32), num_pos, truncated)
 
 
@@ -113,6 +130,7 @@ class GritJsonl(tfds.core.GeneratorBasedBuilder):
             datasets[name] = {"file": os.path.basename(path), "kind": kind, "examples": len(rows),
                               "min_neg": int(min(negs)),
                               "tokens": int(sum(len(r[0]) for _, r in rows)),
+                              "context": int(sum(bool((r[1] == CONTEXT).any()) for _, r in rows)),
                               "truncated": truncated}
             examples[name] = rows
         if not datasets:

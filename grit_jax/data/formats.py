@@ -68,6 +68,7 @@ class Encoded:
     ids: np.ndarray
     mask: np.ndarray
     cut: int = 0  # tokens removed from the end by a max_length
+    context: int = 0  # leading tokens that are a chat's cached document (``context``)
 
     def __len__(self):
         return len(self.ids)
@@ -142,6 +143,7 @@ def encode_chat(tok: Tokenizer, chat, *, add_generation_prompt: bool = False,
     ids: list[int] = [tok.bos_id] if tok.bos_id is not None else []
     if context is not None:  # the cached prefix is tokenised on its own, as RAG does
         ids = [int(i) for i in encode_embed(tok, context).ids]
+    n_context = len(ids) if context is not None else 0
     mask: list[int] = [0] * len(ids)
     for r, run in enumerate(runs):
         pieces = [p for p, _ in run if p]
@@ -154,7 +156,8 @@ def encode_chat(tok: Tokenizer, chat, *, add_generation_prompt: bool = False,
             tok._require("eos_id")
             ids.append(tok.eos_id)
             mask.append(1)
-    return Encoded(np.asarray(ids, np.int32), np.asarray(mask, np.int32))
+    return Encoded(np.asarray(ids, np.int32), np.asarray(mask, np.int32),
+                   context=n_context)
 
 
 def encode_text(tok: Tokenizer, text: str) -> Encoded:

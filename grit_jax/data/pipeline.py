@@ -28,7 +28,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from grit_jax.data import formats, records
-from grit_jax.data.dataset import open_dataset, tokenizer_fingerprint
+from grit_jax.data.dataset import from_stored, open_dataset, tokenizer_fingerprint
 from grit_jax.losses import MODES
 
 
@@ -100,6 +100,15 @@ class GritBatches:
         self.emb_steps, self.emb_dropped = self._steps(self.emb_names, cfg.query_batch, True)
         self.gen_steps, self.gen_dropped = self._steps(self.gen_names, cfg.generative_batch, False)
         self.steps_per_epoch = self.emb_steps or self.gen_steps
+
+    def context_examples(self) -> int:
+        """Generative examples in use that follow a cached document (``context`` records)."""
+        ds = self.meta["datasets"]
+        old = [n for n in self.gen_names if "context" not in ds[n]]
+        if old:
+            raise ValueError(f"{self.cfg.data_dir}: built before documents of context chats were "
+                             f"marked (datasets {old}); rebuild it")
+        return sum(ds[n]["context"] for n in self.gen_names if self.counts.get(n))
 
     # ------------------------------------------------------------------------------------------
     def _validate(self):
@@ -217,7 +226,7 @@ class GritBatches:
         ex = self.sources[name][index]
         bounds = np.cumsum(ex["lengths"])[:-1]
         ids, masks = np.split(ex["tokens"], bounds), np.split(ex["masks"], bounds)
-        return ([formats.Encoded(i, m.astype(np.int32)) for i, m in zip(ids, masks)],
+        return ([from_stored(i, m) for i, m in zip(ids, masks)],
                 int(ex["num_pos"]))
 
     def _group(self, epoch, d, index):
@@ -237,7 +246,11 @@ class GritBatches:
     def _pad(self, encoded, kind, prefix, mask_name):
         length = formats.bucket_length(max(len(e) for e in encoded), self.buckets[kind])
         ids, valid, mask = formats.pad_batch(encoded, length, self.pad_id)
-        return {f"{prefix}_ids": ids, f"{prefix}_valid": valid, f"{prefix}_{mask_name}": mask}
+        out = {f"{prefix}_ids": ids, f"{prefix}_valid": valid, f"{prefix}_{mask_name}": mask}
+        if kind == "generative":  # the cached document of context chats (gen_attention="context")
+            out["gen_context"] = np.arange(length)[None, :] < np.asarray(
+                [e.context for e in encoded])[:, None]
+        return out
 
     def local_batch(self, step: int) -> dict[str, np.ndarray]:
         """This process's part of global batch ``step`` (numpy, right-padded to buckets)."""
