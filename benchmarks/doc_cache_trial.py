@@ -3,8 +3,9 @@
 A trial, not a measurement: from the demo's converted model and training set (run `make demo`
 first), train the generative side only on the RAG-layout records (mostly ``adapt_rag``) with
 causal attention, PrefixLM attention, or the doc cache's own layout (``context``: the cached
-document read bidirectionally, the rest causally) for the same steps, then answer a few questions about held-out
-passages with plain RAG and with doc caching, and print the answers side by side.
+document read bidirectionally, the rest causally) for the same steps, then answer a few
+questions about held-out passages with plain RAG and with doc caching, and print the answers
+side by side.
 
 Usage: python benchmarks/doc_cache_trial.py [--steps 30] [--attention causal prefix context]
 Writes benchmarks/results/doc_cache_trial.json.
