@@ -7,8 +7,13 @@ document read bidirectionally, the rest causally) for the same steps, then answe
 questions about held-out passages with plain RAG and with doc caching, and print the answers
 side by side.
 
+``--demo``: train exactly as ``make demo`` does instead (its setting: both losses, 6 steps, the
+generative rows mostly RAG chats) with each attention, and ask "What is {title}?" for the first
+4 held-out titles: does the demo's ``gen_attention="context"`` make the difference?
+
 Usage: python benchmarks/doc_cache_trial.py [--steps 30] [--attention causal prefix context]
-Writes benchmarks/results/doc_cache_trial.json.
+       python benchmarks/doc_cache_trial.py --demo --attention causal context
+Writes benchmarks/results/doc_cache_trial.json (``--demo``: doc_cache_trial_demo.json).
 """
 
 import argparse
@@ -22,7 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUESTIONS = ["What is Amphibian?", "What are amphibians?"]
 
 
-def trial(attention, steps, demo_out, workdir):
+def trial(attention, steps, demo_out, workdir, demo=False):
     """Answers of one training run: {question: {plain: ..., doc: ...}} and its losses."""
     from grit_jax import train
     from grit_jax.data.adapt import INSTRUCTIONS
@@ -32,33 +37,41 @@ def trial(attention, steps, demo_out, workdir):
     from grit_jax.rag import RAG
 
     c = load_config(os.path.join(ROOT, "configs/smollm2_adapt.py"), setting="demo")
-    c.total_steps = c.checkpoint_every = steps
     c.init_from = os.path.join(demo_out, "smollm2")
     c.data.data_dir = os.path.join(demo_out, "adapted", "train")
-    c.loss.mode, c.loss.gen_attention = "generative", attention
-    # the trial's own optimizer and batch (the demo setting's may change)
-    c.optim.lr, c.optim.clip_norm, c.data.generative_batch = 5e-4, 1.0, 4
-    c.data.mixture = "adapt_text=0.1x,adapt_chat=0.2x,adapt_rag=4x"
+    c.loss.gen_attention = attention
+    if not demo:
+        c.total_steps = c.checkpoint_every = steps
+        c.loss.mode = "generative"
+        # the trial's own optimizer and batch (the demo setting's may change)
+        c.optim.lr, c.optim.clip_norm, c.data.generative_batch = 5e-4, 1.0, 4
+        c.data.mixture = "adapt_text=0.1x,adapt_chat=0.2x,adapt_rag=4x"
     t = time.time()
     logged = train.train(c, workdir)
     seconds = time.time() - t
     model = GritLM.from_pretrained(workdir, attn="bbcc", pooling_method="mean")
     corpus = os.path.join(demo_out, "adapted", "retrieval", "adapt_title", "corpus.jsonl")
     with open(corpus) as f:
-        passages = [json.loads(line)["text"] for line in f][:20]
+        passages = [json.loads(line)["text"] for line in f]
+    passages = passages if demo else passages[:20]
     rag = RAG.build(model, passages, os.path.join(workdir, "index"), overwrite=True,
                     max_length=SMOL_LENGTHS["passage"],
                     query_instruction=INSTRUCTIONS["adapt_title"])
+    questions = QUESTIONS
+    if demo:
+        with open(os.path.join(os.path.dirname(corpus), "queries.jsonl")) as f:
+            questions = [f"What is {json.loads(line)['text']}?" for line in f][:4]
     answers = {}
-    for q in QUESTIONS:
+    for q in questions:
         answers[q] = {}
         for cache, label in ((None, "plain"), ("doc", "doc")):
             a = rag.answer(q, cache=cache, max_new_tokens=40)
             answers[q][label] = {"passage": int(a.doc_ids[0]), "answer": a.text.strip()}
             print(f"[{attention}, {label}] {q!r} -> passage {a.doc_ids[0]}: {a.text.strip()!r}",
                   flush=True)
-    return {"loss_gen_first": logged[0]["loss_gen"], "loss_gen_last": logged[-1]["loss_gen"],
-            "train_seconds": round(seconds), "answers": answers}
+    return {"steps": c.total_steps, "loss_gen_first": logged[0]["loss_gen"],
+            "loss_gen_last": logged[-1]["loss_gen"], "train_seconds": round(seconds),
+            "answers": answers}
 
 
 def main(argv=None):
@@ -67,17 +80,22 @@ def main(argv=None):
     parser.add_argument("--attention", nargs="+", default=["causal", "prefix", "context"],
                         choices=["causal", "prefix", "context"])
     parser.add_argument("--demo-out", default=os.path.join(ROOT, "demo_out"))
-    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks/results/"
-                                                      "doc_cache_trial.json"))
+    parser.add_argument("--demo", action="store_true",
+                        help="train as make demo does (its setting), ask 4 held-out titles")
+    parser.add_argument("--out", default=None, help="results file (default: "
+                        "benchmarks/results/doc_cache_trial.json, or _demo.json with --demo)")
     args = parser.parse_args(argv)
+    args.out = args.out or os.path.join(ROOT, "benchmarks/results", "doc_cache_trial"
+                                        f"{'_demo' if args.demo else ''}.json")
     sys.path.insert(0, ROOT)  # configs/ imports its siblings as the package `configs`
     if not os.path.isdir(os.path.join(args.demo_out, "adapted", "train")):
         sys.exit(f"error: {args.demo_out}: no demo training set (run `make demo` first)")
-    results = {"steps": args.steps, "runs": {}}
+    results = {"steps": 6 if args.demo else args.steps,
+               "training": "make demo's" if args.demo else "generative-only", "runs": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for attention in args.attention:
             results["runs"][attention] = trial(attention, args.steps, args.demo_out,
-                                               os.path.join(tmp, attention))
+                                               os.path.join(tmp, attention), args.demo)
     with open(args.out, "w") as f:
         json.dump(results, f, indent=1, ensure_ascii=False)
     print(f"-> {args.out}")
