@@ -86,6 +86,16 @@ def test_context_tokens_reach_the_batch(tmp_path, tokenizer):
     assert not b["gen_context"][plain].any()
     for i in rows:
         assert tokenizer.decode(b["gen_ids"][i][b["gen_loss"][i] == 1][:-1]) == answer
+    assert GritBatches(PipelineConfig(str(tmp_path / "built"), generative_batch=2,
+                                      mode="generative")).context_examples() == 1
+    # A dataset built before documents were marked (no counts in its metadata) is named.
+    meta_file = next((tmp_path / "built").rglob("metadata.json"))
+    meta = json.loads(meta_file.read_text())
+    del meta["datasets"]["gen"]["context"]
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="built before documents of context chats were marked"):
+        GritBatches(PipelineConfig(str(tmp_path / "built"), generative_batch=2,
+                                   mode="generative")).context_examples()
 
 
 def test_oversampling_negatives(data_dir):

@@ -94,10 +94,11 @@ def run_build(args) -> int:
     meta = builder.info.metadata
     for name, d in meta["datasets"].items():
         cut = d.get("truncated") or {}
-        print(f"{name}: {d['kind']}, {d['examples']} examples, {d['tokens']} tokens ({d['file']})"
-              + ("; truncated at max length: " + ", ".join(f"{v} {k}" + ("s" if v > 1 else "")
-                                                          for k, v in sorted(cut.items()))
-                 if cut else ""))
+        ctx = (f", {d['context']} after a cached document (context)"
+               if d.get("context") else "")
+        cuts = ", ".join(f"{v} {k}" + ("s" if v > 1 else "") for k, v in sorted(cut.items()))
+        print(f"{name}: {d['kind']}, {d['examples']} examples{ctx}, {d['tokens']} tokens "
+              f"({d['file']})" + (f"; truncated at max length: {cuts}" if cut else ""))
     skipped = meta["skipped"]
     print(f"skipped: {sum(skipped.values())}" + (f" {skipped}" if skipped else ""))
     print(f"-> {args.output} (give this folder to training as data.data_dir)")
