@@ -90,12 +90,12 @@ def main(argv=None):
     sys.path.insert(0, ROOT)  # configs/ imports its siblings as the package `configs`
     if not os.path.isdir(os.path.join(args.demo_out, "adapted", "train")):
         sys.exit(f"error: {args.demo_out}: no demo training set (run `make demo` first)")
-    results = {"steps": 6 if args.demo else args.steps,
-               "training": "make demo's" if args.demo else "generative-only", "runs": {}}
+    results = {"training": "make demo's" if args.demo else "generative-only", "runs": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for attention in args.attention:
             results["runs"][attention] = trial(attention, args.steps, args.demo_out,
                                                os.path.join(tmp, attention), args.demo)
+    results["steps"] = results["runs"][args.attention[0]]["steps"]  # the same for every run
     with open(args.out, "w") as f:
         json.dump(results, f, indent=1, ensure_ascii=False)
     print(f"-> {args.out}")

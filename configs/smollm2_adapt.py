@@ -20,6 +20,8 @@ python -m grit_jax.train --config configs/smollm2_adapt.py --workdir /tmp/smol_a
 
 from configs import smollm2_grit_lora
 
+# What a setting does not name (the mixture: every example once per epoch).
+DEFAULTS = dict(mixture="", gen_attention="causal", lr=5e-4, clip_norm=1.0)
 PRESETS = {
     "cpu": dict(steps=48, query_batch=16, generative_batch=4, chunk=8,
                 buckets=dict(query="48", passage="96", generative="128")),
@@ -37,7 +39,7 @@ def get_config(setting: str = "cpu"):
     if setting not in PRESETS:
         raise ValueError(f"configs/smollm2_adapt.py:{setting}: no such setting "
                          f"(settings: {', '.join(PRESETS)})")
-    p = PRESETS[setting]
+    p = {**DEFAULTS, **PRESETS[setting]}
     c = smollm2_grit_lora.get_config()
     c.total_steps = p["steps"]
     c.checkpoint_every = p["steps"]
@@ -45,9 +47,7 @@ def get_config(setting: str = "cpu"):
     c.data.update(dict(query_batch=p["query_batch"], generative_batch=p["generative_batch"],
                        group_size=2))
     c.data.buckets.update(p["buckets"])
-    c.data.mixture = p.get("mixture", "")
-    c.loss.update(dict(grad_cache_chunk=p["chunk"], gen_attention=p.get("gen_attention",
-                                                                         "causal")))
-    c.optim.update(dict(lr=p.get("lr", 5e-4), clip_norm=p.get("clip_norm", 1.0),
-                        warmup_ratio=0.1))
+    c.data.mixture = p["mixture"]
+    c.loss.update(dict(grad_cache_chunk=p["chunk"], gen_attention=p["gen_attention"]))
+    c.optim.update(dict(lr=p["lr"], clip_norm=p["clip_norm"], warmup_ratio=0.1))
     return c

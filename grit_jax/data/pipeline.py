@@ -248,7 +248,7 @@ class GritBatches:
         ids, valid, mask = formats.pad_batch(encoded, length, self.pad_id)
         out = {f"{prefix}_ids": ids, f"{prefix}_valid": valid, f"{prefix}_{mask_name}": mask}
         if kind == "generative":  # the cached document of context chats (gen_attention="context")
-            out["gen_context"] = np.arange(length)[None, :] < np.asarray(
+            out[f"{prefix}_context"] = np.arange(length)[None, :] < np.asarray(
                 [e.context for e in encoded])[:, None]
         return out
 
