@@ -7,7 +7,7 @@ document read bidirectionally, the rest causally) for the same steps, then answe
 questions about held-out passages with plain RAG and with doc caching, and print the answers
 side by side.
 
-``--demo``: train exactly as ``make demo`` does instead (its setting: both losses, 6 steps, the
+``--demo``: train exactly as ``make demo`` does instead (its setting: both losses, the
 generative rows mostly RAG chats) with each attention, and ask "What is {title}?" for the first
 4 held-out titles: does the demo's ``gen_attention="context"`` make the difference?
 ``--titles N``: ask about the first N held-out titles (either training). ``--set KEY=VALUE``:

@@ -27,6 +27,15 @@ class _HealthyCheckpointNoise(logging.Filter):
 logging.getLogger("absl").addFilter(_HealthyCheckpointNoise())
 
 
+class _AbandonedReads(logging.Filter):
+    """A failed restore abandons the step's other reads, which fail too; asyncio would log each
+    as "Future exception was never retrieved" with a traceback once collected. The one-line
+    error of :func:`damage` already names the damaged step."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "exception was never retrieved" not in record.getMessage()
+
+
 def save_params(params, config: ModelConfig, directory: str) -> str:
     """Write params with Orbax and the model config as JSON; returns the params path."""
     directory = storage.normalize(directory)
@@ -96,7 +105,11 @@ def workdir_steps(workdir: str) -> list[int]:
 
 
 def damage(e: BaseException) -> str:
-    """What a failed restore says, in one short line (TensorStore errors run to 100+ lines)."""
+    """What a failed restore says, in one short line (TensorStore errors run to 100+ lines);
+    from then on the restore's abandoned reads stay out of the log (``_AbandonedReads``)."""
+    asyncio_log = logging.getLogger("asyncio")
+    if not any(isinstance(f, _AbandonedReads) for f in asyncio_log.filters):
+        asyncio_log.addFilter(_AbandonedReads())
     text = " ".join(str(e).split()).split(" See full TensorStore details")[0] or type(e).__name__
     return text if len(text) <= 240 else text[:240] + " ..."
 
