@@ -33,21 +33,22 @@ MAX_NEW_TOKENS = 40
 
 def override(config, assignments):
     """Apply ``KEY=VALUE`` strings to an ml_collections config (values read as JSON, else text)."""
+    values = {}
     for a in assignments:
         key, sep, text = a.partition("=")
         if not sep:
             sys.exit(f"error: --set {a}: expected KEY=VALUE")
         try:
-            value = json.loads(text)
+            values[key] = json.loads(text)
         except json.JSONDecodeError:
-            value = text
-        section, _, field = key.rpartition(".")
-        target = config
-        for part in filter(None, section.split(".")):
-            target = target.get(part) if hasattr(target, "get") else None
-        if not hasattr(target, "get") or field not in target:
-            sys.exit(f"error: --set {a}: the config has no field {key!r}")
-        target[field] = value
+            values[key] = text
+    config.lock()  # a misspelt field is an error, not a new field
+    try:
+        config.update_from_flattened_dict(values)
+    except (KeyError, AttributeError, TypeError) as e:
+        sys.exit(f"error: --set: {e}")
+    finally:
+        config.unlock()
 
 
 def trial(attention, steps, demo_out, workdir, demo=False, titles=0, assignments=()):
