@@ -76,8 +76,12 @@ def extend_cache(prefix: KVCache, extra: int) -> KVCache:
 @partial(jax.jit, static_argnames=("config", "max_new_tokens", "sampling", "cache_size"))
 def generate_ids(params, config: ModelConfig, ids, valid, rng, *, max_new_tokens: int,
                  sampling: Sampling = Sampling(), eos_id: int = -1, cache_size: int | None = None,
-                 prefix: KVCache | None = None):
+                 prefix: KVCache | None = None, stop_after=None):
     """New tokens (B, max_new_tokens) for right-padded prompts; after EOS a row emits eos_id.
+
+    ``stop_after`` (traced, default ``max_new_tokens``): generate at most that many; the rest
+    of the row is eos_id. One program then serves every budget up to ``max_new_tokens`` (the
+    output width and the cache's room), so a 1-token latency probe reuses a 48-token answer's.
 
     ``prefix``: key/value states already computed for each row (e.g. a document's embedding
     pass); the prompt continues after ``prefix.lengths[b]`` tokens, at those positions. Also
@@ -95,10 +99,11 @@ def generate_ids(params, config: ModelConfig, ids, valid, rng, *, max_new_tokens
     tok = sample_logits(logits, key, sampling)
     out = jnp.full((b, max_new_tokens), eos_id, jnp.int32).at[:, 0].set(tok)
     done, n = tok == eos_id, jnp.ones((b,), jnp.int32)
+    stop = max_new_tokens if stop_after is None else jnp.minimum(stop_after, max_new_tokens)
 
     def cond(carry):
         i, _, _, _, done, _, _ = carry
-        return (i < max_new_tokens) & ~jnp.all(done)
+        return (i < stop) & ~jnp.all(done)
 
     def body(carry):
         i, tok, cache, out, done, n, rng = carry

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 DEFAULT_EMBED_LENGTH = 512
 # Encode pads each batch to one of 4 lengths per octave (<= 25% padding, a few more compiles).
 ENCODE_BUCKETS_PER_OCTAVE = 4
+NEW_TOKENS_ROOM = 64  # least room for new tokens in a generate program (then 128, 256, ...)
 
 
 class GritLM:
@@ -56,9 +57,12 @@ class GritLM:
             if is_per_layer(params):
                 shardings = split_layers(shardings, config.num_layers)
             params = jax.device_put(params, shardings)
-        # Per-layer weights, split once here: every call (each decoded token) then reads them in
-        # place instead of copying each layer out of the scanned stack (grit_jax.model).
-        self.params = split_layers(params)
+        # The scanned stack serves encoding (one layer body: its programs compile ~3x faster
+        # and run as fast); the first generation splits it once into per-layer weights that
+        # each decoded token reads in place instead of copying every layer out of the stack
+        # (grit_jax.model.split_layers). Weights given here may be in either layout.
+        self.params = params
+        self._owns_params = False  # from_pretrained: the stack may be freed while it splits
         self._fingerprint = None
 
     @classmethod
@@ -79,10 +83,17 @@ class GritLM:
                 sharding.check_divisible(boxed, mesh)
                 return sharding.param_shardings(boxed, mesh)
         params, config = weights.load(path, dtype=dtype, shardings_for=shardings_for)
-        # Split here, each stacked array freed as it goes: nothing else holds them.
-        params = split_layers(params, consume=True)
         tokenizer = load_tokenizer(tokenizer or weights.tokenizer_path(path))
-        return cls(params, config, tokenizer, **kw)
+        model = cls(params, config, tokenizer, **kw)
+        model._owns_params = True  # nothing else holds them
+        return model
+
+    def _decode_params(self):
+        """Per-layer weights for decoding, split from the stack at the first call (each stacked
+        array freed as it goes where this model loaded them itself)."""
+        if not is_per_layer(self.params):
+            self.params = split_layers(self.params, consume=self._owns_params)
+        return self.params
 
     def _scope(self):
         """Mesh and sharding rules in scope for a jitted call (a no-op on one device)."""
@@ -234,6 +245,9 @@ class GritLM:
                 raise ValueError(f"prompt {i} has no tokens")
         limit = self.config.max_position_embeddings
         buckets = formats.length_buckets(limit)
+        # room for the reply in powers of two from 64: budgets of 1 and 48 share one program
+        room = formats.bucket_length(max_new_tokens, formats.length_buckets(
+            max(limit, NEW_TOKENS_ROOM), smallest=NEW_TOKENS_ROOM))
         sampling.check(self.config.vocab_size)
         eos = self.tokenizer.eos_id if (stop_at_eos and self.tokenizer.eos_id is not None) else -1
         plen = [0 if prefixes is None else len(prefixes[i]) for i in range(len(prompts))]
@@ -253,16 +267,17 @@ class GritLM:
                 for i in idx:
                     prefixes[i].check_model(self.config)
                 prefix = to_kv_cache([prefixes[i] for i in idx], cached, self.config.jnp_dtype)
-            total = cached + length + max_new_tokens
+            total = cached + length + room
             if max(plen[i] + len(prompts[i]) for i in idx) + max_new_tokens > limit:
                 raise ValueError(f"cached prefix + prompt + max_new_tokens={max_new_tokens} "
                                  f"exceeds max_position_embeddings={limit}")
             ids, valid, _ = formats.pad_batch(rows, length, self.tokenizer.pad_id)
             rng, key = jax.random.split(rng)
             with self._scope():
-                out, n = generate_ids(self.params, self.config, ids, valid, key,
-                                      max_new_tokens=max_new_tokens, sampling=sampling, eos_id=eos,
-                                      cache_size=total, prefix=prefix)
+                out, n = generate_ids(self._decode_params(), self.config, ids, valid, key,
+                                      max_new_tokens=room, stop_after=max_new_tokens,
+                                      sampling=sampling, eos_id=eos, cache_size=total,
+                                      prefix=prefix)
             out, n = np.asarray(out), np.asarray(n)
             for j, i in enumerate(idx):
                 results[i] = [int(t) for t in out[j, :n[j]] if t != eos]

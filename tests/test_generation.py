@@ -41,6 +41,8 @@ def test_per_layer_weights_generate_what_the_scanned_stack_generates(mistral_dir
 
     model = GritLM.from_pretrained(mistral_dir)
     stacked, _ = load_model(mistral_dir)
+    assert not is_per_layer(model.params)  # encoding reads the stack; generating splits it
+    model.generate("Hi", max_new_tokens=1)
     assert is_per_layer(model.params) and not is_per_layer(stacked)
     enc = [formats.encode_chat(model.tokenizer, p, add_generation_prompt=True) for p in PROMPTS]
     ids, valid, _ = formats.pad_batch(enc, 64, 2)
@@ -73,6 +75,19 @@ def test_generation_stops_at_eos(mistral_dir):
     out = np.asarray(out)[0].tolist()
     first = out.index(stop_tok)
     assert int(n[0]) == first + 1 and all(t == stop_tok for t in out[first:])
+
+
+def test_token_budgets_share_one_program(mistral_dir):
+    """Budgets up to the room (64 new tokens) run one compiled program: a 1-token latency probe
+    reuses a longer answer's, and each shorter greedy answer is the longer one's start."""
+    model = GritLM.from_pretrained(mistral_dir)
+    prompt = formats.encode_chat(model.tokenizer, PROMPTS[0], add_generation_prompt=True).ids
+    before = generate_ids._cache_size()
+    got = [model.generate_tokens([prompt], max_new_tokens=k, stop_at_eos=False)[0]
+           for k in (12, 1, 5)]
+    assert generate_ids._cache_size() <= before + 1  # (none if an earlier test compiled it)
+    assert [len(g) for g in got] == [12, 1, 5]
+    assert got[1] == got[0][:1] and got[2] == got[0][:5]
 
 
 def test_sampling_filters():

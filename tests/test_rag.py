@@ -244,9 +244,13 @@ def test_sharded_model_equals_single_device(request, family, mesh_shape):
     with jax.enable_x64(True):  # equal up to reduction order: compared in float64
         single = GritLM.from_pretrained(path, dtype="float64")
         sharded = GritLM.from_pretrained(path, mesh_shape=mesh_shape, dtype="float64")
-        leaf = sharded.params["layer_0"]["mlp" if family == "mistral" else "moe"]["up"]
-        assert len(leaf.sharding.device_set) == 8
-        assert leaf.addressable_shards[0].data.shape != leaf.shape
+        ffn = "mlp" if family == "mistral" else "moe"
+
+        def assert_sharded(leaf):
+            assert len(leaf.sharding.device_set) == 8
+            assert leaf.addressable_shards[0].data.shape != leaf.shape
+
+        assert_sharded(sharded.params["layers"][ffn]["up"])  # the stack, until a generation
         assert jax.device_count() == 8
         texts = [d["text"] for d in DOCS]
         got, want = sharded.encode(texts), single.encode(texts)
@@ -254,4 +258,5 @@ def test_sharded_model_equals_single_device(request, family, mesh_shape):
         np.testing.assert_allclose(got, want, rtol=FLOAT64_RTOL, atol=FLOAT64_ATOL)
         assert sharded.generate(QUERIES, max_new_tokens=6) == single.generate(QUERIES,
                                                                               max_new_tokens=6)
+        assert_sharded(sharded.params["layer_0"][ffn]["up"])  # split, keeping the sharding
         assert sharded.fingerprint == single.fingerprint
