@@ -318,7 +318,7 @@ def _main(argv) -> int:
                         help="the demo's own folder: its results are remade on each run, the "
                              "converted model and the data reused")
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: "
-                                                                "the config's, 30 for smollm2)")
+                                                                "the config's, 26 for smollm2)")
     parser.add_argument("--config", default=None,
                         help="config file (default: configs/smollm2_adapt.py or configs/tiny.py)")
     args = parser.parse_args(argv)
