@@ -160,15 +160,28 @@ class GritLM:
         sentences = [sentences] if single else list(sentences)
         if not sentences:
             raise ValueError("encode: no sentences given")
+        max_length = self.embed_length(max_length)
+        encoded = self.tokenize_for_embedding(sentences, instruction, max_length)
+        out = self.encode_tokens(encoded, batch_size=batch_size, max_length=max_length,
+                                 get_cache=get_cache)
+        if single:
+            return (out[0][0], out[1][0]) if get_cache else out[0]
+        return out
+
+    def encode_tokens(self, encoded: Sequence[formats.Encoded], *, batch_size: int = 64,
+                      max_length: int | None = None, get_cache: bool = False):
+        """``encode`` of inputs already tokenized by ``tokenize_for_embedding`` (with the same
+        ``max_length``): embeddings (N, E), and with ``get_cache`` each input's PrefixCache."""
+        if not encoded:
+            raise ValueError("encode: no inputs given")
         if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r}: must be a positive integer")
         max_length = self.embed_length(max_length)
-        encoded = self.tokenize_for_embedding(sentences, instruction, max_length)
         order = np.argsort([-len(e) for e in encoded], kind="stable")  # long first: fewer pads
         buckets = formats.length_buckets(max(max_length, 16), per_octave=ENCODE_BUCKETS_PER_OCTAVE)
-        out = np.zeros((len(sentences), self.config.embedding_dim),
+        out = np.zeros((len(encoded), self.config.embedding_dim),
                        np.float64 if self.config.dtype == "float64" else np.float32)
-        caches: list[PrefixCache | None] = [None] * len(sentences)
+        caches: list[PrefixCache | None] = [None] * len(encoded)
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
             rows = [encoded[i] for i in idx]
@@ -186,10 +199,7 @@ class GritLM:
                 for j, i in enumerate(idx):
                     n = len(rows[j])
                     caches[i] = PrefixCache(rows[j].ids, k[:, j, :n], v[:, j, :n])
-        emb = out[0] if single else out
-        if get_cache:
-            return emb, (caches[0] if single else caches)
-        return emb
+        return (out, caches) if get_cache else out
 
     def encode_queries(self, queries, **kw) -> np.ndarray:
         """Encode retrieval queries (pass ``instruction=``)."""

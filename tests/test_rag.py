@@ -223,6 +223,21 @@ def test_cli_index_and_ask(mistral_dir, tmp_path, capsys):
     assert "attn" in capsys.readouterr().err
 
 
+def test_build_counts_truncated_documents_once(bidir_rag, tmp_path, caplog):
+    """A document of exactly max_length tokens is not truncated; the cut ones are counted in
+    index.json and in one warning, however many chunks the build embeds them in."""
+    import logging
+
+    model = bidir_rag.model
+    texts = [d["title"] + " " + d["text"] if d.get("title") else d["text"] for d in DOCS]
+    lengths = [len(e) for e in model.tokenize_for_embedding(texts)]
+    limit = min(lengths)
+    with caplog.at_level(logging.WARNING, logger="grit_jax.inference"):
+        rag = RAG.build(model, DOCS, str(tmp_path / "index"), batch_size=2, max_length=limit)
+    assert rag.meta["truncated_docs"] == sum(n > limit for n in lengths) > 0
+    assert [r.message.count("truncated") for r in caplog.records] == [1]
+
+
 def test_encode_and_generate_reject_empty_input(bidir_rag):
     model = bidir_rag.model
     with pytest.raises(ValueError, match="no sentences"):

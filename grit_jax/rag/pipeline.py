@@ -114,20 +114,20 @@ class RAG:
             writer = (DocCacheWriter(os.path.join(staging, KV_DIR), fingerprint=model.fingerprint,
                                      attn=model.attn, config=model.config) if cache_docs else None)
             emb = np.zeros((len(docs), model.config.embedding_dim), np.float32)
-            truncated = 0
+            # tokenized once: one warning counts the truncated documents
+            encoded = model.tokenize_for_embedding([document_text(d) for d in docs], "",
+                                                   max_length)
+            truncated = sum(bool(e.cut) for e in encoded)
             for start in range(0, len(docs), batch_size):
-                texts = [document_text(d) for d in docs[start:start + batch_size]]
+                chunk = encoded[start:start + batch_size]
                 if cache_docs:
-                    emb[start:start + len(texts)], caches = model.encode(
-                        texts, batch_size=batch_size, max_length=max_length, get_cache=True)
+                    emb[start:start + len(chunk)], caches = model.encode_tokens(
+                        chunk, batch_size=batch_size, max_length=max_length, get_cache=True)
                     for c in caches:
                         writer.add(c)
-                        truncated += len(c) == max_length
                 else:
-                    emb[start:start + len(texts)] = model.encode(texts, batch_size=batch_size,
-                                                                 max_length=max_length)
-                    truncated += sum(len(e) == max_length for e in
-                                     model.tokenize_for_embedding(texts, "", max_length))
+                    emb[start:start + len(chunk)] = model.encode_tokens(
+                        chunk, batch_size=batch_size, max_length=max_length)
             if writer is not None:
                 writer.close()
             DenseIndex(emb).save(staging)
