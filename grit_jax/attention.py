@@ -15,7 +15,8 @@ Which kernel runs (``attention_impl``, resolved per call by ``resolve``):
 - ``blocked``: the CPU default (XLA:CPU's call materialises the scores and runs the softmax at
   memory speed); one (sequence, key/value head, query block) at a time with a flash-style
   backward (benchmarks/attention_cpu.py). Causal calls (a ``CausalMask``) read, per query block,
-  only the keys the mask lets it see.
+  only the keys the mask lets it see; bidirectional calls (a ``KeyMask``) add a per-key bias
+  instead of reading a (T, S) mask.
 - float64 inputs always take an explicit float64 softmax (parity checks).
 """
 
@@ -35,6 +36,7 @@ BLOCK = 256  # query rows per block: with S keys the scores block is (heads per 
 MIN_BLOCKED_QUERIES = 64  # shorter (decode steps, short prompts): XLA's call, no loop overhead
 SPLASH_IMPLS = ("splash", "splash_interpret")
 SPLASH_LANES = 128  # splash block sizes (and so padded lengths) are multiples of this
+NEG = float(jnp.finfo(jnp.float32).min)  # the score of a hidden key
 
 
 @jax.tree_util.register_dataclass
@@ -63,6 +65,21 @@ class SelfMask:
                 keep = keep & (diff < self.window)
             allowed = allowed & keep[None]
         return allowed[:, None]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KeyMask:
+    """A mask that depends on the key alone (bidirectional attention): every query sees exactly
+    the ``valid`` (B, S) keys. The blocked kernel adds a per-key bias instead of reading a dense
+    (T, S) mask (a quarter less time at 4,000 tokens); other kernels take ``dense``."""
+
+    valid: jax.Array
+
+    def dense(self, queries: int) -> jax.Array:
+        """The boolean (B, 1, queries, S) mask (as ``grit_jax.model.attention_mask``)."""
+        b, s = self.valid.shape
+        return jnp.broadcast_to(self.valid.astype(bool)[:, None, None, :], (b, 1, queries, s))
 
 
 @jax.tree_util.register_dataclass
@@ -113,20 +130,24 @@ def check_platform(impl: str, platform: str) -> None:
 def attention(q, k, v, mask, scale: float, impl: str = "auto"):
     """softmax(q k^T * scale, masked) v for q (B, T, H, D), k/v (B, S, G, D).
 
-    ``mask``: a boolean (B, 1, T, S) array, or a SelfMask (self-attention, T == S). Float64
-    inputs take an explicit float64 softmax (XLA's call always takes it in float32).
+    ``mask``: a boolean (B, 1, T, S) array, a SelfMask (self-attention, T == S), a KeyMask
+    (bidirectional) or a CausalMask. Float64 inputs take an explicit float64 softmax (XLA's call
+    always takes it in float32).
     """
     is_self = isinstance(mask, SelfMask)
     kernel = resolve(impl, q.shape[1], self_attention=is_self)
     if kernel in SPLASH_IMPLS and q.dtype != jnp.float64:
         return splash_attention(q, k, v, mask, scale, interpret=kernel == "splash_interpret")
     reach = window = None
+    if is_self:
+        if mask.mode == "causal":
+            reach, window, mask = 1, mask.window, mask.dense()
+        else:
+            mask = KeyMask(mask.valid)
     if isinstance(mask, CausalMask):
         reach, window, mask = mask.reach, mask.window, mask.allowed
-    elif is_self:
-        if mask.mode == "causal":
-            reach, window = 1, mask.window
-        mask = mask.dense()
+    elif isinstance(mask, KeyMask) and (kernel != "blocked" or q.dtype == jnp.float64):
+        mask = mask.dense(q.shape[1])
     if q.dtype == jnp.float64:
         return float64_attention(q, k, v, mask, scale)
     if kernel == "blocked":
@@ -226,6 +247,7 @@ def blocked_attention(q, k, v, mask, scale, block: int = BLOCK, *, reach: int | 
     query rows (padding) give finite outputs. ``reach``/``window`` (a causal mask, CausalMask):
     query i sees no key at or past ``i + reach`` nor at or before ``i - window``; each query
     block then reads only the keys in between, about half the work of causal self-attention.
+    ``mask`` may be a KeyMask (bidirectional): a per-key bias replaces the dense mask.
     """
     t, s = q.shape[1], k.shape[1]
     if reach is None or t <= block or (window is None and block - 1 + reach >= s):
@@ -251,8 +273,12 @@ def _blocked(q, k, v, mask, scale, block):
     n = b * g * nq
     qs = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b, nq, qb, g, r, d)
     qs = qs.transpose(0, 3, 1, 4, 2, 5).reshape(n, r, qb, d)
-    ms = jnp.pad(mask[:, 0], ((0, 0), (0, pad), (0, 0))).reshape(b, 1, nq, qb, s)
-    ms = jnp.broadcast_to(ms, (b, g, nq, qb, s)).reshape(n, qb, s)
+    if isinstance(mask, KeyMask):  # one additive bias row per block: 0 or NEG per key
+        bias = jnp.where(mask.valid.astype(bool), 0.0, NEG).astype(jnp.float32)
+        ms = jnp.broadcast_to(bias[:, None, None, None, :], (b, g, nq, 1, s)).reshape(n, 1, s)
+    else:
+        ms = jnp.pad(mask[:, 0], ((0, 0), (0, pad), (0, 0))).reshape(b, 1, nq, qb, s)
+        ms = jnp.broadcast_to(ms, (b, g, nq, qb, s)).reshape(n, qb, s)
 
     def per_block(x):  # (b, s, g, d) -> (n, s, d): each block's sequence and head
         x = x.transpose(0, 2, 1, 3)[:, :, None]
@@ -268,19 +294,27 @@ def _blocked(q, k, v, mask, scale, block):
 
 @partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _block_attention(q, k, v, mask, scale):
-    """One block: q (R, Q, D), k/v (S, D), mask (Q, S) -> (R, Q, D)."""
+    """One block: q (R, Q, D), k/v (S, D), mask (Q, S) boolean or (1, S) additive -> (R, Q, D)."""
     return _block_forward(q, k, v, mask, scale)[0]
 
 
 def _block_forward(q, k, v, mask, scale):
     """(output, log-sum-exp of each row's masked scores), softmax in float32."""
-    scores = jnp.einsum("rqd,sd->rqs", q, k, preferred_element_type=jnp.float32) * scale
-    scores = jnp.where(mask[None], scores, jnp.finfo(jnp.float32).min)
+    scores = _masked(jnp.einsum("rqd,sd->rqs", q, k, preferred_element_type=jnp.float32) * scale,
+                     mask)
     top = scores.max(-1, keepdims=True)
     p = jnp.exp(scores - top)
     total = p.sum(-1, keepdims=True)
     out = jnp.einsum("rqs,sd->rqd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return (out / total).astype(q.dtype), top + jnp.log(total)
+
+
+def _masked(scores, mask):
+    """Scores with hidden keys at NEG: a boolean (Q, S) mask selects, a float (1, S) bias adds
+    (NEG plus any finite score rounds to NEG: no -inf, padded rows stay finite)."""
+    if mask.dtype == jnp.bool_:
+        return jnp.where(mask[None], scores, NEG)
+    return scores + mask[None]
 
 
 def _block_fwd(q, k, v, mask, scale):
@@ -293,7 +327,10 @@ def _block_bwd(scale, res, g):
     q, k, v, mask, out, lse = res
     f32 = jnp.float32
     scores = jnp.einsum("rqd,sd->rqs", q, k, preferred_element_type=f32) * scale
-    p = jnp.where(mask[None], jnp.exp(scores - lse), 0.0)
+    if mask.dtype == jnp.bool_:
+        p = jnp.where(mask[None], jnp.exp(scores - lse), 0.0)
+    else:  # an additive bias: NEG on hidden keys, whose probabilities come out 0
+        p = jnp.exp(scores + mask[None] - lse)
     g32 = g.astype(f32)
     dv = jnp.einsum("rqs,rqd->sd", p, g32)
     dp = jnp.einsum("rqd,sd->rqs", g32, v.astype(f32))

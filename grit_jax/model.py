@@ -475,8 +475,11 @@ class Transformer(nn.Module):
             # The kernel builds its masks from these parts (grit_jax.attention.SelfMask).
             mask = attention.SelfMask(valid, mode, c.sliding_window if mode == "causal" else None)
         else:
-            spans = None if prompt is None else prompt_spans(prompt & valid)
-            mask = attention_mask(positions, k_pos, k_valid, mode, c.sliding_window, spans)
+            if mode == "bidirectional":  # the valid keys alone: kernels may add a per-key bias
+                mask = attention.KeyMask(k_valid)
+            else:
+                spans = None if prompt is None else prompt_spans(prompt & valid)
+                mask = attention_mask(positions, k_pos, k_valid, mode, c.sliding_window, spans)
             if mode == "causal" and default_positions:  # slot = position: kernels may skip keys
                 reach = 1 if cache is None else cache.size - t + 1
                 mask = attention.CausalMask(mask, reach, c.sliding_window)

@@ -55,6 +55,36 @@ def test_blocked_equals_xla_and_reference(mode, window, t, block):
                                   d ** -0.5, "blocked")
         np.testing.assert_allclose(np.where(rows, via_call, 0), np.where(rows, want, 0),
                                    atol=2e-6)
+    else:  # a per-key bias instead of the dense mask: the same values, directly and via the call
+        for mask_parts in (attn.KeyMask(jnp.asarray(valid)),
+                           attn.SelfMask(jnp.asarray(valid), mode)):
+            biased = attn.attention(q, k, v, mask_parts, d ** -0.5, "blocked")
+            assert np.isfinite(np.asarray(biased)).all()
+            np.testing.assert_allclose(np.where(rows, biased, 0), np.where(rows, want, 0),
+                                       atol=2e-6)
+
+
+def test_key_mask_gradients_equal_xla_and_padding_rows_stay_finite():
+    """The per-key bias (KeyMask) backward equals XLA's call's on a dense mask; a sequence that
+    is all padding (every key hidden) gives finite values and gradients."""
+    b, t, h, g, d = 3, 37, 4, 2, 8
+    q, k, v = inputs(b, t, h, g, d, seed=3)
+    valid = np.ones((b, t), bool)
+    valid[1, 30:] = False
+    valid[2, :] = False
+    pos = jnp.broadcast_to(jnp.arange(t), (b, t))
+    dense = attention_mask(pos, pos, jnp.asarray(valid), "bidirectional")
+    w = np.random.RandomState(4).randn(b, t, h, d).astype(np.float32) * valid[:, :, None, None]
+
+    def grads(fn):
+        return jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v) * w), argnums=(0, 1, 2))(q, k, v)
+
+    got = grads(lambda q, k, v: attn.blocked_attention(q, k, v, attn.KeyMask(jnp.asarray(valid)),
+                                                       0.35, 8))
+    want = grads(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=dense, scale=0.35))
+    for a, e in zip(got, want):
+        assert np.isfinite(np.asarray(a)).all()
+        np.testing.assert_allclose(a, e, atol=2e-5 * float(jnp.abs(e).max()))
 
 
 def test_blocked_causal_and_bidirectional_differ():
@@ -248,8 +278,13 @@ def test_model_causal_passes_skip_hidden_keys_with_the_same_values(cached, monke
         out[impl] = np.asarray(forward(params, cfg, ids, jnp.asarray(valid), mode="causal",
                                        cache=cache).hidden)
     assert set(seen) == {("CausalMask", 340 - 300 + 1 if cached else 1)}, seen
-    forward(params, base, ids, jnp.asarray(valid), mode="bidirectional")
-    assert seen[-1][0] != "CausalMask"  # bidirectional: nothing to skip
+    bidir = {impl: np.asarray(forward(params, base.replace(attention_impl=impl), ids,
+                                      jnp.asarray(valid), mode="bidirectional").hidden)
+             for impl in ("blocked", "xla")}
+    assert seen[-1][0] == "KeyMask"  # bidirectional: nothing to skip, a per-key bias
+    np.testing.assert_allclose(np.where(valid[:, :, None], bidir["blocked"], 0),
+                               np.where(valid[:, :, None], bidir["xla"], 0),
+                               atol=1e-5 * float(np.abs(bidir["xla"]).max()))
     rows = valid[:, :, None]
     scale = float(np.abs(out["xla"]).max())
     np.testing.assert_allclose(np.where(rows, out["blocked"], 0), np.where(rows, out["xla"], 0),
