@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import re
 import sys
 import traceback
 from typing import Callable, Sequence
@@ -128,7 +129,7 @@ def absl_flags(argv: list[str], prog: str) -> list[str]:
     try:
         rest = flags.FLAGS([prog, *argv])
     except flags.Error as e:
-        raise UserError(str(e).replace("\n", " ")) from None
+        raise UserError(_flag_error(str(e))) from None
     except SyntaxError as e:
         raise UserError(f"--config {e.filename}:{e.lineno}: {e.msg}") from None
     except Exception as e:  # noqa: BLE001 - an error inside the user's config file
@@ -141,6 +142,18 @@ def absl_flags(argv: list[str], prog: str) -> list[str]:
     if len(rest) > 1:
         raise UserError(f"unexpected argument {rest[1]!r} (flags are --name=value)")
     return rest
+
+
+def _flag_error(text: str) -> str:
+    """One line for a flag error; ml_collections folds a ``get_config(ARG)`` traceback into it."""
+    head, sep, tb = text.partition("Traceback (most recent call last):")
+    if not sep:
+        return text.replace("\n", " ")
+    lines = [ln.strip() for ln in tb.splitlines() if ln.strip()]
+    where = [m.groups() for m in map(re.compile(r'File "([^"]+)", line (\d+)').match, lines)
+             if m and "site-packages" not in m.group(1) and not m.group(1).startswith(_OURS[0])]
+    at = f"{where[-1][0]}:{where[-1][1]}: " if where else ""
+    return f"{head.replace('Error whilst parsing config file:', '').strip()} {at}{lines[-1]}"
 
 
 def _check_config_file(argv: list[str]) -> None:

@@ -116,6 +116,7 @@ def params_dir(mistral_dir, tmp_path_factory):
 def test_train_bad_input(tmp_path, capsys, jsonl_dir, data_dir):
     (tmp_path / "syntax.py").write_text("def get_config(:\n")
     (tmp_path / "raises.py").write_text("def get_config():\n    return undefined_name\n")
+    (tmp_path / "preset.py").write_text("def get_config(name):\n    raise ValueError(f'no {name}')\n")
     (tmp_path / "afile").write_text("x")
     w = ["--workdir", tmp_path / "w", "--compilation_cache=off"]
     cases = [
@@ -124,6 +125,7 @@ def test_train_bad_input(tmp_path, capsys, jsonl_dir, data_dir):
         (["--config", tmp_path / "missing.py", *w], "missing.py: no such file"),
         (["--config", tmp_path / "syntax.py", *w], "syntax.py:1:"),
         (["--config", tmp_path / "raises.py", *w], "raises.py:2: NameError"),
+        (["--config", f"{tmp_path / 'preset.py'}:v9", *w], "preset.py:2: ValueError: no v9"),
         (["--config", TINY, *w, "--config.optim.lr=abc"], "--config.optim.lr=abc"),
         (["--config", TINY, *w, "--config.optim.lr=-5"], "optim.lr=-5"),
         (["--config", TINY, *w, "--config.optim.lr=nan"], "optim.lr=nan"),
