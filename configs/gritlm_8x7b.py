@@ -16,10 +16,12 @@ from configs import gritlm_7b
 
 # Slice -> (remat_policy, logits_chunk) (benchmarks/results/aot/gritlm_8x7b_*.json). v5p-64 is
 # the smallest v5p slice the step fits (full remat: 71.7 of 95 GiB per chip); v5p-128 keeps its
-# knobs.
+# knobs. v6e-128 is the smallest v6e slice it fits (19.8 of 32 GiB; v6e-64 needs 36.6 GiB, with
+# tensor=2 42.3: results/aot/gritlm_8x7b_v6e_*.json).
 PRESETS = {
     "v5p-64": ("full", 1024),
     "v5p-128": ("full", 1024),
+    "v6e-128": ("full", 1024),
 }
 
 
