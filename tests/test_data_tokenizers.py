@@ -53,6 +53,21 @@ def test_spans_follow_characters(tokenizer):
     assert tokenizer.decode(ids[first_text:]) == "日本 text"
 
 
+def test_offsets_are_character_offsets(tokenizer):
+    """Each token's start as a character index, multi-byte characters and byte pieces included
+    (SentencePiece reports UTF-8 byte offsets)."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=tokenizer.path)
+    for s in STRINGS + ["\u00e9" * 3 + " \U0001f642\U0001f642 x"]:
+        ids, starts = tokenizer.encode_with_offsets(s)
+        raw = s.encode("utf-8")
+        # the character holding each start byte: complete characters before it
+        want = [len(raw[:p.begin].decode("utf-8", "ignore"))
+                for p in sp.encode(s, return_type="proto").pieces]
+        assert ids == sp.encode(s) and starts == want, s
+
+
 CHAT = [{"role": "user", "content": "Hi there"},
         {"role": "assistant", "content": "Hello! How can I help?"},
         {"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."}]

@@ -16,6 +16,7 @@ import os
 import shutil
 from typing import Sequence
 
+import numpy as np
 import sentencepiece as spm
 from tokenizers import Tokenizer as _Tok
 
@@ -97,16 +98,13 @@ class SentencePieceTokenizer(Tokenizer):
 
     def _encode_offsets(self, text):
         proto = self.sp.encode(text, return_type="proto")
-        # SentencePiece offsets are UTF-8 byte offsets; map them to character offsets.
-        byte_to_char, pos = [], 0
-        for i, ch in enumerate(text):
-            n = len(ch.encode("utf-8"))
-            byte_to_char.extend([i] * n)
-            pos += n
-        byte_to_char.append(len(text))
         ids = [p.id for p in proto.pieces]
-        starts = [byte_to_char[min(p.begin, pos)] for p in proto.pieces]
-        return ids, starts
+        begins = np.fromiter((p.begin for p in proto.pieces), np.int64, len(ids))
+        # SentencePiece offsets are UTF-8 byte offsets: each byte's character is the count of
+        # character-starting (non-continuation) bytes up to it, minus one.
+        raw = np.frombuffer(text.encode("utf-8"), np.uint8)
+        char_of = np.append(np.cumsum((raw & 0xC0) != 0x80) - 1, len(text))
+        return ids, char_of[np.minimum(begins, len(raw))].tolist()
 
     def decode(self, ids):
         return self.sp.decode([int(i) for i in ids])
