@@ -116,7 +116,8 @@ def params_dir(mistral_dir, tmp_path_factory):
 def test_train_bad_input(tmp_path, capsys, jsonl_dir, data_dir):
     (tmp_path / "syntax.py").write_text("def get_config(:\n")
     (tmp_path / "raises.py").write_text("def get_config():\n    return undefined_name\n")
-    (tmp_path / "preset.py").write_text("def get_config(name):\n    raise ValueError(f'no {name}')\n")
+    (tmp_path / "preset.py").write_text(
+        "def get_config(name):\n    raise ValueError(f'no {name}')\n")
     (tmp_path / "afile").write_text("x")
     w = ["--workdir", tmp_path / "w", "--compilation_cache=off"]
     cases = [
