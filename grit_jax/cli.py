@@ -133,9 +133,7 @@ def absl_flags(argv: list[str], prog: str) -> list[str]:
     except SyntaxError as e:
         raise UserError(f"--config {e.filename}:{e.lineno}: {e.msg}") from None
     except Exception as e:  # noqa: BLE001 - an error inside the user's config file
-        frames = [f for f in traceback.extract_tb(e.__traceback__)
-                  if not f.filename.startswith(_OURS[0]) and "site-packages" not in f.filename]
-        where = f"{frames[-1].filename}:{frames[-1].lineno}: " if frames else ""
+        where = _config_line((f.filename, f.lineno) for f in traceback.extract_tb(e.__traceback__))
         raise UserError(f"--config: {where}{type(e).__name__}: {message(e)}") from None
     finally:
         sys.argv = saved
@@ -150,10 +148,16 @@ def _flag_error(text: str) -> str:
     if not sep:
         return text.replace("\n", " ")
     lines = [ln.strip() for ln in tb.splitlines() if ln.strip()]
-    where = [m.groups() for m in map(re.compile(r'File "([^"]+)", line (\d+)').match, lines)
-             if m and "site-packages" not in m.group(1) and not m.group(1).startswith(_OURS[0])]
-    at = f"{where[-1][0]}:{where[-1][1]}: " if where else ""
+    at = _config_line(m.groups() for m in map(re.compile(r'File "([^"]+)", line (\d+)').match,
+                                                 lines) if m)
     return f"{head.replace('Error whilst parsing config file:', '').strip()} {at}{lines[-1]}"
+
+
+def _config_line(frames) -> str:
+    """``"file:line: "`` of the innermost (filename, line) frame outside grit_jax and installed
+    packages (the user's config file), or "" when there is none."""
+    users = [(f, n) for f, n in frames if not f.startswith(_OURS[0]) and "site-packages" not in f]
+    return f"{users[-1][0]}:{users[-1][1]}: " if users else ""
 
 
 def _check_config_file(argv: list[str]) -> None:
